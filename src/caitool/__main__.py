@@ -1,0 +1,3 @@
+from caitool.cli import main
+
+main()

@@ -1,0 +1,210 @@
+"""The generation-backend interface and its local transformers implementation.
+
+Every phase talks to a model through two calls:
+
+* ``generate(conversations, params, seed)``: sample ``params.n`` completions per conversation.
+* ``score_continuations(conversations, continuations)``: the log-probability of each candidate
+  continuation after each conversation (the preference labeller reads option letters this way).
+
+A conversation whose last turn is an assistant turn is *continued* (the turn is a prefill,
+e.g. "The answer is ("); otherwise a fresh assistant turn is opened. Tests use a scripted
+fake with the same two methods (``tests/fakes.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from caitool.records import Conversation, Message
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    n: int = 1
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int
+    finished: bool  # ended at end-of-turn rather than at max_new_tokens
+
+
+class GenerationBackend(Protocol):
+    model_id: str  # short, stamped on records (name@weights-hash)
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, seed: int
+    ) -> list[list[Completion]]: ...
+
+    def score_continuations(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[float]]: ...
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A seed for one unit of work that depends only on the run seed and the unit's identity."""
+    payload = repr((seed, *parts)).encode()
+    return int.from_bytes(hashlib.sha256(payload).digest()[:4], "little")
+
+
+def as_dicts(conversation: Sequence[Message]) -> list[dict[str, str]]:
+    return [{"role": m.role, "content": m.content} for m in conversation]
+
+
+def render_chat(tokenizer: Any, conversation: Sequence[Message]) -> str:
+    """The chat-template text after which the model writes (or continues) the assistant turn."""
+    continuing = bool(conversation) and conversation[-1].role == "assistant"
+    return tokenizer.apply_chat_template(
+        as_dicts(conversation),
+        tokenize=False,
+        add_generation_prompt=not continuing,
+        continue_final_message=continuing,
+    )
+
+
+class TransformersBackend:
+    """Batched local generation with a transformers causal LM.
+
+    Batches are formed from conversations of similar length (fewer pad tokens), padded on
+    the left, and each batch is seeded from the call's seed and the batch position, so the
+    same inputs and seed give the same outputs.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, *, model_id: str, batch_size: int = 8, device: str = "cpu"):
+        from caitool.models import end_of_turn_ids
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.batch_size = max(1, batch_size)
+        self.device = device
+        self.stop_ids = end_of_turn_ids(tokenizer, model)
+
+    @classmethod
+    def load(cls, spec: str, *, batch_size: int = 8, device: str | None = None, trust_remote_code: bool = False):
+        from caitool.models import load_causal_lm
+
+        loaded = load_causal_lm(spec, device=device, trust_remote_code=trust_remote_code)
+        backend = cls(
+            loaded.model, loaded.tokenizer, model_id=loaded.info.short, batch_size=batch_size, device=loaded.device
+        )
+        backend.info = loaded.info
+        return backend
+
+    # -- generation ------------------------------------------------------------
+    def _encode(self, texts: list[str], side: str) -> Any:
+        self.tokenizer.padding_side = side
+        return self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.device)
+
+    def _length_sorted_batches(self, texts: list[str]) -> list[list[int]]:
+        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, seed: int
+    ) -> list[list[Completion]]:
+        import torch
+
+        texts = [render_chat(self.tokenizer, c) for c in conversations]
+        results: list[list[Completion]] = [[] for _ in texts]
+        for batch_index, indices in enumerate(self._length_sorted_batches(texts)):
+            torch.manual_seed(derive_seed(seed, batch_index))
+            encoded = self._encode([texts[i] for i in indices], side="left")
+            sampling: dict[str, Any] = (
+                {"do_sample": False}
+                if params.greedy
+                else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
+            )
+            # Greedy decoding gives n identical samples, and transformers refuses n > 1 for it.
+            copies = 1 if params.greedy else params.n
+            with torch.inference_mode():
+                output = self.model.generate(
+                    **encoded,
+                    max_new_tokens=params.max_new_tokens,
+                    num_return_sequences=copies,
+                    eos_token_id=self.stop_ids,
+                    pad_token_id=self.tokenizer.pad_token_id,
+                    **sampling,
+                )
+            new_tokens = output[:, encoded["input_ids"].shape[1] :]
+            for row, tokens in enumerate(new_tokens):
+                completion = self._completion(tokens.tolist())
+                results[indices[row // copies]].extend([completion] * (params.n // copies))
+        return results
+
+    def _completion(self, tokens: list[int]) -> Completion:
+        stops = set(self.stop_ids)
+        pad = self.tokenizer.pad_token_id
+        finished = False
+        kept: list[int] = []
+        for token in tokens:
+            if token in stops:
+                finished = True
+                break
+            kept.append(token)
+        while kept and kept[-1] == pad and pad not in stops:
+            kept.pop()
+        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
+        return Completion(text=text, num_tokens=len(kept) + (1 if finished else 0), finished=finished)
+
+    # -- scoring -----------------------------------------------------------------
+    def score_continuations(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[float]]:
+        """Log-probability of each continuation after each conversation.
+
+        Single-token continuations (option letters) cost one forward pass per batch of
+        prompts: the next-token distribution at the end of each prompt is read directly.
+        """
+        texts = [render_chat(self.tokenizer, c) for c in conversations]
+        cont_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        if all(len(ids) == 1 for ids in cont_ids):
+            return self._score_next_tokens(texts, [ids[0] for ids in cont_ids])
+        return self._score_sequences(texts, cont_ids)
+
+    def _score_next_tokens(self, texts: list[str], token_ids: list[int]) -> list[list[float]]:
+        import torch
+
+        scores: list[list[float]] = [[] for _ in texts]
+        for indices in self._length_sorted_batches(texts):
+            encoded = self._encode([texts[i] for i in indices], side="right")
+            with torch.inference_mode():
+                logits = self.model(**encoded).logits
+            last = encoded["attention_mask"].sum(dim=1) - 1
+            final_logits = logits[torch.arange(len(indices)), last].float()
+            logprobs = torch.log_softmax(final_logits, dim=-1)[:, token_ids]
+            for row, i in enumerate(indices):
+                scores[i] = logprobs[row].tolist()
+        return scores
+
+    def _score_sequences(self, texts: list[str], cont_ids: list[list[int]]) -> list[list[float]]:
+        import torch
+
+        scores: list[list[float]] = []
+        for text in texts:
+            prefix = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            rows = [prefix + ids for ids in cont_ids]
+            width = max(len(r) for r in rows)
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+            with torch.inference_mode():
+                logprobs = torch.log_softmax(self.model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+            row_scores = []
+            for row, ids in enumerate(cont_ids):
+                positions = range(len(prefix) - 1, len(prefix) - 1 + len(ids))
+                row_scores.append(sum(logprobs[row, p, t].item() for p, t in zip(positions, ids, strict=True)))
+            scores.append(row_scores)
+        return scores

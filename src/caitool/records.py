@@ -1,0 +1,239 @@
+"""Typed records: one pydantic model per artifact that travels between phases.
+
+Field names follow TRL's dataset conventions so every artifact loads with
+``datasets.load_dataset("json", data_files=...)`` and feeds TRL directly:
+conversations are lists of ``{"role", "content"}``, prompt/completion records use
+``prompt``/``completion``, preference records use ``prompt``/``chosen``/``rejected``.
+
+Every record carries a stable ``id`` and a ``kind`` naming the artifact. Fields a user
+put on an input record that caitool does not know are carried through untouched
+(``extra="allow"``), so labels such as ``category`` survive the whole pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from caitool.errors import CaitoolError
+
+Role = Literal["system", "user", "assistant"]
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Role
+    content: str
+
+
+Conversation = list[Message]
+
+
+class ConstitutionRef(BaseModel):
+    """Which constitution produced a record: its name, version and a hash of its content."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: str
+    hash: str
+
+
+class Record(BaseModel):
+    """Base of every artifact. Unknown fields are user fields and are kept verbatim."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+
+    def user_fields(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", exclude_none=False), ensure_ascii=False)
+
+
+class PromptRecord(Record):
+    """A prompt (any number of turns) and, if the input carried one, the response to it."""
+
+    kind: Literal["prompt"] = "prompt"
+    prompt: Conversation
+    response: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_empty(cls, value: Conversation) -> Conversation:
+        if not value:
+            raise ValueError("the prompt has no turns")
+        return value
+
+
+class GenerationRecord(Record):
+    """Output of ``caitool generate``: the first sample as ``completion``, all samples in ``responses``."""
+
+    kind: Literal["generation"] = "generation"
+    prompt: Conversation
+    completion: Conversation
+    responses: list[str]
+    finished: list[bool] = Field(description="per sample: did it end at end-of-turn (not cut by length)")
+    model: str
+    seed: int
+
+
+class Round(BaseModel):
+    """One critique/revision round under one principle."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    principle_id: str
+    critique_request: str
+    critique: str
+    revision_request: str | None = None
+    revision: str | None = None
+    flags: list[str] = Field(default_factory=list)
+
+
+class RevisionRecord(Record):
+    """Output of ``critique`` and ``revise``: the initial response and every round, auditable.
+
+    ``completion`` always holds the current response (the last revision, or the initial
+    response before any revision), so the record is an SFT example as it stands.
+    """
+
+    kind: Literal["revision"] = "revision"
+    prompt: Conversation
+    initial_response: str
+    rounds: list[Round] = Field(default_factory=list)
+    completion: Conversation
+    constitution: ConstitutionRef
+    model: str
+
+    @property
+    def current_response(self) -> str:
+        return self.completion[-1].content
+
+    @property
+    def pending_critique(self) -> Round | None:
+        if self.rounds and self.rounds[-1].revision is None:
+            return self.rounds[-1]
+        return None
+
+
+class PreferenceRecord(Record):
+    """Output of ``label-preferences``: TRL's preference layout plus the soft label and its evidence."""
+
+    kind: Literal["preference"] = "preference"
+    prompt: Conversation
+    chosen: Conversation
+    rejected: Conversation
+    p_chosen: float = Field(ge=0.5, le=1.0)
+    principle_id: str
+    pair: tuple[int, int] = Field(description="indices of the two responses in the input record")
+    p_first: float = Field(description="P(response pair[0] is better) when it is shown as option (A)")
+    p_swapped: float | None = Field(
+        default=None, description="P(response pair[0] is better) when it is shown as option (B)"
+    )
+    mode: Literal["logprob", "cot"]
+    reasoning: list[str] = Field(default_factory=list, description="chain-of-thought texts (cot mode)")
+    feedback_model: str
+    constitution: ConstitutionRef
+
+
+# ---------------------------------------------------------------------------
+# Reading input records
+
+
+def stable_id(prompt: Conversation) -> str:
+    """A content hash of the prompt, used when the input gives no id."""
+    payload = json.dumps([m.model_dump() for m in prompt], ensure_ascii=False, sort_keys=True)
+    return "p-" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+def _as_messages(value: Any, field: str) -> Conversation:
+    if isinstance(value, str):
+        if not value.strip():
+            raise CaitoolError(f'field "{field}" is an empty string')
+        return [Message(role="user", content=value)]
+    if isinstance(value, list):
+        try:
+            return [Message.model_validate(m) for m in value]
+        except ValidationError as err:
+            raise CaitoolError(f'field "{field}": {describe_validation_error(err)}') from None
+    raise CaitoolError(
+        f'field "{field}" must be a string or a list of messages, got {type(value).__name__}'
+    )
+
+
+def parse_prompt_input(raw: dict[str, Any]) -> PromptRecord:
+    """Normalise any accepted input form into a PromptRecord.
+
+    Accepted: ``{"prompt": "text"}``, ``{"prompt": [messages]}``, ``{"messages": [messages]}``
+    (a final assistant turn is taken as the response), caitool generation/revision records
+    (their current response is kept) and ``prompt`` + ``completion``/``response`` pairs.
+    """
+    raw = dict(raw)
+    known_kinds = {"prompt", "generation", "revision"}
+    kind = raw.get("kind")
+    if kind is not None and kind not in known_kinds:
+        raise CaitoolError(f'a "{kind}" record cannot be used here (expected a prompt or a response)')
+    if "prompt" in raw:
+        prompt = _as_messages(raw.pop("prompt"), "prompt")
+    elif "messages" in raw:
+        prompt = _as_messages(raw.pop("messages"), "messages")
+    else:
+        raise CaitoolError('missing field "prompt" (or "messages")')
+    if not prompt:
+        raise CaitoolError('field "prompt" has no turns')
+    response = _pop_response(raw, prompt)
+    if prompt[-1].role == "assistant" and response is None:
+        response = prompt.pop().content
+    if not prompt or prompt[-1].role != "user":
+        raise CaitoolError("the prompt must end with a user turn")
+    explicit_id = raw.pop("id", None)
+    if explicit_id is not None and not isinstance(explicit_id, str | int):
+        raise CaitoolError(f'field "id" must be a string or an integer, got {type(explicit_id).__name__}')
+    for caitool_field in ("kind", "responses", "finished", "model", "seed"):
+        raw.pop(caitool_field, None)
+    record_id = str(explicit_id) if explicit_id is not None else stable_id(prompt)
+    return PromptRecord(id=record_id, prompt=prompt, response=response, **raw)
+
+
+def _pop_response(raw: dict[str, Any], prompt: Conversation) -> str | None:
+    if "completion" in raw:
+        completion = raw.pop("completion")
+        if isinstance(completion, str):
+            return completion
+        messages = _as_messages(completion, "completion")
+        return messages[-1].content if messages else None
+    if "response" in raw:
+        response = raw.pop("response")
+        if response is not None and not isinstance(response, str):
+            raise CaitoolError(f'field "response" must be a string, got {type(response).__name__}')
+        return response
+    return None
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """The first pydantic error as a short human sentence: 'missing field "x"', 'field "x": ...'."""
+    first = err.errors()[0]
+    location = ".".join(str(part) for part in first.get("loc", ()))
+    if first.get("type") == "missing":
+        return f'missing field "{location}"'
+    message = first.get("msg", "invalid value")
+    return f'field "{location}": {message}' if location else message
+
+
+def parse_record(model: type[Record], raw: dict[str, Any]) -> Record:
+    """Validate ``raw`` as ``model``; a failure becomes a one-line CaitoolError."""
+    expected_kind = model.model_fields["kind"].default if "kind" in model.model_fields else None
+    kind = raw.get("kind")
+    if expected_kind is not None and kind is not None and kind != expected_kind:
+        raise CaitoolError(f'expected a "{expected_kind}" record, got a "{kind}" record')
+    try:
+        return model.model_validate(raw)
+    except ValidationError as err:
+        raise CaitoolError(describe_validation_error(err)) from None
