@@ -1,0 +1,104 @@
+"""What every training phase (sft, train-rm, ppo) shares: an output directory that appears
+atomically, a JSONL training log, and the provenance manifest saved inside the model.
+
+A run trains into ``.NAME.partial/`` beside the target and renames it into place only when
+the model, tokenizer, manifest and log are all written, so a killed run never leaves a
+directory that looks complete. The staging directory is kept after a kill so a phase can
+resume from checkpoints it left there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from caitool.errors import CaitoolError
+from caitool.jsonl_io import write_json_atomic
+from caitool.provenance import MODEL_MANIFEST
+
+TRAINING_LOG = "training_log.jsonl"
+
+
+def staging_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.partial"
+
+
+def check_output_dir(out: str | Path) -> Path:
+    """Refuse to replace a directory caitool did not write (nothing the user gave is lost)."""
+    out = Path(out)
+    if out.exists() and not (out / MODEL_MANIFEST).exists():
+        if not out.is_dir() or any(out.iterdir()):
+            raise CaitoolError(f"{out} exists and is not a caitool model directory; choose another -o")
+    return out
+
+
+@contextmanager
+def atomic_model_dir(out: str | Path) -> Iterator[Path]:
+    """Yield a staging directory; on success it replaces ``out`` in one rename."""
+    out = check_output_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(out)
+    staging.mkdir(exist_ok=True)
+    yield staging
+    if not (staging / MODEL_MANIFEST).exists():
+        raise CaitoolError(f"internal error: {staging} has no {MODEL_MANIFEST}; not publishing it")
+    for leftover in ("checkpoints",):
+        shutil.rmtree(staging / leftover, ignore_errors=True)
+    if out.exists():
+        retired = out.parent / f".{out.name}.old"
+        shutil.rmtree(retired, ignore_errors=True)
+        os.replace(out, retired)
+        os.replace(staging, out)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+def write_model_manifest(directory: Path, manifest: dict[str, Any]) -> None:
+    write_json_atomic(directory / MODEL_MANIFEST, manifest)
+
+
+def read_model_manifest(directory: str | Path) -> dict[str, Any] | None:
+    path = Path(directory) / MODEL_MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+class JsonlLog:
+    """Append-only JSONL log of training steps (one object per logged step)."""
+
+    def __init__(self, path: Path, *, append: bool = False):
+        self.path = path
+        if not append:
+            path.unlink(missing_ok=True)
+
+    def write(self, entry: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def jsonl_log_callback(path: Path) -> Any:
+    """A transformers TrainerCallback writing each ``on_log`` event to ``path`` as JSONL."""
+    from transformers import TrainerCallback
+
+    log = JsonlLog(path)
+
+    class _JsonlLogCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs:
+                log.write({"step": state.global_step, "epoch": state.epoch, **logs})
+
+    return _JsonlLogCallback()
+
+
+def cpu_training_kwargs(device: str) -> dict[str, Any]:
+    """TrainingArguments that keep a CPU run quiet and correct (no bf16, no checkpointing)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False}
+    return {"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}
