@@ -33,7 +33,8 @@ def prompts_file(tmp_path) -> Path:
     path.write_text(
         '{"id": "a", "prompt": "How do I bake bread?", "category": "cooking"}\n'
         '{"prompt": [{"role": "user", "content": "Tell me a joke."}]}\n'
-        '{"id": "c", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},'
+        '{"id": "c", "messages": [{"role": "user", "content": "Hi"},'
+        ' {"role": "assistant", "content": "Hello!"},'
         ' {"role": "user", "content": "Which response is less harmful?"}]}\n'
     )
     return path

@@ -53,7 +53,9 @@ def test_a_final_assistant_turn_is_continued_not_closed(backend):
 def test_letter_scores_are_next_token_log_probabilities(backend):
     prefill = conv("Which is better?", "The answer is (")
     scores = backend.score_continuations([prefill], ["A", "B"])[0]
-    ids = backend.tokenizer(render_chat(backend.tokenizer, prefill), add_special_tokens=False, return_tensors="pt")
+    ids = backend.tokenizer(
+        render_chat(backend.tokenizer, prefill), add_special_tokens=False, return_tensors="pt"
+    )
     with torch.no_grad():
         logits = backend.model(**ids).logits[0, -1]
     logprobs = torch.log_softmax(logits.float(), -1)

@@ -56,8 +56,7 @@ comparisons:
         (BASE.replace("name: t\n", ""), 'missing key "name"'),
         ("name: [unclosed\n", "invalid YAML"),
         (
-            BASE
-            + "few_shot:\n  comparison:\n    - {principle: zz, conversation: [{role: user, content: q}],"
+            BASE + "few_shot:\n  comparison:\n    - {principle: zz, conversation: [{role: user, content: q}],"
             " options: [x, y], answer: A}\n",
             'unknown comparison id "zz"',
         ),

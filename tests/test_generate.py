@@ -25,8 +25,22 @@ def test_generate_writes_typed_records_with_user_fields_and_manifest(tiny_model_
     out = tmp_path / "out.jsonl"
     result = runner.invoke(
         app,
-        ["generate", str(prompts_file), "-o", str(out), "--model", str(tiny_model_dir), "-n", "2",
-         "--max-new-tokens", "6", "--batch-size", "2", "--seed", "3"],
+        [
+            "generate",
+            str(prompts_file),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "-n",
+            "2",
+            "--max-new-tokens",
+            "6",
+            "--batch-size",
+            "2",
+            "--seed",
+            "3",
+        ],
     )
     assert result.exit_code == 0, result.output
     records = lines(out)
@@ -45,8 +59,20 @@ def test_same_seed_same_output(tiny_model_dir, prompts_file, tmp_path):
     outputs = []
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         out = tmp_path / f"{name}.jsonl"
-        args = ["generate", str(prompts_file), "-o", str(out), "--model", str(tiny_model_dir),
-                "--max-new-tokens", "8", "--temperature", "1.0", "--seed", str(seed)]
+        args = [
+            "generate",
+            str(prompts_file),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "8",
+            "--temperature",
+            "1.0",
+            "--seed",
+            str(seed),
+        ]
         assert runner.invoke(app, args).exit_code == 0
         outputs.append([r["responses"] for r in lines(out)])
     assert outputs[0] == outputs[1] != outputs[2]
@@ -54,7 +80,8 @@ def test_same_seed_same_output(tiny_model_dir, prompts_file, tmp_path):
 
 def test_stdout_carries_only_jsonl(tiny_model_dir, prompts_file):
     result = runner.invoke(
-        app, ["generate", str(prompts_file), "-o", "-", "--model", str(tiny_model_dir), "--max-new-tokens", "4"]
+        app,
+        ["generate", str(prompts_file), "-o", "-", "--model", str(tiny_model_dir), "--max-new-tokens", "4"],
     )
     assert result.exit_code == 0
     assert [json.loads(line)["kind"] for line in result.stdout.splitlines()] == ["generation"] * 3
@@ -64,8 +91,19 @@ def test_output_loads_with_datasets(tiny_model_dir, prompts_file, tmp_path):
     import datasets
 
     out = tmp_path / "out.jsonl"
-    runner.invoke(app, ["generate", str(prompts_file), "-o", str(out), "--model", str(tiny_model_dir),
-                        "--max-new-tokens", "4"])
+    runner.invoke(
+        app,
+        [
+            "generate",
+            str(prompts_file),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "4",
+        ],
+    )
     dataset = datasets.load_dataset("json", data_files=str(out), split="train")
     assert dataset.num_rows == 3 and dataset[0]["completion"][0]["role"] == "assistant"
 
@@ -94,7 +132,9 @@ def test_bad_input_is_one_line_exit_2_and_no_output(case, tmp_path):
 
 def test_resume_continues_after_a_crash_without_duplicates(tmp_path):
     source = tmp_path / "in.jsonl"
-    source.write_text("".join(json.dumps({"id": f"r{i}", "prompt": f"question {i}"}) + "\n" for i in range(10)))
+    source.write_text(
+        "".join(json.dumps({"id": f"r{i}", "prompt": f"question {i}"}) + "\n" for i in range(10))
+    )
     out = tmp_path / "out.jsonl"
     calls = {"n": 0}
 
@@ -119,10 +159,27 @@ def test_killed_process_resumes_to_every_id_exactly_once(tiny_model_dir, tmp_pat
     """A real SIGKILL in the middle of a run, then the same command again."""
     source = tmp_path / "in.jsonl"
     count = 400
-    source.write_text("".join(json.dumps({"id": f"k{i}", "prompt": f"prompt number {i}"}) + "\n" for i in range(count)))
+    source.write_text(
+        "".join(json.dumps({"id": f"k{i}", "prompt": f"prompt number {i}"}) + "\n" for i in range(count))
+    )
     out = tmp_path / "out.jsonl"
-    command = [sys.executable, "-m", "caitool", "generate", str(source), "-o", str(out), "--model",
-               str(tiny_model_dir), "--batch-size", "1", "--max-new-tokens", "24", "--temperature", "1.0"]
+    command = [
+        sys.executable,
+        "-m",
+        "caitool",
+        "generate",
+        str(source),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "24",
+        "--temperature",
+        "1.0",
+    ]
     env = {**os.environ, "CAITOOL_CACHE": str(tmp_path / "cache")}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     part = part_path(out)
@@ -146,11 +203,13 @@ def test_killed_process_resumes_to_every_id_exactly_once(tiny_model_dir, tmp_pat
 @pytest.mark.slow
 def test_generate_on_the_real_default_model(tmp_path):
     source = tmp_path / "in.jsonl"
-    source.write_text('{"id": "d1", "prompt": "What is the capital of France?"}\n'
-                      '{"id": "d2", "prompt": "Name a fruit."}\n')
+    source.write_text(
+        '{"id": "d1", "prompt": "What is the capital of France?"}\n{"id": "d2", "prompt": "Name a fruit."}\n'
+    )
     out = tmp_path / "out.jsonl"
-    result = runner.invoke(app, ["generate", str(source), "-o", str(out), "--max-new-tokens", "12",
-                                 "--temperature", "0"])
+    result = runner.invoke(
+        app, ["generate", str(source), "-o", str(out), "--max-new-tokens", "12", "--temperature", "0"]
+    )
     assert result.exit_code == 0, result.output
     records = lines(out)
     assert [r["id"] for r in records] == ["d1", "d2"]

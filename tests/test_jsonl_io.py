@@ -17,7 +17,7 @@ def write(path, text: bytes | str):
     [
         (b'{"prompt": "a"}\n{"prompt": \n', "bad.jsonl:2: invalid JSON"),
         (b'{"prompt": "a"}\n\n{"text": "b"}\n', 'bad.jsonl:3: missing field "prompt"'),
-        (b'[1, 2]\n', "bad.jsonl:1: expected a JSON object, got list"),
+        (b"[1, 2]\n", "bad.jsonl:1: expected a JSON object, got list"),
         (b'{"prompt": "caf\xe9"}\n', "bad.jsonl:1: not valid UTF-8"),
         (b"", "bad.jsonl: no records"),
         (b'{"id": "x", "prompt": "a"}\n{"id": "x", "prompt": "b"}\n', 'bad.jsonl:2: duplicate id "x"'),

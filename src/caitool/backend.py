@@ -27,6 +27,7 @@ class SamplingParams:
     top_p: float = 0.95
     max_new_tokens: int = 256
     n: int = 1
+    ignore_eos: bool = False  # always produce max_new_tokens (benchmarks, like vLLM's ignore_eos)
 
     @property
     def greedy(self) -> bool:
@@ -81,7 +82,9 @@ class TransformersBackend:
     same inputs and seed give the same outputs.
     """
 
-    def __init__(self, model: Any, tokenizer: Any, *, model_id: str, batch_size: int = 8, device: str = "cpu"):
+    def __init__(
+        self, model: Any, tokenizer: Any, *, model_id: str, batch_size: int = 8, device: str = "cpu"
+    ):
         from caitool.models import end_of_turn_ids
 
         self.model = model
@@ -92,12 +95,18 @@ class TransformersBackend:
         self.stop_ids = end_of_turn_ids(tokenizer, model)
 
     @classmethod
-    def load(cls, spec: str, *, batch_size: int = 8, device: str | None = None, trust_remote_code: bool = False):
+    def load(
+        cls, spec: str, *, batch_size: int = 8, device: str | None = None, trust_remote_code: bool = False
+    ):
         from caitool.models import load_causal_lm
 
         loaded = load_causal_lm(spec, device=device, trust_remote_code=trust_remote_code)
         backend = cls(
-            loaded.model, loaded.tokenizer, model_id=loaded.info.short, batch_size=batch_size, device=loaded.device
+            loaded.model,
+            loaded.tokenizer,
+            model_id=loaded.info.short,
+            batch_size=batch_size,
+            device=loaded.device,
         )
         backend.info = loaded.info
         return backend
@@ -105,7 +114,9 @@ class TransformersBackend:
     # -- generation ------------------------------------------------------------
     def _encode(self, texts: list[str], side: str) -> Any:
         self.tokenizer.padding_side = side
-        return self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(self.device)
+        return self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
+            self.device
+        )
 
     def _length_sorted_batches(self, texts: list[str]) -> list[list[int]]:
         lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
@@ -133,6 +144,7 @@ class TransformersBackend:
                 output = self.model.generate(
                     **encoded,
                     max_new_tokens=params.max_new_tokens,
+                    min_new_tokens=params.max_new_tokens if params.ignore_eos else None,
                     num_return_sequences=copies,
                     eos_token_id=self.stop_ids,
                     pad_token_id=self.tokenizer.pad_token_id,
@@ -201,10 +213,14 @@ class TransformersBackend:
             input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
             with torch.inference_mode():
-                logprobs = torch.log_softmax(self.model(input_ids=input_ids, attention_mask=mask).logits.float(), -1)
+                logprobs = torch.log_softmax(
+                    self.model(input_ids=input_ids, attention_mask=mask).logits.float(), -1
+                )
             row_scores = []
             for row, ids in enumerate(cont_ids):
                 positions = range(len(prefix) - 1, len(prefix) - 1 + len(ids))
-                row_scores.append(sum(logprobs[row, p, t].item() for p, t in zip(positions, ids, strict=True)))
+                row_scores.append(
+                    sum(logprobs[row, p, t].item() for p, t in zip(positions, ids, strict=True))
+                )
             scores.append(row_scores)
         return scores

@@ -113,7 +113,9 @@ class Constitution(_Strict):
         comparison_ids = {p.id for p in self.comparisons}
         for index, example in enumerate(self.few_shot.critique):
             if example.principle not in critique_ids:
-                raise ValueError(f'few_shot.critique[{index}].principle: unknown critique id "{example.principle}"')
+                raise ValueError(
+                    f'few_shot.critique[{index}].principle: unknown critique id "{example.principle}"'
+                )
         for index, example in enumerate(self.few_shot.comparison):
             if example.principle not in comparison_ids:
                 raise ValueError(

