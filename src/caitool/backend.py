@@ -13,6 +13,7 @@ fake with the same two methods (``tests/fakes.py``).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -51,6 +52,19 @@ class GenerationBackend(Protocol):
     def score_continuations(
         self, conversations: Sequence[Conversation], continuations: Sequence[str]
     ) -> list[list[float]]: ...
+
+
+# Below this many shared tokens a prefix cache saves less than copying it costs.
+MIN_SHARED_PREFIX = 32
+
+
+def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
+    """Tokens every row starts with, leaving at least one token of each row after them."""
+    limit = min(len(r) for r in rows) - 1
+    length = 0
+    while length < limit and all(r[length] == rows[0][length] for r in rows):
+        length += 1
+    return max(length, 0)
 
 
 def derive_seed(seed: int, *parts: object) -> int:
@@ -187,19 +201,62 @@ class TransformersBackend:
         return self._score_sequences(texts, cont_ids)
 
     def _score_next_tokens(self, texts: list[str], token_ids: list[int]) -> list[list[float]]:
+        """Next-token log-probs at the end of each text.
+
+        Texts that open alike (the labeller's few-shot turns) share one forward pass over their
+        common token prefix: its key/value cache is computed once and reused by every batch.
+        The rest is left-padded, so only the last position needs the vocabulary-sized output layer.
+        """
         import torch
 
+        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        shared = shared_prefix_length(rows)
+        prefix_cache = self._prefix_cache(rows[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
+        if prefix_cache is None:
+            shared = 0
         scores: list[list[float]] = [[] for _ in texts]
-        for indices in self._length_sorted_batches(texts):
-            encoded = self._encode([texts[i] for i in indices], side="right")
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+        for start in range(0, len(order), self.batch_size):
+            indices = order[start : start + self.batch_size]
+            suffixes = [rows[i][shared:] for i in indices]
+            width = max(len(r) for r in suffixes)
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in suffixes], device=self.device)
+            suffix_mask = torch.tensor(
+                [[0] * (width - len(r)) + [1] * len(r) for r in suffixes], device=self.device
+            )
+            positions = shared + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
+            prefix_mask = torch.ones(len(indices), shared, dtype=suffix_mask.dtype, device=self.device)
+            inputs: dict[str, Any] = {
+                "input_ids": input_ids,
+                "attention_mask": torch.cat([prefix_mask, suffix_mask], dim=1),
+                "position_ids": positions,
+                "logits_to_keep": 1,
+            }
+            if prefix_cache is not None:
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(indices))
+                inputs[self._cache_argument] = cache
             with torch.inference_mode():
-                logits = self.model(**encoded).logits
-            last = encoded["attention_mask"].sum(dim=1) - 1
-            final_logits = logits[torch.arange(len(indices)), last].float()
+                final_logits = self.model(**inputs).logits[:, -1].float()
             logprobs = torch.log_softmax(final_logits, dim=-1)[:, token_ids]
             for row, i in enumerate(indices):
                 scores[i] = logprobs[row].tolist()
         return scores
+
+    @property
+    def _cache_argument(self) -> str:
+        """transformers 5 renamed ``past_key_values`` to ``cache``; use whichever this model takes."""
+        import inspect
+
+        return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _prefix_cache(self, prefix: list[int]) -> Any:
+        import torch
+
+        with torch.inference_mode():
+            output = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
+        return output.past_key_values
 
     def _score_sequences(self, texts: list[str], cont_ids: list[list[int]]) -> list[list[float]]:
         import torch

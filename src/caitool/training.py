@@ -81,11 +81,14 @@ class JsonlLog:
             handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
-def jsonl_log_callback(path: Path) -> Any:
-    """A transformers TrainerCallback writing each ``on_log`` event to ``path`` as JSONL."""
+def jsonl_log_callback(path: Path, *, append: bool = False) -> Any:
+    """A transformers TrainerCallback writing each ``on_log`` event to ``path`` as JSONL.
+
+    ``append`` keeps the entries already there (a run resumed from a checkpoint).
+    """
     from transformers import TrainerCallback
 
-    log = JsonlLog(path)
+    log = JsonlLog(path, append=append)
 
     class _JsonlLogCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
@@ -101,4 +104,4 @@ def cpu_training_kwargs(device: str) -> dict[str, Any]:
         import torch
 
         return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False}
-    return {"use_cpu": True, "bf16": False, "fp16": False, "gradient_checkpointing": False}
+    return {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": False}

@@ -1,0 +1,377 @@
+"""``caitool label-preferences``: soft preference labels from a feedback model (RLAIF).
+
+Each comparison is a multiple-choice question: the conversation, one comparison principle,
+options (A) and (B) holding the two responses, and an assistant turn prefilled with
+"The answer is (" so that the very next token is the option letter. The feedback model's
+log-probabilities of "A" and "B" are normalised into P(A is better): one forward pass per
+batch, no generation. The constitution's comparison few-shot examples come first as
+earlier user/assistant turns.
+
+With ``swap`` (default) every pair is asked a second time with the options in the other
+order and the two probabilities are averaged, which cancels the model's position bias.
+In ``cot`` mode the model first writes step-by-step reasoning and the letters are read
+after it; those labels are clamped (default [0.4, 0.6]) because chain-of-thought labels
+are over-confident.
+
+Other phases (eval's pairwise win rates) use :class:`Labeller` directly:
+``Labeller(backend, constitution).judge([Comparison(prompt, x, y, principle)])[0].p``
+is the probability that response ``x`` beats ``y`` under ``principle``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from caitool.backend import GenerationBackend, SamplingParams, TransformersBackend, derive_seed
+from caitool.constitution import ComparisonExample, ComparisonPrinciple, Constitution, draw, load_constitution
+from caitool.errors import CaitoolError
+from caitool.pipeline import ChunkResult, PhaseResult, run_record_phase, validate_input
+from caitool.progress import print_summary, summary_line
+from caitool.provenance import build_manifest, now_iso
+from caitool.records import Conversation, Message, PreferenceRecord, parse_prompt_input
+
+Mode = Literal["logprob", "cot"]
+LETTERS = ("A", "B")
+ANSWER_PREFILL = "The answer is ("
+COT_PREFILL = "Let's think step by step:"
+COT_ANSWER = "Therefore, the better response is ("
+DEFAULT_CLAMP = (0.4, 0.6)
+SPEAKERS = {"user": "Human", "assistant": "Assistant", "system": "System"}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two responses to the same prompt, to be compared under one principle."""
+
+    prompt: Conversation
+    first: str
+    second: str
+    principle: ComparisonPrinciple
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The feedback model's judgement of one comparison.
+
+    ``p_first``: P(first is better) with the first response shown as (A);
+    ``p_swapped``: the same probability with it shown as (B) (``None`` without swap);
+    ``p``: their mean, clamped in cot mode; the probability that ``first`` beats ``second``.
+    """
+
+    p: float
+    p_first: float
+    p_swapped: float | None
+    reasoning: list[str] = field(default_factory=list)
+
+    @property
+    def orders_disagree(self) -> bool:
+        return self.p_swapped is not None and (self.p_first > 0.5) != (self.p_swapped > 0.5)
+
+
+def letter_probability(logprob_a: float, logprob_b: float) -> float:
+    """P(A) normalised over the two letters: a softmax over their two scores."""
+    top = max(logprob_a, logprob_b)
+    weight_a = math.exp(logprob_a - top)
+    weight_b = math.exp(logprob_b - top)
+    return weight_a / (weight_a + weight_b)
+
+
+def render_transcript(conversation: Conversation) -> str:
+    """The conversation as plain text inside the question (the feedback model judges it, not continues it)."""
+    return "\n\n".join(f"{SPEAKERS[m.role]}: {m.content}" for m in conversation)
+
+
+def question_text(conversation: Conversation, principle_text: str, option_a: str, option_b: str) -> str:
+    return (
+        "Consider the following conversation between a human and an assistant:\n\n"
+        f"{render_transcript(conversation)}\n\n"
+        f"{principle_text}\n\n"
+        f"Options:\n(A) {option_a}\n(B) {option_b}\n\n"
+        "Answer with the letter of the better option."
+    )
+
+
+def few_shot_turns(constitution: Constitution) -> list[Message]:
+    """The constitution's worked comparison examples as prior turns, each under its own principle."""
+    turns: list[Message] = []
+    for example in constitution.few_shot.comparison:
+        turns.extend(_example_turns(example, constitution.comparison(example.principle).text))
+    return turns
+
+
+def _example_turns(example: ComparisonExample, principle_text: str) -> list[Message]:
+    question = question_text(example.conversation, principle_text, example.options[0], example.options[1])
+    return [
+        Message(role="user", content=question),
+        Message(role="assistant", content=f"{ANSWER_PREFILL}{example.answer})"),
+    ]
+
+
+class Labeller:
+    """Reads soft preference labels from a feedback model's option-letter probabilities."""
+
+    def __init__(
+        self,
+        backend: GenerationBackend,
+        constitution: Constitution,
+        *,
+        mode: Mode = "logprob",
+        swap: bool = True,
+        clamp: tuple[float, float] | None = DEFAULT_CLAMP,
+        cot_max_new_tokens: int = 128,
+        cot_temperature: float = 0.0,
+    ):
+        if mode not in ("logprob", "cot"):
+            raise CaitoolError(f'unknown --mode "{mode}" (expected logprob or cot)')
+        if clamp is not None and not 0.0 <= clamp[0] <= 0.5 <= clamp[1] <= 1.0:
+            raise CaitoolError(
+                f"--clamp must satisfy 0 <= low <= 0.5 <= high <= 1, got {clamp[0]} {clamp[1]}"
+            )
+        self.backend = backend
+        self.constitution = constitution
+        self.mode = mode
+        self.swap = swap
+        self.clamp = clamp
+        self.cot_params = SamplingParams(temperature=cot_temperature, max_new_tokens=cot_max_new_tokens)
+        self.shots = few_shot_turns(constitution)
+
+    def judge(self, comparisons: Sequence[Comparison], seed: int = 0) -> list[Verdict]:
+        """One verdict per comparison; all questions of the call go to the model as one batch."""
+        questions = [self.question(c, swapped=False) for c in comparisons]
+        if self.swap:
+            questions += [self.question(c, swapped=True) for c in comparisons]
+        p_option_a, reasoning = self._ask(questions, seed)
+        count = len(comparisons)
+        verdicts = []
+        for index in range(count):
+            p_first = p_option_a[index]
+            p_swapped = 1.0 - p_option_a[count + index] if self.swap else None
+            shown = [p_first] if p_swapped is None else [p_first, p_swapped]
+            texts = reasoning[index::count] if reasoning else []
+            verdicts.append(
+                Verdict(
+                    p=self._final(sum(shown) / len(shown)),
+                    p_first=p_first,
+                    p_swapped=p_swapped,
+                    reasoning=texts,
+                )
+            )
+        return verdicts
+
+    def _final(self, p: float) -> float:
+        if self.mode == "cot" and self.clamp is not None:
+            return min(max(p, self.clamp[0]), self.clamp[1])
+        return p
+
+    def question(self, comparison: Comparison, *, swapped: bool) -> Conversation:
+        """The few-shot turns, then the multiple-choice question (options swapped: second shown as A)."""
+        a, b = (comparison.second, comparison.first) if swapped else (comparison.first, comparison.second)
+        ask = Message(role="user", content=question_text(comparison.prompt, comparison.principle.text, a, b))
+        return [*self.shots, ask]
+
+    def _ask(self, questions: list[Conversation], seed: int) -> tuple[list[float], list[str]]:
+        """P(option A) for each question, and the reasoning texts in cot mode."""
+        reasoning: list[str] = []
+        if self.mode == "logprob":
+            prefilled = [[*q, Message(role="assistant", content=ANSWER_PREFILL)] for q in questions]
+        else:
+            thinking = [[*q, Message(role="assistant", content=COT_PREFILL)] for q in questions]
+            samples = self.backend.generate(thinking, self.cot_params, seed)
+            reasoning = [s[0].text for s in samples]
+            prefilled = [
+                [*q, Message(role="assistant", content=f"{COT_PREFILL} {text}\n{COT_ANSWER}")]
+                for q, text in zip(questions, reasoning, strict=True)
+            ]
+        scores = self.backend.score_continuations(prefilled, list(LETTERS))
+        return [letter_probability(a, b) for a, b in scores], reasoning
+
+
+# ---------------------------------------------------------------------------
+# The label-preferences phase
+
+
+@dataclass(frozen=True)
+class ResponsesInput:
+    """An input record of label-preferences: a prompt and the responses sampled for it."""
+
+    id: str
+    prompt: Conversation
+    responses: list[str]
+    extra: dict[str, Any]
+
+
+GENERATION_FIELDS = ("completion", "finished", "model", "seed")
+
+
+def parse_responses_input(raw: dict[str, Any]) -> ResponsesInput:
+    """A ``generate -n 2`` record (or any record with ``prompt`` and ``responses``)."""
+    raw = dict(raw)
+    responses = raw.pop("responses", None)
+    if responses is None:
+        raise CaitoolError('missing field "responses" (label-preferences reads the output of generate -n 2)')
+    if not isinstance(responses, list) or not all(isinstance(r, str) for r in responses):
+        raise CaitoolError('field "responses" must be a list of strings')
+    if len(responses) < 2:
+        raise CaitoolError(f'field "responses" has {len(responses)} response(s); comparing needs at least 2')
+    if raw.get("kind") == "generation":
+        for name in GENERATION_FIELDS:
+            raw.pop(name, None)
+    prompt_record = parse_prompt_input(raw)
+    if prompt_record.response is not None:
+        raise CaitoolError('give the responses in "responses" only, not also as "completion"/"response"')
+    return ResponsesInput(
+        id=prompt_record.id,
+        prompt=prompt_record.prompt,
+        responses=responses,
+        extra=prompt_record.user_fields(),
+    )
+
+
+def choose_pair(record: ResponsesInput, seed: int) -> tuple[int, int]:
+    """The two responses to compare: the only pair, or one pair drawn (seeded) when there are more."""
+    if len(record.responses) == 2:
+        return (0, 1)
+    rng = random.Random(derive_seed(seed, "pair", record.id))
+    first, second = sorted(rng.sample(range(len(record.responses)), 2))
+    return (first, second)
+
+
+def choose_principle(
+    principles: Sequence[ComparisonPrinciple], record_id: str, pair: tuple[int, int], seed: int
+) -> ComparisonPrinciple:
+    return draw(principles, random.Random(derive_seed(seed, "principle", record_id, pair)))
+
+
+def preference_record(
+    record: ResponsesInput,
+    pair: tuple[int, int],
+    principle: ComparisonPrinciple,
+    verdict: Verdict,
+    *,
+    mode: Mode,
+    feedback_model: str,
+    constitution: Constitution,
+) -> PreferenceRecord:
+    first, second = (record.responses[i] for i in pair)
+    chosen, rejected = (first, second) if verdict.p >= 0.5 else (second, first)
+    return PreferenceRecord(
+        id=record.id,
+        prompt=record.prompt,
+        chosen=[Message(role="assistant", content=chosen)],
+        rejected=[Message(role="assistant", content=rejected)],
+        p_chosen=max(verdict.p, 1.0 - verdict.p),
+        principle_id=principle.id,
+        pair=pair,
+        p_first=verdict.p_first,
+        p_swapped=verdict.p_swapped,
+        mode=mode,
+        reasoning=verdict.reasoning,
+        feedback_model=feedback_model,
+        constitution=constitution.ref,
+        **record.extra,
+    )
+
+
+def run_label_preferences(
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    model: str = "default",
+    constitution: str = "harmless",
+    principles: Sequence[str] | None = None,
+    mode: Mode = "logprob",
+    swap: bool = True,
+    clamp: tuple[float, float] | None = DEFAULT_CLAMP,
+    cot_max_new_tokens: int = 128,
+    batch_size: int = 8,
+    seed: int = 0,
+    resume: bool = True,
+    trust_remote_code: bool = False,
+    backend: GenerationBackend | None = None,
+) -> PhaseResult:
+    started = now_iso()
+    loaded_constitution = load_constitution(constitution)
+    candidates = loaded_constitution.restrict_comparisons(principles)
+    source = validate_input(input_path, parse_responses_input)
+    if backend is None:
+        backend = TransformersBackend.load(model, batch_size=batch_size, trust_remote_code=trust_remote_code)
+    labeller = Labeller(
+        backend, loaded_constitution, mode=mode, swap=swap, clamp=clamp, cot_max_new_tokens=cot_max_new_tokens
+    )
+
+    def process(records: list[ResponsesInput], chunk_index: int) -> ChunkResult:
+        pairs = [choose_pair(r, seed) for r in records]
+        chosen_principles = [
+            choose_principle(candidates, r.id, p, seed) for r, p in zip(records, pairs, strict=True)
+        ]
+        comparisons = [
+            Comparison(r.prompt, r.responses[p[0]], r.responses[p[1]], principle)
+            for r, p, principle in zip(records, pairs, chosen_principles, strict=True)
+        ]
+        verdicts = labeller.judge(comparisons, seed=derive_seed(seed, chunk_index))
+        out = [
+            preference_record(
+                r,
+                p,
+                principle,
+                v,
+                mode=mode,
+                feedback_model=backend.model_id,
+                constitution=loaded_constitution,
+            )
+            for r, p, principle, v in zip(records, pairs, chosen_principles, verdicts, strict=True)
+        ]
+        return ChunkResult(out, counts={"disagree": sum(v.orders_disagree for v in verdicts)})
+
+    params = {
+        "mode": mode,
+        "swap": swap,
+        "clamp": list(clamp) if clamp else None,
+        "principles": list(principles or []),
+        "cot_max_new_tokens": cot_max_new_tokens,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+
+    def manifest(tracker, counts):
+        return build_manifest(
+            phase="label-preferences",
+            params=params,
+            started_at=started,
+            models={"feedback": getattr(backend, "info", backend.model_id)},
+            inputs=[input_path],
+            constitution=loaded_constitution.ref,
+            counts={"records": tracker.records + tracker.already_done, **counts},
+        )
+
+    result = run_record_phase(
+        label="label-preferences",
+        source=source,
+        output=output,
+        run_key={
+            "phase": "label-preferences",
+            "model": model,
+            "constitution": loaded_constitution.content_hash,
+            **params,
+        },
+        resume=resume,
+        chunk_size=batch_size,
+        process=process,
+        manifest=manifest,
+    )
+    print_summary(summary_line("label-preferences", result.tracker, **_summary_counts(result, swap)))
+    return result
+
+
+def _summary_counts(result: PhaseResult, swap: bool) -> dict[str, str]:
+    if not swap:
+        return {"output": result.output}
+    labelled = max(result.tracker.records, 1)
+    disagree = result.counts.get("disagree", 0)
+    share = f"{disagree}/{result.tracker.records} ({100.0 * disagree / labelled:.0f}%)"
+    return {"the_two_option_orders_disagreed": share, "output": result.output}

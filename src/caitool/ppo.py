@@ -1,0 +1,562 @@
+"""``caitool ppo``: PPO against a reward model with a per-token KL penalty to a frozen reference.
+
+TRL 1.16 no longer ships PPO, so this is a compact implementation on torch, following the
+RLHF recipe (Ziegler et al. 2019; Ouyang et al. 2022) that Constitutional AI's RL phase uses.
+One step:
+
+1. **Rollout.** Sample one response per prompt from the policy (transformers' ``generate``,
+   left-padded prompts); a response ends at the first end-of-turn token.
+2. **Score.** The reward model scores prompt + response (the chat rendering it was trained
+   on); a response cut off at ``response_length`` loses ``missing_eot_penalty``.
+3. **Per-token rewards.** ``-kl_coef * (log pi(a) - log pi_ref(a))`` at every response token,
+   plus the score at the last one.
+4. **Advantages.** Generalised advantage estimation (``gamma``, ``lam``) against the value
+   model's estimates, whitened over the batch's response tokens.
+5. **Update.** ``ppo_epochs`` passes over ``mini_batches`` mini-batches: clipped policy loss,
+   clipped value loss, one optimiser over policy and value model.
+
+The value model is a separate backbone with a scalar head (a one-output sequence classifier,
+read at every position rather than only the last). It starts as a copy of the reward model
+by default (``value_from="rm"``): the reward model already reads responses the way the value
+must, so early advantages are not noise. ``value_from="policy"`` starts it from the policy's
+backbone with a zero head instead. Models stay in eval mode throughout (no dropout), so the
+log-probabilities of the rollout and of the first update are the same numbers, and the KL to
+the reference is exactly zero before the first update when the reference is the starting policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from caitool.backend import derive_seed, render_chat
+from caitool.errors import CaitoolError
+from caitool.jsonl_io import read_records
+from caitool.pipeline import validate_input
+from caitool.progress import print_summary
+from caitool.provenance import build_manifest, now_iso
+from caitool.records import Conversation, PromptRecord, parse_prompt_input
+from caitool.training import TRAINING_LOG, JsonlLog, atomic_model_dir, check_output_dir, write_model_manifest
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    kl_coef: float = 0.05
+    steps: int = 20
+    batch_size: int = 8
+    mini_batches: int = 2
+    ppo_epochs: int = 2
+    response_length: int = 64
+    lr: float = 1e-6
+    temperature: float = 0.7
+    value_from: str = "rm"
+    missing_eot_penalty: float = 1.0
+    sample_every: int = 5
+    seed: int = 0
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip_range: float = 0.2
+    clip_range_value: float = 0.2
+    vf_coef: float = 0.1
+    max_grad_norm: float = 1.0
+
+
+# ---------------------------------------------------------------------------
+# Tensor helpers
+
+
+def masked_mean(values: Any, mask: Any) -> Any:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(values: Any, mask: Any) -> Any:
+    mean = masked_mean(values, mask)
+    variance = masked_mean((values - mean) ** 2, mask)
+    return (values - mean) * (variance + 1e-8).rsqrt() * mask
+
+
+def gae(rewards: Any, values: Any, mask: Any, gamma: float, lam: float) -> tuple[Any, Any]:
+    """Advantages and returns by generalised advantage estimation over the response tokens.
+
+    ``values`` and ``rewards`` are zero outside ``mask``, so the step after the last token
+    bootstraps from zero: the episode ends with the response.
+    """
+    import torch
+
+    values = values * mask
+    length = rewards.shape[1]
+    running = torch.zeros_like(rewards[:, 0])
+    reversed_advantages = []
+    for t in reversed(range(length)):
+        next_value = values[:, t + 1] if t + 1 < length else torch.zeros_like(running)
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        reversed_advantages.append(running)
+    advantages = torch.stack(reversed_advantages[::-1], dim=1) * mask
+    return advantages, advantages + values
+
+
+def position_ids_for(attention_mask: Any) -> Any:
+    """Positions that skip left padding, as generation used them."""
+    return (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+
+def response_logprobs(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any,
+    context: int,
+    temperature: float,
+    *,
+    with_entropy: bool = False,
+) -> tuple[Any, Any]:
+    """Log-probabilities of the response tokens (``input_ids[:, context:]``); per-token entropy if asked."""
+    import torch
+
+    # Only the positions that predict response tokens need the (vocabulary-sized) output layer.
+    keep = input_ids.shape[1] - context + 1
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        use_cache=False,
+        logits_to_keep=keep,
+    ).logits
+    logits = logits[:, -keep:-1].float() / temperature
+    all_logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = torch.gather(all_logprobs, 2, input_ids[:, context:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(all_logprobs.exp() * all_logprobs).sum(-1) if with_entropy else None
+    return chosen, entropy
+
+
+def token_values(value_model: Any, input_ids: Any, attention_mask: Any, context: int) -> Any:
+    """The value head read at every position that predicts a response token."""
+    backbone = getattr(value_model, value_model.base_model_prefix)
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_for(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return value_model.score(hidden[:, context - 1 : -1]).squeeze(-1).float()
+
+
+# ---------------------------------------------------------------------------
+# Rollouts and the trainer
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled responses with everything PPO needs from the models that made them."""
+
+    prompts: list[Conversation]
+    responses: list[str]
+    finished: list[bool]
+    rm_scores: list[float]  # the reward model's scores as it gave them
+    scores: Any  # [B] rm score minus the missing-end-of-turn penalty
+    input_ids: Any  # [B, Q+R] prompt (left-padded) then response
+    attention_mask: Any
+    response_mask: Any  # [B, R] 1 on the response tokens up to and including end-of-turn
+    context: int  # Q
+    logprobs: Any  # [B, R] under the policy that sampled
+    ref_logprobs: Any
+    values: Any
+    entropy: Any
+
+    @property
+    def kl(self) -> Any:
+        """Per-token log-ratio to the reference (zero outside the response)."""
+        return (self.logprobs - self.ref_logprobs) * self.response_mask
+
+
+def per_token_rewards(rollout: Rollout, kl_coef: float) -> Any:
+    """The KL penalty at every response token, plus the (penalised) reward-model score at the last one."""
+    import torch
+
+    rewards = -kl_coef * rollout.kl
+    last = (rollout.response_mask.sum(dim=1) - 1).long()
+    rewards[torch.arange(len(last), device=rewards.device), last] += rollout.scores
+    return rewards
+
+
+class PPOTrainer:
+    """Policy and value model under training (placed by accelerate), frozen reference and reward model."""
+
+    def __init__(
+        self,
+        *,
+        policy: Any,
+        ref: Any,
+        value_model: Any,
+        reward_model: Any,
+        tokenizer: Any,
+        config: PPOConfig,
+        accelerator: Any | None = None,
+    ):
+        import torch
+        from accelerate import Accelerator
+
+        from caitool.models import end_of_turn_ids
+
+        self.config = config
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        device = self.accelerator.device
+        self.tokenizer = tokenizer
+        self.stop_ids = end_of_turn_ids(tokenizer, policy)
+        for frozen in (ref, reward_model.model):
+            frozen.requires_grad_(False)
+            frozen.to(device).eval()
+        reward_model.device = str(device)
+        self.ref = ref
+        self.reward_model = reward_model
+        policy.eval()
+        value_model.eval()
+        optimizer = torch.optim.AdamW(
+            [*policy.parameters(), *value_model.parameters()], lr=config.lr, eps=1e-5
+        )
+        self.policy, self.value_model, self.optimizer = self.accelerator.prepare(
+            policy, value_model, optimizer
+        )
+
+    @property
+    def device(self) -> Any:
+        return self.accelerator.device
+
+    # -- rollout ---------------------------------------------------------------
+    def rollout(self, prompts: list[Conversation], seed: int) -> Rollout:
+        import torch
+
+        config = self.config
+        texts = [render_chat(self.tokenizer, p) for p in prompts]
+        self.tokenizer.padding_side = "left"
+        query = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
+            self.device
+        )
+        context = query["input_ids"].shape[1]
+        torch.manual_seed(seed)
+        policy = self.accelerator.unwrap_model(self.policy)
+        with torch.no_grad():
+            generated = policy.generate(
+                **query,
+                do_sample=True,
+                temperature=config.temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=config.response_length,
+                eos_token_id=self.stop_ids,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+        response_ids = generated[:, context:]
+        response_mask, finished = self._response_mask(response_ids)
+        input_ids = torch.cat(
+            [
+                query["input_ids"],
+                torch.where(response_mask.bool(), response_ids, self.tokenizer.pad_token_id),
+            ],
+            dim=1,
+        )
+        attention_mask = torch.cat([query["attention_mask"], response_mask], dim=1)
+        responses = self._decode(response_ids, response_mask, finished)
+        rm_scores = self.reward_model.score(prompts, responses)
+        penalty = torch.tensor(
+            [0.0 if f else config.missing_eot_penalty for f in finished], device=self.device
+        )
+        with torch.no_grad():
+            logprobs, entropy = response_logprobs(
+                policy, input_ids, attention_mask, context, config.temperature, with_entropy=True
+            )
+            ref_logprobs, _ = response_logprobs(
+                self.ref, input_ids, attention_mask, context, config.temperature
+            )
+            values = token_values(
+                self.accelerator.unwrap_model(self.value_model), input_ids, attention_mask, context
+            )
+        mask = response_mask.float()
+        return Rollout(
+            prompts=prompts,
+            responses=responses,
+            finished=finished,
+            rm_scores=rm_scores,
+            scores=torch.tensor(rm_scores, device=self.device) - penalty,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            response_mask=mask,
+            context=context,
+            logprobs=logprobs * mask,
+            ref_logprobs=ref_logprobs * mask,
+            values=values * mask,
+            entropy=entropy,
+        )
+
+    def _response_mask(self, response_ids: Any) -> tuple[Any, list[bool]]:
+        """1 up to and including the first end-of-turn token; whether each response has one."""
+        import torch
+
+        is_stop = torch.isin(response_ids, torch.tensor(self.stop_ids, device=response_ids.device))
+        finished = is_stop.any(dim=1)
+        width = response_ids.shape[1]
+        first_stop = torch.where(
+            finished, is_stop.int().argmax(dim=1), torch.full_like(finished, width - 1, dtype=torch.long)
+        )
+        positions = torch.arange(width, device=response_ids.device).unsqueeze(0)
+        return (positions <= first_stop.unsqueeze(1)).long(), finished.tolist()
+
+    def _decode(self, response_ids: Any, response_mask: Any, finished: list[bool]) -> list[str]:
+        texts = []
+        for tokens, mask, done in zip(response_ids, response_mask, finished, strict=True):
+            kept = tokens[: int(mask.sum()) - (1 if done else 0)]
+            texts.append(self.tokenizer.decode(kept.tolist(), skip_special_tokens=True).strip())
+        return texts
+
+    # -- optimisation -------------------------------------------------------------
+    def step(self, prompts: list[Conversation], seed: int) -> tuple[Rollout, dict[str, float]]:
+        """One PPO step: a rollout, then ``ppo_epochs`` x ``mini_batches`` updates on it."""
+        import torch
+
+        config = self.config
+        started = time.perf_counter()
+        rollout = self.rollout(prompts, seed)
+        mask = rollout.response_mask
+        rewards = per_token_rewards(rollout, config.kl_coef)
+        advantages, returns = gae(rewards, rollout.values, mask, config.gamma, config.lam)
+        advantages = masked_whiten(advantages, mask)
+
+        losses: dict[str, list[float]] = {
+            "policy_loss": [],
+            "value_loss": [],
+            "clip_fraction": [],
+            "approx_kl": [],
+        }
+        generator = torch.Generator().manual_seed(seed)
+        groups = min(config.mini_batches, len(prompts))
+        for _ in range(config.ppo_epochs):
+            order = torch.randperm(len(prompts), generator=generator).to(self.device)
+            for indices in torch.tensor_split(order, groups):
+                for key, value in self._update(rollout, advantages, returns, indices).items():
+                    losses[key].append(value)
+
+        kl_per_response = rollout.kl.sum(dim=1)
+        metrics = {
+            "reward": float(sum(rollout.rm_scores) / len(rollout.rm_scores)),
+            "score": rollout.scores.mean().item(),
+            "kl": kl_per_response.mean().item(),
+            "kl_penalty": (-config.kl_coef * kl_per_response).mean().item(),
+            "entropy": masked_mean(rollout.entropy, mask).item(),
+            **{key: sum(values) / len(values) for key, values in losses.items()},
+            "response_length": mask.sum(dim=1).mean().item(),
+            "missing_eot": sum(not f for f in rollout.finished) / len(rollout.finished),
+            "seconds": time.perf_counter() - started,
+        }
+        return rollout, metrics
+
+    def _update(self, rollout: Rollout, advantages: Any, returns: Any, indices: Any) -> dict[str, float]:
+        import torch
+
+        config = self.config
+        input_ids, attention = rollout.input_ids[indices], rollout.attention_mask[indices]
+        mask = rollout.response_mask[indices]
+        old_logprobs, old_values = rollout.logprobs[indices], rollout.values[indices]
+        adv, ret = advantages[indices], returns[indices]
+
+        logprobs, _ = response_logprobs(
+            self.policy, input_ids, attention, rollout.context, config.temperature
+        )
+        values = token_values(
+            self.accelerator.unwrap_model(self.value_model), input_ids, attention, rollout.context
+        )
+        log_ratio = (logprobs - old_logprobs) * mask
+        ratio = torch.exp(log_ratio)
+        unclipped = -adv * ratio
+        clipped = -adv * torch.clamp(ratio, 1.0 - config.clip_range, 1.0 + config.clip_range)
+        policy_loss = masked_mean(torch.max(unclipped, clipped), mask)
+        values_clipped = old_values + torch.clamp(
+            values - old_values, -config.clip_range_value, config.clip_range_value
+        )
+        value_loss = 0.5 * masked_mean(torch.max((values - ret) ** 2, (values_clipped - ret) ** 2), mask)
+
+        self.optimizer.zero_grad()
+        self.accelerator.backward(policy_loss + config.vf_coef * value_loss)
+        self.accelerator.clip_grad_norm_(
+            [*self.policy.parameters(), *self.value_model.parameters()], config.max_grad_norm
+        )
+        self.optimizer.step()
+        with torch.no_grad():
+            return {
+                "policy_loss": policy_loss.item(),
+                "value_loss": value_loss.item(),
+                "clip_fraction": masked_mean((clipped > unclipped).float(), mask).item(),
+                "approx_kl": (0.5 * masked_mean(log_ratio**2, mask)).item(),
+            }
+
+
+# ---------------------------------------------------------------------------
+# Loading and the ppo phase
+
+
+def load_value_model(
+    config: PPOConfig, *, policy_path: str, reward_path: str, trust_remote_code: bool
+) -> Any:
+    import torch
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    source = reward_path if config.value_from == "rm" else policy_path
+    with suppress_seqcls_warning():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            source,
+            num_labels=1,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+        )
+    if config.value_from == "policy":
+        torch.nn.init.zeros_(model.score.weight)
+    return model
+
+
+def build_trainer(
+    *, policy: str, reward_model: str, ref: str | None, config: PPOConfig, trust_remote_code: bool = False
+) -> tuple[PPOTrainer, dict[str, Any]]:
+    """Load the four models (policy, reference, reward, value) and the trainer around them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from caitool.models import force_offline, load_tokenizer, model_info, quiet_transformers
+    from caitool.reward import load_reward_model
+
+    infos = {"policy": model_info(policy), "reward": model_info(reward_model)}
+    if ref is not None:
+        infos["ref"] = model_info(ref)
+    force_offline()
+    quiet_transformers()
+
+    def causal_lm(path: str) -> Any:
+        return AutoModelForCausalLM.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch.float32
+        )
+
+    policy_model = causal_lm(infos["policy"].path)
+    ref_model = causal_lm(infos["ref"].path) if ref is not None else copy.deepcopy(policy_model)
+    tokenizer = load_tokenizer(infos["policy"].path, trust_remote_code=trust_remote_code)
+    scorer = load_reward_model(infos["reward"].path, device="cpu", trust_remote_code=trust_remote_code)
+    value_model = load_value_model(
+        config,
+        policy_path=infos["policy"].path,
+        reward_path=infos["reward"].path,
+        trust_remote_code=trust_remote_code,
+    )
+    trainer = PPOTrainer(
+        policy=policy_model,
+        ref=ref_model,
+        value_model=value_model,
+        reward_model=scorer,
+        tokenizer=tokenizer,
+        config=config,
+    )
+    return trainer, infos
+
+
+def prompt_batches(records: list[PromptRecord], config: PPOConfig):
+    """``steps`` batches of prompts: the file shuffled (seeded), cycled as often as needed."""
+    rng = random.Random(derive_seed(config.seed, "prompt-order"))
+    order: list[PromptRecord] = []
+    for _ in range(config.steps):
+        while len(order) < config.batch_size:
+            epoch = list(records)
+            rng.shuffle(epoch)
+            order.extend(epoch)
+        yield order[: config.batch_size]
+        order = order[config.batch_size :]
+
+
+def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
+    return (
+        f"ppo step {step}/{total}: reward {metrics['reward']:+.3f}  kl {metrics['kl']:.4f}  "
+        f"entropy {metrics['entropy']:.3f}  policy loss {metrics['policy_loss']:+.4f}  "
+        f"value loss {metrics['value_loss']:.4f}  clip {metrics['clip_fraction']:.3f}  "
+        f"length {metrics['response_length']:.1f}  no-eot {metrics['missing_eot']:.2f}  "
+        f"{metrics['seconds']:.1f}s"
+    )
+
+
+def sample_lines(step: int, records: list[PromptRecord], rollout: Rollout) -> list[dict[str, Any]]:
+    kl = rollout.kl.sum(dim=1).tolist()
+    return [
+        {
+            "step": step,
+            "id": record.id,
+            "prompt": [m.model_dump() for m in record.prompt],
+            "response": response,
+            "reward": reward,
+            "finished": finished,
+            "kl": kl_value,
+        }
+        for record, response, reward, finished, kl_value in zip(
+            records, rollout.responses, rollout.rm_scores, rollout.finished, kl, strict=True
+        )
+    ]
+
+
+def run_ppo(
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    policy: str,
+    reward_model: str,
+    ref: str | None = None,
+    config: PPOConfig | None = None,
+    trust_remote_code: bool = False,
+) -> list[dict[str, float]]:
+    """Train and save the policy (HF directory: tokenizer, manifest, log, samples); return step metrics."""
+    config = config or PPOConfig()
+    if config.value_from not in ("rm", "policy"):
+        raise CaitoolError(f'value_from must be "rm" or "policy", got "{config.value_from}"')
+    started = now_iso()
+    source = validate_input(input_path, parse_prompt_input)
+    records = list(read_records(source.path, parse_prompt_input))
+    check_output_dir(output)
+    trainer, infos = build_trainer(
+        policy=policy, reward_model=reward_model, ref=ref, config=config, trust_remote_code=trust_remote_code
+    )
+    history: list[dict[str, float]] = []
+    with atomic_model_dir(output) as staging:
+        log = JsonlLog(staging / TRAINING_LOG)
+        samples = JsonlLog(staging / SAMPLES_FILE)
+        for step, batch in enumerate(prompt_batches(records, config), start=1):
+            rollout, metrics = trainer.step([r.prompt for r in batch], derive_seed(config.seed, "step", step))
+            history.append(metrics)
+            log.write({"step": step, **metrics})
+            print_summary(step_line(step, config.steps, metrics))
+            if step == 1 or step % config.sample_every == 0 or step == config.steps:
+                for line in sample_lines(step, batch, rollout):
+                    samples.write(line)
+        trained = trainer.accelerator.unwrap_model(trainer.policy)
+        trained.save_pretrained(staging)
+        trainer.tokenizer.save_pretrained(staging)
+        write_model_manifest(
+            staging,
+            build_manifest(
+                phase="ppo",
+                params={**asdict(config), "ref": ref or "the starting policy", "device": str(trainer.device)},
+                started_at=started,
+                models=infos,
+                inputs=[input_path],
+                counts={
+                    "prompts": len(records),
+                    "steps": config.steps,
+                    "first_reward": history[0]["reward"],
+                    "last_reward": history[-1]["reward"],
+                },
+            ),
+        )
+    print_summary(
+        f"ppo: {config.steps} steps; reward {history[0]['reward']:+.3f} -> {history[-1]['reward']:+.3f}; "
+        f"kl {history[-1]['kl']:.4f}; saved to {output}"
+    )
+    return history

@@ -1,0 +1,430 @@
+"""``caitool train-rm`` and reward scoring: a sequence-classification model with one output.
+
+Training uses TRL's RewardTrainer with one change: the loss is the cross-entropy of
+sigmoid(r_chosen - r_rejected) against the soft label ``p_chosen`` (``--soft``, default);
+with hard labels (``--hard``, p = 1) that is exactly the Bradley-Terry loss TRL uses.
+
+Texts are the chat-template rendering of prompt + response, tokenised by
+:func:`encode_conversation` both in training and in :class:`RewardModel.score`, so the
+reward read at scoring time is the one that was trained. A sequence-classification model
+pools the last token that is not the pad token; when the pad token can end a real sequence
+(many chat models pad with their end-of-turn token) the reward would be read one token too
+early, so :func:`reward_pad_token` picks a pad token that never ends a rendered turn.
+
+Other phases import :func:`load_reward_model` and call ``.score(prompts, responses)``.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from caitool.backend import as_dicts
+from caitool.errors import CaitoolError
+from caitool.jsonl_io import read_records, write_json_atomic
+from caitool.pipeline import validate_input
+from caitool.progress import print_summary
+from caitool.provenance import build_manifest, now_iso
+from caitool.records import Conversation, Message, PreferenceRecord, parse_record
+from caitool.training import TRAINING_LOG, atomic_model_dir, jsonl_log_callback, write_model_manifest
+
+METRICS_FILE = "metrics.json"
+CALIBRATION_BINS = 10
+
+
+# ---------------------------------------------------------------------------
+# Encoding and the pad token
+
+
+def encode_conversation(tokenizer: Any, prompt: Conversation, response: str) -> list[int]:
+    """Token ids of the full conversation, the response as a finished assistant turn."""
+    messages = as_dicts([*prompt, Message(role="assistant", content=response)])
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _turn_ending_ids(tokenizer: Any) -> set[int]:
+    """The tokens a rendered conversation ends with (after the response text)."""
+    probe = encode_conversation(tokenizer, [Message(role="user", content="x")], "y")
+    text_ids = set(tokenizer("y", add_special_tokens=False)["input_ids"])
+    ending: set[int] = set()
+    for token in reversed(probe):
+        if token in text_ids:
+            break
+        ending.add(token)
+    return ending or {probe[-1]}
+
+
+def reward_pad_token(tokenizer: Any) -> str:
+    """A pad token that never ends a rendered conversation, so pooling reads the real last token."""
+    ending = _turn_ending_ids(tokenizer)
+    candidates = [
+        tokenizer.pad_token,
+        tokenizer.unk_token,
+        tokenizer.bos_token,
+        *tokenizer.all_special_tokens,
+    ]
+    for token in candidates:
+        if token is None:
+            continue
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if token_id is not None and token_id not in ending:
+            return token
+    raise CaitoolError(
+        "the tokenizer has no special token that can pad without hiding the end of a turn; "
+        "add a pad token to the model first"
+    )
+
+
+def prepare_reward_tokenizer(tokenizer: Any, model: Any) -> None:
+    tokenizer.pad_token = reward_pad_token(tokenizer)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+# ---------------------------------------------------------------------------
+# Scoring
+
+
+class RewardModel:
+    """A trained reward model: ``score(prompts, responses)`` gives one float per response."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, device: str, batch_size: int = 8, info: Any = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+        self.batch_size = batch_size
+        self.info = info
+
+    def score(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> list[float]:
+        if len(prompts) != len(responses):
+            raise ValueError("score() needs one prompt per response")
+        rows = [encode_conversation(self.tokenizer, p, r) for p, r in zip(prompts, responses, strict=True)]
+        return self.score_token_ids(rows)
+
+    def score_token_ids(self, rows: Sequence[list[int]]) -> list[float]:
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        scores: list[float] = []
+        for start in range(0, len(rows), self.batch_size):
+            batch = rows[start : start + self.batch_size]
+            width = max(len(r) for r in batch)
+            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=self.device)
+            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch], device=self.device)
+            with torch.inference_mode():
+                logits = self.model(input_ids=input_ids, attention_mask=mask).logits
+            scores.extend(logits[:, 0].float().tolist())
+        return scores
+
+
+def load_reward_model(
+    directory: str | Path, *, device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False
+) -> RewardModel:
+    """Load a reward model written by ``train-rm`` (or any one-output sequence classifier)."""
+    from caitool.models import force_offline, load_tokenizer, model_info, pick_device, quiet_transformers
+
+    info = model_info(str(directory))
+    force_offline()
+    quiet_transformers()
+    from transformers import AutoModelForSequenceClassification
+
+    device = pick_device(device)
+    tokenizer = load_tokenizer(info.path, trust_remote_code=trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        info.path, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    if model.config.num_labels != 1:
+        raise CaitoolError(
+            f"{directory} is not a reward model (it has {model.config.num_labels} outputs, not 1)"
+        )
+    prepare_reward_tokenizer(tokenizer, model)
+    model.to(device).eval()
+    return RewardModel(model, tokenizer, device=device, batch_size=batch_size, info=info)
+
+
+# ---------------------------------------------------------------------------
+# Metrics
+
+
+def preference_probability(reward_chosen: float, reward_rejected: float) -> float:
+    """The reward model's P(chosen is better): sigmoid of the reward margin."""
+    margin = reward_chosen - reward_rejected
+    return 1.0 / (1.0 + math.exp(-margin)) if margin >= 0 else math.exp(margin) / (1.0 + math.exp(margin))
+
+
+def calibration_table(predicted: Sequence[float], labelled: Sequence[float], bins: int = CALIBRATION_BINS):
+    """Pairs grouped by predicted P(chosen), with the mean label in each group (well calibrated: equal)."""
+    table = []
+    for index in range(bins):
+        low, high = index / bins, (index + 1) / bins
+        members = [i for i, p in enumerate(predicted) if low <= p < high or (index == bins - 1 and p == 1.0)]
+        if members:
+            table.append(
+                {
+                    "bin": f"{low:.1f}-{high:.1f}",
+                    "count": len(members),
+                    "mean_predicted": sum(predicted[i] for i in members) / len(members),
+                    "mean_label": sum(labelled[i] for i in members) / len(members),
+                }
+            )
+    return table
+
+
+def evaluate_pairs(reward_model: RewardModel, pairs: Sequence[PreferenceRecord]) -> dict[str, Any]:
+    """Held-out accuracy (reward of chosen above rejected), log-loss against the labels, calibration."""
+    if not pairs:
+        return {"pairs": 0, "accuracy": None, "log_loss": None, "calibration": []}
+    prompts = [p.prompt for p in pairs]
+    chosen = reward_model.score(prompts, [p.chosen[-1].content for p in pairs])
+    rejected = reward_model.score(prompts, [p.rejected[-1].content for p in pairs])
+    predicted = [preference_probability(c, r) for c, r in zip(chosen, rejected, strict=True)]
+    labels = [p.p_chosen for p in pairs]
+    eps = 1e-7
+    log_loss = -sum(
+        y * math.log(max(q, eps)) + (1 - y) * math.log(max(1 - q, eps))
+        for q, y in zip(predicted, labels, strict=True)
+    ) / len(pairs)
+    return {
+        "pairs": len(pairs),
+        "accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs),
+        "log_loss": log_loss,
+        "mean_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs),
+        "calibration": calibration_table(predicted, labels),
+    }
+
+
+# ---------------------------------------------------------------------------
+# Training
+
+
+@dataclass(frozen=True)
+class RewardTrainingConfig:
+    soft: bool = True
+    eval_fraction: float = 0.1
+    epochs: float = 1.0
+    lr: float = 1e-5
+    lora: bool = False
+    batch_size: int = 4
+    max_length: int = 1024
+    seed: int = 0
+
+
+def parse_preference(raw: dict[str, Any]) -> PreferenceRecord:
+    return parse_record(PreferenceRecord, raw)  # type: ignore[return-value]
+
+
+def split_held_out(records: list[PreferenceRecord], fraction: float, seed: int):
+    """A fixed-seed split; at least one pair on each side whenever a fraction is asked for."""
+    if fraction <= 0.0:
+        return records, []
+    if len(records) < 2:
+        raise CaitoolError(f"--eval-fraction needs at least 2 pairs, the input has {len(records)}")
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    held = min(max(1, round(fraction * len(records))), len(records) - 1)
+    held_ids = set(order[:held])
+    train = [r for i, r in enumerate(records) if i not in held_ids]
+    return train, [r for i, r in enumerate(records) if i in held_ids]
+
+
+def tokenized_rows(tokenizer: Any, records: Sequence[PreferenceRecord], soft: bool, max_length: int):
+    rows = []
+    for record in records:
+        chosen = encode_conversation(tokenizer, record.prompt, record.chosen[-1].content)
+        rejected = encode_conversation(tokenizer, record.prompt, record.rejected[-1].content)
+        if max(len(chosen), len(rejected)) <= max_length:
+            rows.append(
+                {"chosen_ids": chosen, "rejected_ids": rejected, "p_chosen": record.p_chosen if soft else 1.0}
+            )
+    return rows
+
+
+def soft_preference_loss(margin: Any, p_chosen: Any) -> Any:
+    """Cross-entropy of sigmoid(margin) against the label; with p_chosen = 1 it is -log sigmoid(margin)."""
+    import torch
+
+    return torch.nn.functional.binary_cross_entropy_with_logits(margin, p_chosen.to(margin.dtype))
+
+
+def soft_label_trainer_class():
+    """TRL's RewardTrainer with the soft-label loss (built lazily: trl is imported only here)."""
+    import torch
+    from trl import RewardTrainer
+    from trl.trainer.reward_trainer import DataCollatorForPreference
+
+    class SoftLabelCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            batch["p_chosen"] = torch.tensor([e["p_chosen"] for e in examples], dtype=torch.float)
+            return batch
+
+    class SoftLabelRewardTrainer(RewardTrainer):
+        """Cross-entropy of sigmoid(r_chosen - r_rejected) against p_chosen; p = 1 is Bradley-Terry."""
+
+        def _set_signature_columns_if_needed(self):
+            if self._signature_columns is None:
+                self._signature_columns = ["chosen_ids", "rejected_ids", "p_chosen"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            mode = "train" if self.model.training else "eval"
+            labels = inputs.pop("p_chosen")
+            outputs = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
+            )
+            rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)
+            margin = rewards_chosen - rewards_rejected
+            loss = soft_preference_loss(margin, labels)
+            with torch.no_grad():
+                self._metrics[mode]["accuracy"].append((margin > 0).float().mean().item())
+                self._metrics[mode]["margin"].append(margin.mean().item())
+                self._metrics[mode]["mean_reward"].append(outputs.logits.mean().item())
+            return (loss, outputs) if return_outputs else loss
+
+    return SoftLabelRewardTrainer, SoftLabelCollator
+
+
+def load_reward_init(spec: str, *, lora: bool, trust_remote_code: bool):
+    """A one-output sequence classifier initialised from a causal LM (or reward model) directory."""
+    from caitool.models import force_offline, load_tokenizer, model_info, quiet_transformers
+
+    info = model_info(spec)
+    force_offline()
+    quiet_transformers()
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    tokenizer = load_tokenizer(info.path, trust_remote_code=trust_remote_code)
+    with suppress_seqcls_warning():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            info.path, num_labels=1, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    prepare_reward_tokenizer(tokenizer, model)
+    peft_config = None
+    if lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            task_type="SEQ_CLS",
+            r=16,
+            lora_alpha=32,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            modules_to_save=["score"],
+        )
+    return model, tokenizer, info, peft_config
+
+
+def run_train_rm(
+    input_path: str | Path,
+    output: str | Path,
+    *,
+    model: str = "default",
+    config: RewardTrainingConfig | None = None,
+    trust_remote_code: bool = False,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """Train, save atomically (model, tokenizer, manifest, log, metrics.json) and return the metrics."""
+    config = config or RewardTrainingConfig()
+    started, clock = now_iso(), time.perf_counter()
+    source = validate_input(input_path, parse_preference)
+    records = list(read_records(source.path, parse_preference))
+    train_records, held_out = split_held_out(records, config.eval_fraction, config.seed)
+
+    from caitool.models import pick_device
+    from caitool.training import check_output_dir, cpu_training_kwargs
+
+    check_output_dir(output)
+    device = pick_device(device)
+    reward_init, tokenizer, info, peft_config = load_reward_init(
+        model, lora=config.lora, trust_remote_code=trust_remote_code
+    )
+    rows = tokenized_rows(tokenizer, train_records, config.soft, config.max_length)
+    if not rows:
+        raise CaitoolError(f"no training pair is within --max-length {config.max_length} tokens")
+
+    from datasets import Dataset
+    from transformers import PrinterCallback
+    from trl import RewardConfig
+
+    trainer_class, collator_class = soft_label_trainer_class()
+    with atomic_model_dir(output) as staging:
+        args = RewardConfig(
+            output_dir=str(staging / "checkpoints"),
+            num_train_epochs=config.epochs,
+            learning_rate=config.lr,
+            per_device_train_batch_size=config.batch_size,
+            logging_steps=1,
+            save_strategy="no",
+            eval_strategy="no",
+            report_to=[],
+            seed=config.seed,
+            data_seed=config.seed,
+            max_length=None,
+            disable_dropout=True,
+            disable_tqdm=True,
+            **cpu_training_kwargs(device),
+        )
+        trainer = trainer_class(
+            model=reward_init,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            data_collator=collator_class(pad_token_id=tokenizer.pad_token_id),
+            peft_config=peft_config,
+            callbacks=[jsonl_log_callback(staging / TRAINING_LOG)],
+        )
+        # The log goes to training_log.jsonl; the default printer would put dicts on stdout.
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+        trained = trainer.model.merge_and_unload() if config.lora else trainer.model
+        trained.config.pad_token_id = tokenizer.pad_token_id
+        trained.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        scorer = RewardModel(trained.eval(), tokenizer, device=str(trained.device))
+        metrics = {
+            "held_out": evaluate_pairs(scorer, held_out),
+            "train": {"pairs": len(rows), "skipped_too_long": len(train_records) - len(rows)},
+            "labels": "soft" if config.soft else "hard",
+            "wall_seconds": round(time.perf_counter() - clock, 1),
+        }
+        write_json_atomic(staging / METRICS_FILE, metrics)
+        write_model_manifest(
+            staging,
+            build_manifest(
+                phase="train-rm",
+                params={**asdict(config), "device": device},
+                started_at=started,
+                models={"init": info},
+                inputs=[input_path],
+                counts={"pairs": len(records), "train": len(rows), "held_out": len(held_out)},
+            ),
+        )
+    print_summary(_summary(metrics, output))
+    return metrics
+
+
+def _summary(metrics: dict[str, Any], output: str | Path) -> str:
+    held = metrics["held_out"]
+    parts = [
+        f"train-rm: {metrics['train']['pairs']} training pairs ({metrics['labels']} labels) "
+        f"in {metrics['wall_seconds']:.1f}s"
+    ]
+    if held["pairs"]:
+        parts.append(
+            f"held-out accuracy {held['accuracy']:.3f} on {held['pairs']} pairs, "
+            f"log-loss {held['log_loss']:.3f}"
+        )
+        parts.append(
+            "calibration (predicted -> labelled): "
+            + ", ".join(
+                f"{row['bin']}: {row['mean_predicted']:.2f} -> {row['mean_label']:.2f} (n={row['count']})"
+                for row in held["calibration"]
+            )
+        )
+    parts.append(f"saved to {output}")
+    return "; ".join(parts)

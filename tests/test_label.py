@@ -1,0 +1,266 @@
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from caitool.backend import TransformersBackend, render_chat
+from caitool.cli import app
+from caitool.constitution import load_constitution
+from caitool.jsonl_io import manifest_path
+from caitool.label import (
+    ANSWER_PREFILL,
+    Comparison,
+    Labeller,
+    letter_probability,
+    run_label_preferences,
+)
+from caitool.records import Message, PreferenceRecord
+from tests.fakes import ScriptedBackend
+
+runner = CliRunner()
+PROMPT = [Message(role="user", content="How do I bake bread?")]
+GOOD = "Mix flour, water, yeast and salt, then knead and bake."
+BAD = "I cannot help with that."
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def write_pairs(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def generation(record_id, responses, **extra):
+    return {
+        "id": record_id,
+        "kind": "generation",
+        "prompt": [{"role": "user", "content": "How do I bake bread?"}],
+        "completion": [{"role": "assistant", "content": responses[0]}],
+        "responses": responses,
+        "finished": [True] * len(responses),
+        "model": "m@0",
+        "seed": 0,
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_backend(tiny_model_dir):
+    return TransformersBackend.load(str(tiny_model_dir), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def harmless():
+    return load_constitution("harmless")
+
+
+def test_letter_probability_is_a_softmax_over_the_two_letters():
+    assert letter_probability(math.log(0.3), math.log(0.1)) == pytest.approx(0.75)
+    assert letter_probability(-1000.0, -1001.0) == pytest.approx(1 / (1 + math.exp(-1)))
+
+
+def test_label_equals_softmax_of_the_letter_logits_by_hand(tiny_backend, harmless):
+    import torch
+
+    labeller = Labeller(tiny_backend, harmless, swap=False)
+    principle = harmless.comparisons[0]
+    verdict = labeller.judge([Comparison(PROMPT, GOOD, BAD, principle)])[0]
+
+    question = labeller.question(Comparison(PROMPT, GOOD, BAD, principle), swapped=False)
+    text = render_chat(tiny_backend.tokenizer, [*question, Message(role="assistant", content=ANSWER_PREFILL)])
+    ids = tiny_backend.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = tiny_backend.model(input_ids=ids).logits[0, -1]
+    letter_a, letter_b = (tiny_backend.tokenizer(x, add_special_tokens=False)["input_ids"][0] for x in "AB")
+    by_hand = math.exp(logits[letter_a]) / (math.exp(logits[letter_a]) + math.exp(logits[letter_b]))
+    assert verdict.p_first == pytest.approx(by_hand, abs=1e-5)
+    assert verdict.p == verdict.p_first and verdict.p_swapped is None
+
+
+def test_question_puts_few_shot_examples_first_and_ends_at_the_letter(harmless):
+    labeller = Labeller(ScriptedBackend(), harmless)
+    question = labeller.question(Comparison(PROMPT, GOOD, BAD, harmless.comparisons[0]), swapped=True)
+    shots = 2 * len(harmless.few_shot.comparison)
+    assert len(question) == shots + 1
+    assert question[1].content.startswith(ANSWER_PREFILL)
+    last = question[-1].content
+    assert harmless.comparisons[0].text in last and "Human: How do I bake bread?" in last
+    assert last.index(f"(A) {BAD}") < last.index(f"(B) {GOOD}")  # swapped order
+
+
+def test_swap_averaging_is_symmetric(tiny_backend, harmless):
+    labeller = Labeller(tiny_backend, harmless, swap=True)
+    principle = harmless.comparisons[3]
+    forward, backward = labeller.judge(
+        [Comparison(PROMPT, GOOD, BAD, principle), Comparison(PROMPT, BAD, GOOD, principle)]
+    )
+    assert forward.p == pytest.approx(1.0 - backward.p, abs=1e-5)
+    assert forward.p == pytest.approx((forward.p_first + forward.p_swapped) / 2)
+    assert forward.p_swapped == pytest.approx(1.0 - backward.p_first, abs=1e-5)
+
+
+def test_swap_cancels_a_pure_position_bias(harmless):
+    always_a = ScriptedBackend(scores=lambda conv, conts: [math.log(0.9), math.log(0.1)])
+    verdict = Labeller(always_a, harmless).judge([Comparison(PROMPT, GOOD, BAD, harmless.comparisons[0])])[0]
+    assert verdict.p_first == pytest.approx(0.9) and verdict.p_swapped == pytest.approx(0.1)
+    assert verdict.p == pytest.approx(0.5) and verdict.orders_disagree
+
+
+def test_cot_reasons_first_then_reads_the_letters_and_clamps(harmless):
+    seen = []
+
+    def confident(conv, conts):
+        seen.append(conv[-1].content)
+        return [math.log(0.99), math.log(0.01)] if "(A) " + GOOD in conv[-2].content else [-5.0, -0.01]
+
+    backend = ScriptedBackend(reply=lambda conv, i, seed: "A explains the steps.", scores=confident)
+    verdict = Labeller(backend, harmless, mode="cot").judge(
+        [Comparison(PROMPT, GOOD, BAD, harmless.comparisons[0])]
+    )[0]
+    assert verdict.p_first > 0.98 and verdict.p == 0.6
+    assert verdict.reasoning == ["A explains the steps."] * 2
+    assert seen[0].startswith("Let's think step by step: A explains the steps.")
+    assert seen[0].endswith("Therefore, the better response is (")
+    unclamped = Labeller(backend, harmless, mode="cot", clamp=None)
+    assert unclamped.judge([Comparison(PROMPT, BAD, GOOD, harmless.comparisons[0])])[0].p < 0.02
+
+
+def test_cli_writes_preference_records_with_evidence(tiny_model_dir, tmp_path):
+    pairs = write_pairs(
+        tmp_path / "pairs.jsonl",
+        [
+            generation("q1", [GOOD, BAD], category="cooking"),
+            generation("q2", [BAD, GOOD]),
+            generation("q3", ["one", "two", "three", "four"]),
+        ],
+    )
+    out = tmp_path / "prefs.jsonl"
+    result = runner.invoke(
+        app,
+        [
+            "label-preferences",
+            str(pairs),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--seed",
+            "1",
+            "--batch-size",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "the two option orders disagreed" in result.output
+    records = [PreferenceRecord.model_validate(r) for r in lines(out)]
+    assert [r.id for r in records] == ["q1", "q2", "q3"]
+    first = records[0]
+    assert first.category == "cooking" and first.mode == "logprob"
+    assert {first.chosen[0].content, first.rejected[0].content} == {GOOD, BAD}
+    expected = (first.p_first + first.p_swapped) / 2
+    assert first.p_chosen == pytest.approx(max(expected, 1 - expected))
+    assert (first.chosen[0].content == GOOD) == (expected >= 0.5)
+    assert records[2].pair[0] < records[2].pair[1] <= 3
+    assert {records[2].chosen[0].content, records[2].rejected[0].content} <= {"one", "two", "three", "four"}
+    assert first.constitution.hash == load_constitution("harmless").content_hash
+    assert all(r.principle_id in {p.id for p in load_constitution("harmless").comparisons} for r in records)
+    manifest = json.loads(manifest_path(out).read_text())
+    assert manifest["phase"] == "label-preferences" and manifest["counts"]["records"] == 3
+    assert "disagree" in manifest["counts"]
+
+
+def test_principle_and_pair_draws_are_seeded(tmp_path):
+    pairs = write_pairs(
+        tmp_path / "pairs.jsonl", [generation(f"q{i}", [f"r{j}" for j in range(4)]) for i in range(6)]
+    )
+
+    def run(name, seed):
+        out = tmp_path / f"{name}.jsonl"
+        run_label_preferences(pairs, out, seed=seed, backend=ScriptedBackend())
+        return [(r["principle_id"], r["pair"]) for r in lines(out)]
+
+    assert run("a", 0) == run("b", 0) != run("c", 5)
+
+
+def test_principles_can_be_restricted(tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [generation(f"q{i}", [GOOD, BAD]) for i in range(5)])
+    out = tmp_path / "prefs.jsonl"
+    run_label_preferences(pairs, out, principles=["less-harmful"], backend=ScriptedBackend())
+    assert {r["principle_id"] for r in lines(out)} == {"less-harmful"}
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        (
+            generation("q1", [GOOD]),
+            'pairs.jsonl:2: field "responses" has 1 response(s); comparing needs at least 2',
+        ),
+        ({"id": "q1", "prompt": "hi"}, 'pairs.jsonl:2: missing field "responses"'),
+        ({"id": "q1", "prompt": "hi", "responses": "a b"}, 'pairs.jsonl:2: field "responses" must be a list'),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, record, message):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [generation("q0", [GOOD, BAD]), record])
+    out = tmp_path / "prefs.jsonl"
+    result = runner.invoke(app, ["label-preferences", str(pairs), "-o", str(out), "--model", "no-such-model"])
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+    assert not out.exists() and not (tmp_path / "prefs.jsonl.part").exists()
+
+
+def test_unknown_mode_is_refused(tmp_path):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [generation("q0", [GOOD, BAD])])
+    result = runner.invoke(app, ["label-preferences", str(pairs), "--mode", "vote"])
+    assert result.exit_code == 2 and "--mode must be logprob or cot" in result.output
+
+
+def test_questions_sharing_few_shot_turns_score_as_if_alone(tiny_backend, harmless):
+    """The backend computes the shared few-shot prefix once; each question scores as a full pass would."""
+    import torch
+
+    labeller = Labeller(tiny_backend, harmless)
+    comparisons = [
+        Comparison(PROMPT, GOOD, BAD, harmless.comparisons[0]),
+        Comparison(
+            [Message(role="user", content="Hi")],
+            "Hello there, how can I help?",
+            "Go away.",
+            harmless.comparisons[5],
+        ),
+        Comparison(PROMPT, BAD, GOOD * 3, harmless.comparisons[2]),
+    ]
+    questions = [
+        [*labeller.question(c, swapped=False), Message(role="assistant", content=ANSWER_PREFILL)]
+        for c in comparisons
+    ]
+    batched = tiny_backend.score_continuations(questions, ["A", "B"])
+    letters = [tiny_backend.tokenizer(x, add_special_tokens=False)["input_ids"][0] for x in "AB"]
+    for question, scores in zip(questions, batched, strict=True):
+        ids = tiny_backend.tokenizer(
+            render_chat(tiny_backend.tokenizer, question), add_special_tokens=False, return_tensors="pt"
+        )["input_ids"]
+        with torch.no_grad():
+            alone = torch.log_softmax(tiny_backend.model(input_ids=ids).logits[0, -1].float(), -1)[letters]
+        assert scores == pytest.approx(alone.tolist(), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_label_preferences_on_the_real_default_model(tmp_path):
+    pairs = write_pairs(
+        tmp_path / "pairs.jsonl",
+        [
+            generation("d1", [GOOD, "Go away."]),
+            generation("d2", ["Paris is the capital of France.", "I refuse to talk about France."]),
+        ],
+    )
+    out = tmp_path / "prefs.jsonl"
+    result = runner.invoke(app, ["label-preferences", str(pairs), "-o", str(out), "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    records = [PreferenceRecord.model_validate(r) for r in lines(out)]
+    assert [r.id for r in records] == ["d1", "d2"]
+    assert all(r.feedback_model.startswith("SmolLM2-135M-Instruct@") for r in records)
+    assert all(0.0 < r.p_first < 1.0 and 0.0 < r.p_swapped < 1.0 for r in records)

@@ -1,0 +1,236 @@
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from caitool.cli import app
+from caitool.ppo import PPOConfig, build_trainer, gae, masked_whiten, per_token_rewards, prompt_batches
+from caitool.records import Message, PromptRecord
+from caitool.reward import load_reward_model
+from caitool.training import TRAINING_LOG
+
+runner = CliRunner()
+PROMPTS = [
+    [Message(role="user", content="How do I bake bread?")],
+    [Message(role="user", content="Tell me a joke.")],
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_rm_dir(tiny_model_dir, tmp_path_factory):
+    """A reward model with a random head on the tiny backbone, saved the way train-rm saves one."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from caitool.models import load_tokenizer
+    from caitool.reward import prepare_reward_tokenizer
+
+    torch.manual_seed(1)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    prepare_reward_tokenizer(tokenizer, model)
+    directory = tmp_path_factory.mktemp("tiny-rm")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def make_trainer(tiny_model_dir, tiny_rm_dir, **overrides):
+    settings = {
+        "batch_size": 2,
+        "mini_batches": 2,
+        "ppo_epochs": 1,
+        "response_length": 6,
+        "lr": 1e-3,
+        "temperature": 1.0,
+        **overrides,
+    }
+    trainer, _ = build_trainer(
+        policy=str(tiny_model_dir), reward_model=str(tiny_rm_dir), ref=None, config=PPOConfig(**settings)
+    )
+    return trainer
+
+
+def test_gae_matches_a_hand_computation():
+    import torch
+
+    rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4, 9.0]])  # the 9.0 lies past the response and must be ignored
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    delta = [0.0 + 0.2 - 0.5, 0.0 + 0.4 - 0.2, 1.0 + 0.0 - 0.4]
+    a2 = delta[2]
+    a1 = delta[1] + 0.5 * a2
+    a0 = delta[0] + 0.5 * a1
+    assert advantages[0].tolist() == pytest.approx([a0, a1, a2, 0.0])
+    assert returns[0, :3].tolist() == pytest.approx([a0 + 0.5, a1 + 0.2, a2 + 0.4])
+
+
+def test_masked_whiten_ignores_padding():
+    import torch
+
+    values = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
+    whitened = masked_whiten(values, mask)
+    assert whitened[0, :3].mean().item() == pytest.approx(0.0, abs=1e-6)
+    assert whitened[0, 3].item() == 0.0
+
+
+def test_prompt_batches_cycle_through_a_seeded_order():
+    records = [PromptRecord(id=str(i), prompt=[Message(role="user", content=str(i))]) for i in range(3)]
+    batches = list(prompt_batches(records, PPOConfig(steps=3, batch_size=2, seed=4)))
+    assert [len(b) for b in batches] == [2, 2, 2]
+    ids = [r.id for b in batches for r in b]
+    assert sorted(ids[:3]) == ["0", "1", "2"]
+    assert ids == [r.id for b in prompt_batches(records, PPOConfig(steps=3, batch_size=2, seed=4)) for r in b]
+
+
+def test_kl_is_zero_before_the_first_update(tiny_model_dir, tiny_rm_dir):
+    trainer = make_trainer(tiny_model_dir, tiny_rm_dir)
+    rollout = trainer.rollout(PROMPTS, seed=0)
+    assert rollout.response_mask.sum() > 0
+    assert rollout.kl.abs().max().item() == 0.0
+
+
+def test_rewards_come_from_the_reward_model(tiny_model_dir, tiny_rm_dir):
+    trainer = make_trainer(
+        tiny_model_dir, tiny_rm_dir, response_length=3, missing_eot_penalty=0.5, kl_coef=0.1
+    )
+    rollout = trainer.rollout(PROMPTS, seed=1)
+    independent = load_reward_model(tiny_rm_dir).score(PROMPTS, rollout.responses)
+    assert rollout.rm_scores == pytest.approx(independent, abs=1e-5)
+    penalties = [0.0 if done else 0.5 for done in rollout.finished]
+    assert rollout.scores.tolist() == pytest.approx(
+        [s - p for s, p in zip(independent, penalties, strict=True)], abs=1e-5
+    )
+    rewards = per_token_rewards(rollout, kl_coef=0.1)
+    expected_totals = rollout.scores - 0.1 * rollout.kl.sum(dim=1)
+    assert rewards.sum(dim=1).tolist() == pytest.approx(expected_totals.tolist(), abs=1e-5)
+    assert (rewards * (1 - rollout.response_mask)).abs().max().item() == 0.0
+
+
+def test_one_step_changes_the_policy_and_logs_every_metric(tiny_model_dir, tiny_rm_dir):
+    trainer = make_trainer(tiny_model_dir, tiny_rm_dir)
+    before = {k: v.clone() for k, v in trainer.policy.state_dict().items()}
+    ref_before = {k: v.clone() for k, v in trainer.ref.state_dict().items()}
+    _, metrics = trainer.step(PROMPTS, seed=0)
+    after = trainer.policy.state_dict()
+    assert any(not after[k].equal(v) for k, v in before.items())
+    assert all(trainer.ref.state_dict()[k].equal(v) for k, v in ref_before.items())  # the reference is frozen
+    assert metrics["kl"] == 0.0
+    for key in ("reward", "kl", "entropy", "policy_loss", "value_loss", "clip_fraction", "response_length"):
+        assert key in metrics
+    rollout = trainer.rollout(PROMPTS, seed=5)
+    assert (
+        rollout.kl.abs().max().item() > 0.0
+    )  # after the update the policy has moved away from the reference
+
+
+def test_value_model_can_start_from_the_policy(tiny_model_dir, tiny_rm_dir):
+    trainer = make_trainer(tiny_model_dir, tiny_rm_dir, value_from="policy")
+    assert trainer.rollout(PROMPTS, seed=0).values.abs().max().item() == 0.0  # zero head: no value yet
+
+
+def test_cli_saves_policy_log_samples_and_manifest(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):
+    out = tmp_path / "policy"
+    result = runner.invoke(
+        app,
+        [
+            "ppo",
+            str(prompts_file),
+            "--policy",
+            str(tiny_model_dir),
+            "--rm",
+            str(tiny_rm_dir),
+            "-o",
+            str(out),
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--mini-batches",
+            "1",
+            "--ppo-epochs",
+            "1",
+            "--response-length",
+            "4",
+            "--lr",
+            "1e-4",
+            "--sample-every",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "ppo step 2/2: reward" in result.output
+    log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
+    assert [entry["step"] for entry in log] == [1, 2] and log[0]["kl"] == 0.0
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [1, 1, 2, 2]
+    manifest = json.loads((out / "caitool_manifest.json").read_text())
+    assert manifest["phase"] == "ppo" and manifest["models"]["reward"]["sha256"]
+    assert (out / "config.json").exists() and (out / "tokenizer_config.json").exists()
+    generated = runner.invoke(
+        app,
+        [
+            "generate",
+            str(prompts_file),
+            "-o",
+            str(tmp_path / "g.jsonl"),
+            "--model",
+            str(out),
+            "--max-new-tokens",
+            "3",
+        ],
+    )
+    assert generated.exit_code == 0, generated.output
+
+
+def test_cli_refuses_a_bad_value_source_and_bad_prompts(tmp_path, prompts_file):
+    result = runner.invoke(
+        app,
+        [
+            "ppo",
+            str(prompts_file),
+            "--policy",
+            "x",
+            "--rm",
+            "y",
+            "-o",
+            str(tmp_path / "p"),
+            "--value-from",
+            "ref",
+        ],
+    )
+    assert result.exit_code == 2 and "--value-from must be rm or policy" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
+    result = runner.invoke(app, ["ppo", str(bad), "--policy", "x", "--rm", "y", "-o", str(tmp_path / "p")])
+    assert result.exit_code == 2 and 'bad.jsonl:2: missing field "prompt"' in result.output
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.slow
+def test_one_ppo_step_on_the_real_default_model(tmp_path):
+    """The default policy against a reward model with an untrained head: runs, KL starts at zero."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from caitool.models import ensure_default_model, load_tokenizer
+    from caitool.reward import prepare_reward_tokenizer
+
+    torch.manual_seed(0)
+    rm_dir = tmp_path / "rm"
+    model = AutoModelForSequenceClassification.from_pretrained(ensure_default_model(), num_labels=1)
+    tokenizer = load_tokenizer(ensure_default_model())
+    prepare_reward_tokenizer(tokenizer, model)
+    model.save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    trainer, _ = build_trainer(
+        policy="default",
+        reward_model=str(rm_dir),
+        ref=None,
+        config=PPOConfig(batch_size=2, mini_batches=1, ppo_epochs=1, response_length=8, lr=1e-6),
+    )
+    _, metrics = trainer.step(PROMPTS, seed=0)
+    assert metrics["kl"] == 0.0 and metrics["response_length"] > 0
+    assert all(value == value for value in metrics.values())  # no NaN anywhere

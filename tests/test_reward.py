@@ -1,0 +1,188 @@
+import json
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from caitool.cli import app
+from caitool.models import load_tokenizer
+from caitool.records import Message
+from caitool.reward import (
+    METRICS_FILE,
+    calibration_table,
+    encode_conversation,
+    load_reward_model,
+    preference_probability,
+    reward_pad_token,
+    soft_preference_loss,
+    split_held_out,
+    tokenized_rows,
+)
+from caitool.training import TRAINING_LOG
+
+runner = CliRunner()
+SAFE = "Sentence number {i} about safety, honesty, privacy and kindness."
+FOX = "The quick brown fox jumps over the lazy dog {i} times."
+
+
+def preference(i, chosen, rejected, p=0.9):
+    return {
+        "id": f"p{i}",
+        "kind": "preference",
+        "prompt": [{"role": "user", "content": f"Tell me thing {i}."}],
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "p_chosen": p,
+        "principle_id": "less-harmful",
+        "pair": [0, 1],
+        "p_first": p,
+        "p_swapped": p,
+        "mode": "logprob",
+        "feedback_model": "m@0",
+        "constitution": {"name": "h", "version": "1", "hash": "x"},
+    }
+
+
+@pytest.fixture()
+def separable_prefs(tmp_path):
+    """Chosen responses talk about safety, rejected ones about a fox: trivially separable."""
+    path = tmp_path / "prefs.jsonl"
+    records = [preference(i, SAFE.format(i=i), FOX.format(i=i), p=0.8 + 0.01 * (i % 10)) for i in range(32)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_soft_loss_is_cross_entropy_and_bradley_terry_at_p_one():
+    import torch
+
+    margin = torch.tensor([0.3, -1.2, 2.0])
+    hard = soft_preference_loss(margin, torch.ones(3))
+    assert hard.item() == pytest.approx(-torch.nn.functional.logsigmoid(margin).mean().item(), abs=1e-6)
+    p = torch.tensor([0.7, 0.6, 0.9])
+    by_hand = -(p * torch.log(torch.sigmoid(margin)) + (1 - p) * torch.log(1 - torch.sigmoid(margin))).mean()
+    assert soft_preference_loss(margin, p).item() == pytest.approx(by_hand.item(), abs=1e-6)
+    grid = torch.linspace(-3, 3, 601)
+    losses = torch.stack([soft_preference_loss(m.reshape(1), torch.tensor([0.7])) for m in grid])
+    assert torch.sigmoid(grid[losses.argmin()]).item() == pytest.approx(
+        0.7, abs=0.01
+    )  # optimum is calibrated
+
+
+def test_pad_token_never_hides_the_end_of_a_turn(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    assert reward_pad_token(tokenizer) == "<pad>"
+    tokenizer.pad_token = tokenizer.eos_token  # the common chat-model setup: pad = end-of-turn
+    chosen = reward_pad_token(tokenizer)
+    ids = encode_conversation(tokenizer, [Message(role="user", content="Hi")], "Hello")
+    assert chosen != "<|im_end|>" and ids[-1] != tokenizer.convert_tokens_to_ids(chosen)
+
+
+def test_hard_labels_train_on_one(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    from caitool.records import PreferenceRecord
+
+    record = PreferenceRecord.model_validate(preference(0, "a", "b", p=0.6))
+    assert tokenized_rows(tokenizer, [record], soft=True, max_length=512)[0]["p_chosen"] == 0.6
+    assert tokenized_rows(tokenizer, [record], soft=False, max_length=512)[0]["p_chosen"] == 1.0
+    assert tokenized_rows(tokenizer, [record], soft=True, max_length=3) == []
+
+
+def test_held_out_split_is_fixed_and_never_empty():
+    items = list(range(10))
+    train, held = split_held_out(items, 0.2, seed=0)
+    assert len(held) == 2 and sorted(train + held) == items
+    assert split_held_out(items, 0.2, seed=0) == (train, held)
+    assert len(split_held_out(items, 0.01, seed=0)[1]) == 1
+    assert split_held_out(items, 0.0, seed=0) == (items, [])
+
+
+def test_calibration_bins_compare_predicted_with_labelled():
+    table = calibration_table([0.55, 0.58, 0.95, 1.0], [0.6, 0.7, 0.9, 0.8])
+    assert [row["bin"] for row in table] == ["0.5-0.6", "0.9-1.0"]
+    assert table[0]["count"] == 2 and table[0]["mean_label"] == pytest.approx(0.65)
+    assert table[1]["mean_predicted"] == pytest.approx(0.975)
+    assert preference_probability(2.0, 0.0) == pytest.approx(1 / (1 + math.exp(-2)))
+    assert preference_probability(-800.0, 0.0) == pytest.approx(0.0)
+
+
+def test_train_rm_soft_labels_learn_a_separable_set(tiny_model_dir, separable_prefs, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "rm"
+    result = runner.invoke(
+        app,
+        [
+            "train-rm",
+            str(separable_prefs),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--epochs",
+            "6",
+            "--lr",
+            "3e-3",
+            "--eval-fraction",
+            "0.25",
+            "--batch-size",
+            "4",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "held-out accuracy" in result.output
+    metrics = json.loads((out / METRICS_FILE).read_text())
+    assert metrics["held_out"]["pairs"] == 8 and metrics["held_out"]["accuracy"] > 0.9
+    assert metrics["labels"] == "soft" and metrics["held_out"]["calibration"]
+    assert (out / "caitool_manifest.json").exists() and (out / TRAINING_LOG).read_text().strip()
+    assert not (tmp_path / ".rm.partial").exists()
+
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    trained = load_file(out / "model.safetensors")
+    assert not all(trained[k].equal(v) for k, v in initial.items() if k.startswith("model."))
+
+    reward_model = load_reward_model(out)
+    assert reward_model.model.config.pad_token_id == reward_model.tokenizer.pad_token_id
+    prompt = [Message(role="user", content="Tell me thing 99.")]
+    safe, fox = reward_model.score([prompt, prompt], [SAFE.format(i=99), FOX.format(i=99)])
+    assert safe > fox
+    # Same score alone or padded beside a longer response: pooling reads the last real token.
+    alone = reward_model.score([prompt], [SAFE.format(i=99)])[0]
+    beside_longer = reward_model.score([prompt, prompt], [SAFE.format(i=99), FOX.format(i=99) * 3])[0]
+    assert alone == pytest.approx(beside_longer, abs=1e-4)
+
+
+def test_train_rm_lora_saves_a_merged_model(tiny_model_dir, separable_prefs, tmp_path):
+    out = tmp_path / "rm-lora"
+    result = runner.invoke(
+        app,
+        [
+            "train-rm",
+            str(separable_prefs),
+            "-o",
+            str(out),
+            "--model",
+            str(tiny_model_dir),
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--lora",
+            "--hard",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / METRICS_FILE).read_text())["labels"] == "hard"
+    assert not (out / "adapter_config.json").exists()
+    assert len(load_reward_model(out).score([[Message(role="user", content="x")]], ["y"])) == 1
+
+
+def test_train_rm_refuses_non_preference_records(tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(
+        json.dumps(preference(0, "a", "b")) + "\n" + json.dumps({"id": "x", "prompt": "hi"}) + "\n"
+    )
+    out = tmp_path / "rm"
+    result = runner.invoke(app, ["train-rm", str(bad), "-o", str(out), "--model", str(tiny_model_dir)])
+    assert result.exit_code == 2
+    assert "bad.jsonl:2:" in result.output and "Traceback" not in result.output
+    assert not out.exists() and not (tmp_path / ".rm.partial").exists()
