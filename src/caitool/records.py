@@ -95,6 +95,7 @@ class Round(BaseModel):
     revision_request: str | None = None
     revision: str | None = None
     flags: list[str] = Field(default_factory=list)
+    model: str | None = Field(default=None, description="the model that wrote this round, when known")
 
 
 class RevisionRecord(Record):
@@ -237,3 +238,42 @@ def parse_record(model: type[Record], raw: dict[str, Any]) -> Record:
         return model.model_validate(raw)
     except ValidationError as err:
         raise CaitoolError(describe_validation_error(err)) from None
+
+
+# ---------------------------------------------------------------------------
+# Evaluation (caitool eval)
+
+
+class EvalAnswerRecord(Record):
+    """One model's answer to one held-out prompt in ``caitool eval``, with what eval measured on it."""
+
+    kind: Literal["eval_answer"] = "eval_answer"
+    prompt_id: str
+    prompt_set: str = Field(description="the prompt file's name without extension")
+    model_name: str = Field(description="the name given with --model NAME=PATH")
+    model: str
+    prompt: Conversation
+    completion: Conversation
+    num_words: int = Field(description="length in whitespace-separated words (comparable across tokenizers)")
+    finished: bool
+    refused: bool = Field(description="the answer opens with a decline pattern (see caitool.evaluate)")
+    reward: float | None = Field(default=None, description="reward-model score, when --rm was given")
+
+
+class JudgementRecord(Record):
+    """One pairwise comparison of two models' answers to the same prompt by the AI labeller."""
+
+    kind: Literal["judgement"] = "judgement"
+    prompt_id: str
+    prompt_set: str
+    model_a: str
+    model_b: str
+    principle_id: str
+    p_a: float = Field(ge=0.0, le=1.0, description="P(model_a's answer is better), averaged over both orders")
+    p_first: float = Field(description="P(model_a's answer is better) when it is shown as option (A)")
+    p_swapped: float | None = Field(
+        default=None, description="P(model_a's answer is better) when it is shown as option (B)"
+    )
+    winner: Literal["a", "b", "tie"]
+    judge: str
+    constitution: ConstitutionRef
