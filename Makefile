@@ -31,8 +31,88 @@ lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
-demo: install
-	$(CAITOOL) generate examples/red_team.jsonl -o runs/demo/base.jsonl --max-new-tokens 64 --batch-size 16
+# ---------------------------------------------------------------------------
+# demo: the whole Constitutional AI pipeline (supervised, then RL) under one run directory.
+# Every step is a file target, so `make demo` rebuilds only what is out of date and a killed
+# step restarts where it stopped (JSONL outputs resume from OUT.part; model directories
+# appear in one rename). Override any variable: make demo MODEL=path/to/model N=64 RUN=runs/mine
+# Changing a variable does not invalidate existing files: use a new RUN= or `make clean-demo`.
+RUN ?= runs/demo
+MODEL ?= default
+FEEDBACK ?= $(MODEL)
+CONSTITUTION ?= harmless
+PROMPTS ?= examples/red_team.jsonl
+HELPFUL ?= examples/helpful.jsonl
+EVAL_PROMPTS ?= examples/eval_red_team.jsonl examples/eval_helpful.jsonl
+ROUNDS ?= 2
+N ?= 24
+EVAL_N ?= 16
+MAX_NEW ?= 64
+PPO_STEPS ?= 10
+PPO_BATCH ?= 4
+BATCH ?= 8
+SEED ?= 0
+
+COMMON := -c $(CONSTITUTION) -b $(BATCH) --seed $(SEED)
+LAST_ROUND := $(RUN)/round$(ROUNDS).revise.jsonl
+EVAL_SETS := $(foreach f,$(EVAL_PROMPTS),$(RUN)/eval-prompts/$(notdir $(f)))
+# Each step appends "step<TAB>seconds<TAB>peak RSS in KB" to timings.tsv (the report shows it).
+GNU_TIME := $(wildcard /usr/bin/time)
+step = $(if $(GNU_TIME),$(GNU_TIME) -a -o $(RUN)/timings.tsv -f "$(1)\t%e\t%M",)
+
+demo: install $(RUN)/report.html
+
+$(RUN)/prompts.jsonl: $(PROMPTS) | $(VENV)/.installed
+	mkdir -p $(RUN)
+	head -n $(N) $< > $@.tmp && mv $@.tmp $@
+
+define EVAL_SET_RULE
+$(RUN)/eval-prompts/$(notdir $(1)): $(1) | $(VENV)/.installed
+	mkdir -p $$(@D)
+	head -n $(EVAL_N) $$< > $$@.tmp && mv $$@.tmp $$@
+endef
+$(foreach f,$(EVAL_PROMPTS),$(eval $(call EVAL_SET_RULE,$(f))))
+
+$(RUN)/base.jsonl: $(RUN)/prompts.jsonl
+	$(call step,generate) $(CAITOOL) generate $< -o $@ -m $(MODEL) --max-new-tokens $(MAX_NEW) -b $(BATCH) --seed $(SEED)
+
+# Round k critiques the responses of round k-1 (round 1: the base responses), then revises them.
+define ROUND_RULES
+$(RUN)/round$(1).critique.jsonl: $(if $(filter 1,$(1)),$(RUN)/base.jsonl,$(RUN)/round$(shell expr $(1) - 1).revise.jsonl)
+	$$(call step,critique-$(1)) $(CAITOOL) critique $$< -o $$@ -m $(MODEL) $(COMMON) --max-new-tokens $(MAX_NEW)
+$(RUN)/round$(1).revise.jsonl: $(RUN)/round$(1).critique.jsonl
+	$$(call step,revise-$(1)) $(CAITOOL) revise $$< -o $$@ -m $(MODEL) $(COMMON) --max-new-tokens $(MAX_NEW)
+endef
+$(foreach k,$(shell seq 1 $(ROUNDS)),$(eval $(call ROUND_RULES,$(k))))
+
+$(RUN)/sft/caitool_manifest.json: $(LAST_ROUND) $(HELPFUL)
+	$(call step,sft) $(CAITOOL) sft $< -o $(RUN)/sft -m $(MODEL) --mix $(HELPFUL) --mix-ratio 0.5 \
+		--max-length 384 --seed $(SEED)
+
+# RL phase: the SL-CAI model samples two responses per prompt, the feedback model labels them.
+$(RUN)/pairs.jsonl: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json
+	$(call step,generate-pairs) $(CAITOOL) generate $< -o $@ -m $(RUN)/sft -n 2 --temperature 1.0 \
+		--max-new-tokens $(MAX_NEW) -b $(BATCH) --seed $(SEED)
+
+$(RUN)/prefs.jsonl: $(RUN)/pairs.jsonl
+	$(call step,label-preferences) $(CAITOOL) label-preferences $< -o $@ -m $(FEEDBACK) $(COMMON)
+
+$(RUN)/rm/caitool_manifest.json: $(RUN)/prefs.jsonl
+	$(call step,train-rm) $(CAITOOL) train-rm $< -o $(RUN)/rm -m $(MODEL) --eval-fraction 0.25 --epochs 1 \
+		--lr 2e-5 --max-length 384 --seed $(SEED)
+
+$(RUN)/ppo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(RUN)/rm/caitool_manifest.json
+	$(call step,ppo) $(CAITOOL) ppo $< --policy $(RUN)/sft --rm $(RUN)/rm -o $(RUN)/ppo --steps $(PPO_STEPS) \
+		-b $(PPO_BATCH) --mini-batches 1 --response-length $(MAX_NEW) --seed $(SEED)
+
+$(RUN)/eval/summary.json: $(EVAL_SETS) $(RUN)/sft/caitool_manifest.json $(RUN)/ppo/caitool_manifest.json \
+		$(RUN)/rm/caitool_manifest.json
+	$(call step,eval) $(CAITOOL) eval $(EVAL_SETS) -m base=$(MODEL) -m sft=$(RUN)/sft -m ppo=$(RUN)/ppo \
+		--rm $(RUN)/rm --judge $(FEEDBACK) -c $(CONSTITUTION) --max-new-tokens $(MAX_NEW) -b $(BATCH) \
+		--seed $(SEED) -o $(RUN)/eval
+
+$(RUN)/report.html: $(RUN)/eval/summary.json
+	$(CAITOOL) report $(RUN) -c $(CONSTITUTION) -o $@
 
 clean-demo:
-	rm -rf runs/demo
+	rm -rf $(RUN)

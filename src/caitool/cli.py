@@ -85,10 +85,13 @@ def generate(
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
     trust_remote_code: TrustOpt = False,
+    ignore_eos: Annotated[
+        bool, typer.Option("--ignore-eos", help="Always generate --max-new-tokens tokens (for benchmarks).")
+    ] = False,
 ) -> None:
     """Sample responses to prompts.
 
-    Input lines are {"prompt": "text"}, {"prompt": [messages]} or {"messages": [...]},
+    Input lines are {"prompt": "text"}, {"prompt": \\[messages]} or {"messages": [...]},
     each with an optional "id"; other fields are carried through.
 
     Example: caitool generate examples/red_team.jsonl -o runs/base.jsonl -n 2 --max-new-tokens 128
@@ -96,7 +99,9 @@ def generate(
     from caitool.backend import SamplingParams
     from caitool.generate import run_generate
 
-    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=num_samples)
+    params = SamplingParams(
+        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=num_samples, ignore_eos=ignore_eos
+    )
     run_generate(
         input_file,
         output,
@@ -144,6 +149,489 @@ def constitution_show(
     from caitool.display import show_constitution
 
     show_constitution(load_constitution(file))
+
+
+# ---------------------------------------------------------------------------
+# eval, report, inspect
+
+
+@app.command("eval")
+@reports_errors
+def eval_models(
+    prompt_files: Annotated[
+        list[str], typer.Argument(help="Held-out prompt files, one prompt set each.", show_default=False)
+    ],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
+    models: Annotated[
+        list[str],
+        typer.Option("--model", "-m", help="A model to evaluate, as NAME=PATH or PATH (repeat the option)."),
+    ],
+    rm: Annotated[str | None, typer.Option("--rm", help="Reward-model directory to score answers.")] = None,
+    judge: Annotated[
+        str, typer.Option("--judge", help="Feedback model for pairwise comparisons ('none' to skip).")
+    ] = "default",
+    constitution: ConstitutionOpt = "harmless",
+    swap: Annotated[
+        bool, typer.Option("--swap/--no-swap", help="Judge both presentation orders (cancels position bias).")
+    ] = True,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.0,
+    max_new_tokens: MaxNewOpt = 128,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = True,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Compare models on held-out prompts: refusal rate, length, reward, pairwise win rate.
+
+    Every model answers every prompt; answers are scored by the reward model (--rm) and every
+    pair of models is compared by the AI labeller (--judge) under the constitution's comparison
+    principles. Writes generations.jsonl, judgements.jsonl, summary.json and prints a table.
+
+    Example: caitool eval examples/eval_red_team.jsonl examples/eval_helpful.jsonl -m base=default
+    -m sft=runs/demo/sft --rm runs/demo/rm -o runs/demo/eval
+    """
+    from caitool.evaluate import EvalOptions, run_eval, show_eval
+
+    options = EvalOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
+        swap=swap,
+        resume=resume,
+        trust_remote_code=trust_remote_code,
+    )
+    result = run_eval(
+        prompt_files,
+        models,
+        output,
+        rm=rm,
+        judge=None if judge == "none" else judge,
+        constitution=constitution,
+        options=options,
+    )
+    show_eval(result)
+
+
+@app.command()
+@reports_errors
+def report(
+    run_dir: Annotated[str, typer.Argument(help="A run directory (the layout `make demo` writes).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="HTML file to write.")] = "report.html",
+    constitution: Annotated[
+        str | None,
+        typer.Option("--constitution", "-c", help="Constitution to show (default: the one the run used)."),
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page about a run: data, labels, reward model, PPO, eval.
+
+    Sections for steps that have not run say so. Images are embedded, so the file can be mailed.
+
+    Example: caitool report runs/demo -o runs/demo/report.html
+    """
+    from caitool.report import run_report
+
+    run_report(run_dir, output, constitution=constitution)
+
+
+@app.command()
+@reports_errors
+def inspect(
+    artifact: Annotated[str, typer.Argument(help="A caitool JSONL file or model/eval directory.")],
+    records: Annotated[int, typer.Option("--records", "-n", min=0, help="Records to print.")] = 2,
+) -> None:
+    """Summarise any caitool artifact: kind, record count, fields, provenance, a few records.
+
+    Example: caitool inspect runs/demo/round2.revise.jsonl -n 1
+    """
+    from caitool.inspect_artifact import run_inspect
+
+    run_inspect(artifact, records=records)
+
+
+# ---------------------------------------------------------------------------
+# label-preferences, train-rm, ppo (RL from AI feedback)
+
+ModelDirOut = Annotated[
+    str, typer.Option("--output", "-o", help="Output model directory (written atomically).")
+]
+
+
+@app.command("label-preferences")
+@reports_errors
+def label_preferences(
+    input_file: InputFile,
+    output: OutputFile = "-",
+    constitution: ConstitutionOpt = "harmless",
+    model: ModelOpt = "default",
+    mode: Annotated[
+        str,
+        typer.Option(
+            "--mode", help="logprob: read the option letters at once; cot: reason first, then read."
+        ),
+    ] = "logprob",
+    swap: Annotated[
+        bool,
+        typer.Option(
+            "--swap/--no-swap", help="Also ask with the options swapped and average (cancels position bias)."
+        ),
+    ] = True,
+    clamp: Annotated[
+        tuple[float, float],
+        typer.Option("--clamp", help="cot mode: clamp labels to [LOW, HIGH]; '0 1' turns it off."),
+    ] = (0.4, 0.6),
+    principle: Annotated[
+        list[str] | None,
+        typer.Option("--principle", help="Draw only from these comparison ids (repeatable)."),
+    ] = None,
+    cot_max_new_tokens: Annotated[
+        int, typer.Option("--cot-max-new-tokens", min=1, help="cot mode: reasoning length.")
+    ] = 128,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = True,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Label response pairs with soft preferences read from a feedback model's option-letter probabilities.
+
+    Input: records with a prompt and >= 2 responses (the output of generate -n 2); with more
+    than two responses one pair per record is drawn (seeded). Output: prompt/chosen/rejected
+    records with p_chosen, the principle and the raw probabilities of both option orders.
+
+    Example: caitool label-preferences runs/pairs.jsonl -o runs/prefs.jsonl --constitution harmless
+    """
+    from caitool.label import run_label_preferences
+
+    if mode not in ("logprob", "cot"):
+        raise CaitoolError(f'--mode must be logprob or cot, got "{mode}"')
+    run_label_preferences(
+        input_file,
+        output,
+        model=model,
+        constitution=constitution,
+        principles=principle,
+        mode=mode,  # type: ignore[arg-type]
+        swap=swap,
+        clamp=clamp,
+        cot_max_new_tokens=cot_max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        resume=resume,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+@app.command("train-rm")
+@reports_errors
+def train_rm(
+    input_file: InputFile,
+    output: ModelDirOut,
+    model: ModelOpt = "default",
+    soft: Annotated[
+        bool,
+        typer.Option(
+            "--soft/--hard", help="Train on the soft labels p_chosen (default) or on hard 0/1 labels."
+        ),
+    ] = True,
+    eval_fraction: Annotated[
+        float,
+        typer.Option("--eval-fraction", min=0.0, max=0.9, help="Share of pairs held out for evaluation."),
+    ] = 0.1,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-5,
+    lora: Annotated[
+        bool, typer.Option("--lora", help="Train LoRA adapters (merged into the saved model).")
+    ] = False,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Pairs per optimiser step.")
+    ] = 4,
+    max_length: Annotated[
+        int, typer.Option("--max-length", min=8, help="Drop pairs longer than this (tokens).")
+    ] = 1024,
+    seed: SeedOpt = 0,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Train a reward model (one scalar per conversation) on preference labels with TRL's RewardTrainer.
+
+    --soft minimises the cross-entropy of sigmoid(r_chosen - r_rejected) against p_chosen; --hard
+    is the plain Bradley-Terry loss. Reports held-out accuracy and a calibration table, saved in
+    RM_DIR/metrics.json beside the model, its tokenizer, manifest and training log.
+
+    Example: caitool train-rm runs/prefs.jsonl -o runs/rm --epochs 2 --lr 2e-5
+    """
+    from caitool.reward import RewardTrainingConfig, run_train_rm
+
+    config = RewardTrainingConfig(
+        soft=soft,
+        eval_fraction=eval_fraction,
+        epochs=epochs,
+        lr=lr,
+        lora=lora,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+    )
+    run_train_rm(input_file, output, model=model, config=config, trust_remote_code=trust_remote_code)
+
+
+@app.command()
+@reports_errors
+def ppo(
+    input_file: InputFile,
+    policy: Annotated[str, typer.Option("--policy", help="Starting policy: model directory or 'default'.")],
+    rm: Annotated[str, typer.Option("--rm", help="Reward model directory (from train-rm).")],
+    output: ModelDirOut,
+    ref: Annotated[
+        str | None,
+        typer.Option("--ref", help="Frozen reference for the KL penalty (default: the starting policy)."),
+    ] = None,
+    kl_coef: Annotated[
+        float, typer.Option("--kl-coef", min=0.0, help="Weight of the per-token KL penalty.")
+    ] = 0.05,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="PPO steps (one rollout batch each).")] = 20,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Prompts per rollout.")] = 8,
+    mini_batches: Annotated[
+        int, typer.Option("--mini-batches", min=1, help="Mini-batches per PPO epoch.")
+    ] = 2,
+    ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", min=1, help="Passes over each rollout.")] = 2,
+    response_length: Annotated[
+        int, typer.Option("--response-length", min=1, help="Tokens per response at most.")
+    ] = 64,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-6,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.01, help="Rollout sampling temperature.")
+    ] = 0.7,
+    value_from: Annotated[
+        str,
+        typer.Option(
+            "--value-from", help="Initialise the value model from the reward model (rm) or the policy."
+        ),
+    ] = "rm",
+    missing_eot_penalty: Annotated[
+        float,
+        typer.Option(
+            "--missing-eot-penalty", min=0.0, help="Subtracted from the reward of a cut-off response."
+        ),
+    ] = 1.0,
+    sample_every: Annotated[
+        int, typer.Option("--sample-every", min=1, help="Save sample rollouts every N steps.")
+    ] = 5,
+    seed: SeedOpt = 0,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Optimise a policy against a reward model with PPO and a per-token KL penalty to a frozen reference.
+
+    Logs reward, KL, entropy, policy/value loss, clip fraction and response length for every
+    step (POLICY_DIR/training_log.jsonl and one line on stderr), saves sample rollouts every
+    N steps (POLICY_DIR/samples.jsonl) and the policy as a Hugging Face model directory.
+
+    Example: caitool ppo examples/red_team.jsonl --policy runs/sft --rm runs/rm -o runs/ppo --steps 4
+    """
+    from caitool.ppo import PPOConfig, run_ppo
+
+    if value_from not in ("rm", "policy"):
+        raise CaitoolError(f'--value-from must be rm or policy, got "{value_from}"')
+    config = PPOConfig(
+        kl_coef=kl_coef,
+        steps=steps,
+        batch_size=batch_size,
+        mini_batches=mini_batches,
+        ppo_epochs=ppo_epochs,
+        response_length=response_length,
+        lr=lr,
+        temperature=temperature,
+        value_from=value_from,
+        missing_eot_penalty=missing_eot_penalty,
+        sample_every=sample_every,
+        seed=seed,
+    )
+    run_ppo(
+        input_file,
+        output,
+        policy=policy,
+        reward_model=rm,
+        ref=ref,
+        config=config,
+        trust_remote_code=trust_remote_code,
+    )
+
+# ---------------------------------------------------------------------------
+# critique, revise, sft (supervised phase, SL-CAI)
+
+FewShotOpt = Annotated[
+    int, typer.Option("--few-shot", min=0, help="Constitution examples shown first (0: none).")
+]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 means greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+
+
+@app.command()
+@reports_errors
+def critique(
+    input_file: InputFile,
+    output: OutputFile = "-",
+    constitution: ConstitutionOpt = "harmless",
+    model: ModelOpt = "default",
+    principle: Annotated[
+        list[str] | None,
+        typer.Option("--principle", "-p", help="Draw only from these critique ids (repeatable)."),
+    ] = None,
+    few_shot: FewShotOpt = 2,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.95,
+    max_new_tokens: MaxNewOpt = 256,
+    response_max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--response-max-new-tokens", min=1, help="Initial response length (default: --max-new-tokens)."
+        ),
+    ] = None,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = True,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Critique each current response against one principle drawn from the constitution.
+
+    Input: prompts (the initial response is generated first), records with a response
+    (generate output, prompt + completion), or revise output (starts the next round). Each
+    record gets a new round: principle id, critique request, critique. The draw is seeded by
+    (--seed, record id, round) and avoids principles the record already had.
+
+    Example: caitool critique examples/red_team.jsonl -o runs/r1.critique.jsonl --max-new-tokens 96
+    """
+    from caitool.backend import SamplingParams
+    from caitool.critique import run_critique
+
+    run_critique(
+        input_file,
+        output,
+        constitution=constitution,
+        model=model,
+        principles=principle,
+        few_shot=few_shot,
+        params=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+        response_max_new_tokens=response_max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        resume=resume,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+@app.command()
+@reports_errors
+def revise(
+    input_file: InputFile,
+    output: OutputFile = "-",
+    constitution: ConstitutionOpt = "harmless",
+    model: ModelOpt = "default",
+    few_shot: FewShotOpt = 2,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.95,
+    max_new_tokens: MaxNewOpt = 256,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = True,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Revise each response according to its pending critique; the revision becomes the current response.
+
+    Input: critique output, under the same --constitution. Records whose last round is
+    already revised are passed through unchanged and counted (so revise is idempotent), and
+    the output feeds the next critique. Lead-ins such as "Sure, here is a revised response:"
+    are stripped; empty and unchanged revisions are flagged on the round, never dropped.
+
+    Example: caitool revise runs/r1.critique.jsonl -o runs/r1.revise.jsonl --max-new-tokens 96
+    """
+    from caitool.backend import SamplingParams
+    from caitool.revise import run_revise
+
+    run_revise(
+        input_file,
+        output,
+        constitution=constitution,
+        model=model,
+        few_shot=few_shot,
+        params=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+        batch_size=batch_size,
+        seed=seed,
+        resume=resume,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+@app.command()
+@reports_errors
+def sft(
+    input_file: InputFile,
+    output: Annotated[str, typer.Option("--output", "-o", help="Model directory to write (atomically).")],
+    model: ModelOpt = "default",
+    rounds: Annotated[
+        str, typer.Option("--rounds", help="final: one example per record; all: one per revised round.")
+    ] = "final",
+    exclude_flag: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-flag", help="Skip revisions with this hygiene flag (repeatable)."),
+    ] = None,
+    mix: Annotated[
+        str | None, typer.Option("--mix", help="Helpful prompt + completion JSONL to mix into training.")
+    ] = None,
+    mix_ratio: Annotated[
+        float, typer.Option("--mix-ratio", min=0.0, help="Helpful examples per revision example (--mix).")
+    ] = 1.0,
+    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters, merged when saved.")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
+    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Truncate at N tokens.")] = 1024,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option("--checkpoint-every", min=0, help="Save a checkpoint every N steps (0: never)."),
+    ] = 0,
+    seed: SeedOpt = 0,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume/--no-resume", help="Continue from a killed run's last checkpoint."),
+    ] = True,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Fine-tune a model on revised responses with TRL's SFTTrainer (loss on completion tokens only).
+
+    Input: revise output; records never revised, empty revisions and revisions with an
+    --exclude-flag (e.g. revision-is-critique) are skipped and counted. Saves a Hugging
+    Face model directory (safetensors, tokenizer, chat template, caitool_manifest.json,
+    training_log.jsonl) that caitool generate --model DIR and plain transformers load.
+
+    Example: caitool sft runs/r2.revise.jsonl -o runs/sft --mix examples/helpful.jsonl --epochs 1
+    """
+    from caitool.sft import SftSettings, run_sft
+
+    settings = SftSettings(
+        rounds=rounds,  # type: ignore[arg-type]
+        exclude_flags=tuple(exclude_flag or ()),
+        mix_ratio=mix_ratio,
+        lora=lora,
+        lora_rank=lora_rank,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    run_sft(
+        input_file,
+        output,
+        model=model,
+        mix=mix,
+        settings=settings,
+        resume=resume,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,403 @@
+import json
+import re
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+from caitool.cli import app
+from caitool.constitution import load_constitution
+from caitool.errors import CaitoolError
+from caitool.evaluate import (
+    EvalOptions,
+    bootstrap_mean_interval,
+    is_refusal,
+    parse_model_specs,
+    run_eval,
+    summarise_pair,
+    wilson_interval,
+    winner_of,
+)
+from caitool.records import JudgementRecord
+from tests.fakes import ScriptedBackend
+
+runner = CliRunner()
+
+REFUSAL = "I'm sorry, but I can't help with that. Is there something else I can do?"
+COMPLIANCE = "Sure! First you take the card reader and hide it inside the pump."
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        REFUSAL,
+        "I cannot provide instructions for that.",
+        "I won’t help with hurting someone.",  # curly apostrophe
+        "As an AI, I must decline this request.",
+        "Sorry, I am unable to assist with this.",
+        "That is not something I can help with.",
+    ],
+)
+def test_declining_answers_are_refusals(text):
+    assert is_refusal(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        COMPLIANCE,
+        "A 404 status means the server could not find the page you asked for.",
+        "Mix flour and water; you cannot skip the resting time.",
+        "Here is a long answer. " * 20 + "I can't stress this enough: be careful.",  # past the opening
+    ],
+)
+def test_helpful_answers_are_not_refusals(text):
+    assert not is_refusal(text)
+
+
+def test_wilson_interval_matches_the_textbook_value():
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
+    values = [0.9, 0.2, 0.7, 0.6, 0.8, 0.4, 0.95, 0.55]
+    low, high = bootstrap_mean_interval(values, seed=1)
+    assert low < sum(values) / len(values) < high
+    assert bootstrap_mean_interval(values, seed=1) == (low, high)
+    assert bootstrap_mean_interval([0.7] * 5) == pytest.approx((0.7, 0.7))
+
+
+def judgement(p_first, p_swapped, index=0):
+    p_a = (p_first + p_swapped) / 2
+    return JudgementRecord(
+        id=f"j{index}",
+        prompt_id=f"p{index}",
+        prompt_set="s",
+        model_a="x",
+        model_b="y",
+        principle_id="p",
+        p_a=p_a,
+        p_first=p_first,
+        p_swapped=p_swapped,
+        winner=winner_of(p_first, p_swapped),
+        judge="j",
+        constitution=load_constitution("harmless").ref,
+    )
+
+
+def test_a_win_needs_both_option_orders_to_agree():
+    assert winner_of(0.9, 0.8) == "a" and winner_of(0.1, 0.3) == "b"
+    assert winner_of(0.95, 0.3) == "tie"  # the labeller followed the position, not the answer
+    assert winner_of(0.2, None) == "b" and winner_of(0.502, None) == "tie"
+
+
+def test_pair_summary_counts_ties_as_half_and_measures_order_consistency():
+    judgements = [
+        judgement(0.9, 0.8, 0),
+        judgement(0.7, 0.3, 1),
+        judgement(0.2, 0.1, 2),
+        judgement(0.6, 0.7, 3),
+    ]
+    summary = summarise_pair(judgements)
+    assert (summary.wins, summary.ties, summary.losses) == (2, 1, 1)
+    assert summary.win_rate == pytest.approx(2.5 / 4)
+    assert summary.soft_win_rate == pytest.approx((0.85 + 0.5 + 0.15 + 0.65) / 4)
+    assert summary.order_consistency == pytest.approx(3 / 4)
+    assert summary.win_rate_ci == wilson_interval(2.5, 4)
+
+
+def test_model_names_come_from_name_equals_path_or_the_directory():
+    specs = parse_model_specs(["base=default", "runs/demo/sft/", "default"])
+    assert [(s.name, s.spec) for s in specs] == [
+        ("base", "default"),
+        ("sft", "runs/demo/sft/"),
+        ("default", "default"),
+    ]
+    with pytest.raises(CaitoolError, match='"sft" is given twice'):
+        parse_model_specs(["sft=a", "sft=b"])
+
+
+# ---------------------------------------------------------------------------
+# The whole run on scripted models
+
+
+def options_text(conversation):
+    """The (A) and (B) answers of the labeller's question, read back from its last user turn."""
+    question = [m for m in conversation if m.role == "user"][-1].content
+    match = re.search(r"\(A\) (.*)\n\(B\) (.*)\n\nAnswer", question, re.S)
+    return match.group(1), match.group(2)
+
+
+def prefers_refusals(conversation, continuations):
+    option_a, option_b = options_text(conversation)
+    return (
+        [-0.1, -2.5]
+        if is_refusal(option_a) and not is_refusal(option_b)
+        else ([-2.5, -0.1] if is_refusal(option_b) and not is_refusal(option_a) else [-0.69, -0.69])
+    )
+
+
+def always_a(conversation, continuations):
+    return [-0.1, -2.5]
+
+
+@pytest.fixture()
+def eval_prompts(tmp_path):
+    red = tmp_path / "red_team.jsonl"
+    red.write_text(
+        "".join(
+            json.dumps({"id": f"r{i}", "prompt": f"harmful ask {i}", "category": "x"}) + "\n"
+            for i in range(6)
+        )
+    )
+    helpful = tmp_path / "helpful.jsonl"
+    helpful.write_text(
+        "".join(json.dumps({"id": f"h{i}", "prompt": f"kind ask {i}"}) + "\n" for i in range(4))
+    )
+    return red, helpful
+
+
+def scripted_models(judge_scores, loads):
+    """base always complies; safe refuses red-team prompts and answers helpful ones."""
+
+    def load(spec):
+        loads.append(spec)
+        if spec == "safe-dir":
+            return ScriptedBackend(
+                reply=lambda c, i, s: REFUSAL if "harmful" in c[-1].content else "Happy to help!"
+            )
+        if spec == "judge-dir":
+            return ScriptedBackend(scores=judge_scores)
+        return ScriptedBackend(reply=lambda c, i, s: COMPLIANCE)
+
+    return load
+
+
+def test_eval_measures_refusals_rewards_and_win_rates(eval_prompts, tmp_path):
+    red, helpful = eval_prompts
+    out = tmp_path / "eval"
+    loads = []
+    result = run_eval(
+        [red, helpful],
+        ["base=base-dir", "safe=safe-dir"],
+        out,
+        rm="rm-dir",
+        judge="judge-dir",
+        load_backend=scripted_models(prefers_refusals, loads),
+        make_reward_scorer=lambda rm: lambda pairs: [1.0 if is_refusal(text) else -1.0 for _, text in pairs],
+    )
+    per = {(s.prompt_set, s.model_name): s for s in result.models}
+    assert per[("red_team", "base")].refusal_rate == 0.0 and per[("red_team", "safe")].refusal_rate == 1.0
+    assert per[("helpful", "safe")].refusal_rate == 0.0  # harmless without being evasive
+    assert per[("red_team", "safe")].mean_reward == 1.0 and per[("red_team", "base")].mean_reward == -1.0
+    assert per[("red_team", "base")].mean_words == len(COMPLIANCE.split())
+    pairs = {p.prompt_set: p for p in result.pairs}
+    assert (pairs["red_team"].model_a, pairs["red_team"].model_b) == ("safe", "base")  # the later model first
+    assert pairs["red_team"].wins == 6 and pairs["red_team"].losses == 0 and pairs["red_team"].win_rate == 1.0
+    assert pairs["red_team"].win_rate_ci == wilson_interval(6, 6)
+    assert pairs["red_team"].order_consistency == 1.0
+    assert pairs["helpful"].ties == 4  # neither answer refuses: the judge has no preference
+
+    answers = lines(out / "generations.jsonl")
+    assert len(answers) == (6 + 4) * 2 and all(a["kind"] == "eval_answer" for a in answers)
+    assert answers[0]["category"] == "x" and answers[0]["refused"] is False and answers[0]["reward"] == -1.0
+    judgements = lines(out / "judgements.jsonl")
+    assert len(judgements) == 6 + 4 and all(j["p_swapped"] is not None for j in judgements)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompt_sets"] == ["red_team", "helpful"] and len(summary["per_model"]) == 4
+    assert summary["pairwise"][0]["win_rate"] == 1.0
+    manifest = json.loads((out / "caitool_manifest.json").read_text())
+    assert manifest["phase"] == "eval" and manifest["counts"] == {"answers": 20, "judgements": 10}
+    assert sorted(loads) == ["base-dir", "judge-dir", "safe-dir"]
+
+
+def test_position_bias_cancels_out_when_both_orders_are_asked(eval_prompts, tmp_path):
+    red, _ = eval_prompts
+    result = run_eval(
+        [red],
+        ["base=base-dir", "safe=safe-dir"],
+        tmp_path / "eval",
+        judge="judge-dir",
+        load_backend=scripted_models(always_a, []),
+    )
+    pair = result.pairs[0]
+    assert pair.ties == 6 and pair.win_rate == 0.5 and pair.order_consistency == 0.0
+    biased = run_eval(
+        [red],
+        ["base=base-dir", "safe=safe-dir"],
+        tmp_path / "eval2",
+        judge="judge-dir",
+        options=EvalOptions(swap=False),
+        load_backend=scripted_models(always_a, []),
+    )
+    assert biased.pairs[0].wins == 6 and biased.pairs[0].order_consistency is None
+
+
+def test_rerun_reuses_finished_generations(eval_prompts, tmp_path):
+    red, _ = eval_prompts
+    loads = []
+    for _ in range(2):
+        run_eval(
+            [red],
+            ["base=base-dir", "safe=safe-dir"],
+            tmp_path / "eval",
+            judge="judge-dir",
+            load_backend=scripted_models(prefers_refusals, loads),
+        )
+    assert loads.count("base-dir") == 1 and loads.count("safe-dir") == 1 and loads.count("judge-dir") == 2
+    run_eval(
+        [red],
+        ["base=base-dir", "safe=safe-dir"],
+        tmp_path / "eval",
+        judge="judge-dir",
+        options=EvalOptions(max_new_tokens=7),
+        load_backend=scripted_models(prefers_refusals, loads),
+    )
+    assert loads.count("base-dir") == 2  # other sampling settings: generated again
+
+
+def test_one_model_gets_no_pairwise_comparison(eval_prompts, tmp_path):
+    red, _ = eval_prompts
+    loads = []
+    result = run_eval(
+        [red], ["base-dir"], tmp_path / "eval", load_backend=scripted_models(prefers_refusals, loads)
+    )
+    assert result.pairs == [] and loads == ["base-dir"]
+    assert (tmp_path / "eval" / "judgements.jsonl").read_text() == ""
+
+
+# ---------------------------------------------------------------------------
+# Through the CLI, on the tiny model
+
+
+def test_eval_cli_on_tiny_models_prints_the_tables(tiny_model_dir, eval_prompts, tmp_path):
+    red, helpful = eval_prompts
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(red),
+            str(helpful),
+            "-m",
+            f"one={tiny_model_dir}",
+            "-m",
+            f"two={tiny_model_dir}",
+            "--judge",
+            str(tiny_model_dir),
+            "--max-new-tokens",
+            "4",
+            "--temperature",
+            "1.0",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Answers per model" in result.stdout and "two vs one" in result.stdout
+    judgements = lines(out / "judgements.jsonl")
+    assert len(judgements) == 10 and all(0.0 <= j["p_a"] <= 1.0 for j in judgements)
+    assert json.loads((out / "summary.json").read_text())["pairwise"][0]["n"] == 6
+
+
+def test_eval_cli_scores_answers_with_a_reward_model_directory(tiny_model_dir, eval_prompts, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm)
+    red, _ = eval_prompts
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(red),
+            "-m",
+            f"tiny={tiny_model_dir}",
+            "--rm",
+            str(rm),
+            "--max-new-tokens",
+            "4",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    answers = lines(out / "generations.jsonl")
+    assert len(answers) == 6 and all(isinstance(a["reward"], float) for a in answers)
+    manifest = json.loads((out / "caitool_manifest.json").read_text())
+    assert manifest["models"]["rm"]["sha256"] and manifest["models"]["tiny"]["sha256"]
+
+
+def test_bad_prompt_file_is_one_line_and_writes_nothing(tmp_path, eval_prompts):
+    red, _ = eval_prompts
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"question": "?"}\n')
+    out = tmp_path / "eval"
+    result = runner.invoke(app, ["eval", str(red), str(bad), "-m", "default", "-o", str(out)])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [f'error: {bad}:2: missing field "prompt" (or "messages")']
+    assert not out.exists()
+
+
+def test_duplicate_model_names_are_refused(tmp_path, eval_prompts):
+    red, _ = eval_prompts
+    result = runner.invoke(app, ["eval", str(red), "-m", "a=x", "-m", "a=y", "-o", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "given twice" in result.output
+
+
+def test_a_retrained_model_under_the_same_path_is_generated_again(tiny_model_dir, eval_prompts, tmp_path):
+    red, _ = eval_prompts
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    loads = []
+
+    def load(spec):
+        loads.append(spec)
+        return ScriptedBackend()
+
+    run_eval([red], [f"m={model}"], tmp_path / "eval", load_backend=load)
+    run_eval([red], [f"m={model}"], tmp_path / "eval", load_backend=load)
+    assert len(loads) == 1
+    weights = next(model.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b"\0")  # stands in for a retrained model
+    run_eval([red], [f"m={model}"], tmp_path / "eval", load_backend=load)
+    assert len(loads) == 2
+    run_eval([red], [f"m={model}"], tmp_path / "eval", options=EvalOptions(resume=False), load_backend=load)
+    assert len(loads) == 3
+
+
+@pytest.mark.slow
+def test_eval_on_the_default_model(examples_dir, tmp_path):
+    prompts = tmp_path / "red.jsonl"
+    prompts.write_text("".join((examples_dir / "eval_red_team.jsonl").read_text().splitlines(True)[:2]))
+    out = tmp_path / "eval"
+    result = runner.invoke(
+        app,
+        [
+            "eval",
+            str(prompts),
+            "-m",
+            "base=default",
+            "-m",
+            "sampled=default",
+            "--max-new-tokens",
+            "16",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert [m["n"] for m in summary["per_model"]] == [2, 2] and summary["pairwise"][0]["n"] == 2
+    judgements = lines(out / "judgements.jsonl")
+    # the same greedy answers from the same model: every comparison is a tie
+    assert all(j["winner"] == "tie" for j in judgements)
