@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -61,9 +60,12 @@ ResumeOpt = Annotated[
         help="Continue a killed run from OUT.part (default); --no-resume discards it and starts over.",
     ),
 ]
-TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow custom model code (off by default).")]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow custom model code (off by default).")
+]
 ConstitutionOpt = Annotated[
-    str, typer.Option("--constitution", "-c", help="Constitution YAML file or bundled name (harmless, honest).")
+    str,
+    typer.Option("--constitution", "-c", help="Constitution YAML file or bundled name (harmless, honest)."),
 ]
 
 
@@ -100,7 +102,11 @@ def generate(
     from caitool.generate import run_generate
 
     params = SamplingParams(
-        temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, n=num_samples, ignore_eos=ignore_eos
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+        n=num_samples,
+        ignore_eos=ignore_eos,
     )
     run_generate(
         input_file,
@@ -115,138 +121,182 @@ def generate(
 
 
 # ---------------------------------------------------------------------------
-# constitution
+# critique, revise, sft (supervised phase, SL-CAI)
+
+FewShotOpt = Annotated[
+    int, typer.Option("--few-shot", min=0, help="Constitution examples shown first (0: none).")
+]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 means greedy.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 
 
-@constitution_app.command("check")
+@app.command()
 @reports_errors
-def constitution_check(
-    file: Annotated[str, typer.Argument(help="Constitution YAML file or bundled name.")],
-) -> None:
-    """Validate a constitution: keys, types, empty texts, duplicate and unknown ids.
-
-    Example: caitool constitution check constitutions/harmless.yaml
-    """
-    from caitool.constitution import load_constitution
-
-    constitution = load_constitution(file)
-    typer.echo(
-        f"ok: {constitution.name} {constitution.version} ({len(constitution.critiques)} critiques, "
-        f"{len(constitution.comparisons)} comparisons, hash {constitution.content_hash})"
-    )
-
-
-@constitution_app.command("show")
-@reports_errors
-def constitution_show(
-    file: Annotated[str, typer.Argument(help="Constitution YAML file or bundled name.")] = "harmless",
-) -> None:
-    """Print a constitution's principles as tables.
-
-    Example: caitool constitution show harmless
-    """
-    from caitool.constitution import load_constitution
-    from caitool.display import show_constitution
-
-    show_constitution(load_constitution(file))
-
-
-# ---------------------------------------------------------------------------
-# eval, report, inspect
-
-
-@app.command("eval")
-@reports_errors
-def eval_models(
-    prompt_files: Annotated[
-        list[str], typer.Argument(help="Held-out prompt files, one prompt set each.", show_default=False)
-    ],
-    output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
-    models: Annotated[
-        list[str],
-        typer.Option("--model", "-m", help="A model to evaluate, as NAME=PATH or PATH (repeat the option)."),
-    ],
-    rm: Annotated[str | None, typer.Option("--rm", help="Reward-model directory to score answers.")] = None,
-    judge: Annotated[
-        str, typer.Option("--judge", help="Feedback model for pairwise comparisons ('none' to skip).")
-    ] = "default",
+def critique(
+    input_file: InputFile,
+    output: OutputFile = "-",
     constitution: ConstitutionOpt = "harmless",
-    swap: Annotated[
-        bool, typer.Option("--swap/--no-swap", help="Judge both presentation orders (cancels position bias).")
-    ] = True,
-    temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.0,
-    max_new_tokens: MaxNewOpt = 128,
+    model: ModelOpt = "default",
+    principle: Annotated[
+        list[str] | None,
+        typer.Option("--principle", "-p", help="Draw only from these critique ids (repeatable)."),
+    ] = None,
+    few_shot: FewShotOpt = 2,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.95,
+    max_new_tokens: MaxNewOpt = 256,
+    response_max_new_tokens: Annotated[
+        int | None,
+        typer.Option(
+            "--response-max-new-tokens", min=1, help="Initial response length (default: --max-new-tokens)."
+        ),
+    ] = None,
     batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
     trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Compare models on held-out prompts: refusal rate, length, reward, pairwise win rate.
+    """Critique each current response against one principle drawn from the constitution.
 
-    Every model answers every prompt; answers are scored by the reward model (--rm) and every
-    pair of models is compared by the AI labeller (--judge) under the constitution's comparison
-    principles. Writes generations.jsonl, judgements.jsonl, summary.json and prints a table.
+    Input: prompts (the initial response is generated first), records with a response
+    (generate output, prompt + completion), or revise output (starts the next round). Each
+    record gets a new round: principle id, critique request, critique. The draw is seeded by
+    (--seed, record id, round) and avoids principles the record already had.
 
-    Example: caitool eval examples/eval_red_team.jsonl examples/eval_helpful.jsonl -m base=default
-    -m sft=runs/demo/sft --rm runs/demo/rm -o runs/demo/eval
+    Example: caitool critique examples/red_team.jsonl -o runs/r1.critique.jsonl --max-new-tokens 96
     """
-    from caitool.evaluate import EvalOptions, run_eval, show_eval
+    from caitool.backend import SamplingParams
+    from caitool.critique import run_critique
 
-    options = EvalOptions(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
+    run_critique(
+        input_file,
+        output,
+        constitution=constitution,
+        model=model,
+        principles=principle,
+        few_shot=few_shot,
+        params=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+        response_max_new_tokens=response_max_new_tokens,
         batch_size=batch_size,
         seed=seed,
-        swap=swap,
         resume=resume,
         trust_remote_code=trust_remote_code,
     )
-    result = run_eval(
-        prompt_files,
-        models,
+
+
+@app.command()
+@reports_errors
+def revise(
+    input_file: InputFile,
+    output: OutputFile = "-",
+    constitution: ConstitutionOpt = "harmless",
+    model: ModelOpt = "default",
+    few_shot: FewShotOpt = 2,
+    temperature: TemperatureOpt = 0.7,
+    top_p: TopPOpt = 0.95,
+    max_new_tokens: MaxNewOpt = 256,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = True,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Revise each response according to its pending critique; the revision becomes the current response.
+
+    Input: critique output, under the same --constitution. Records whose last round is
+    already revised are passed through unchanged and counted (so revise is idempotent), and
+    the output feeds the next critique. Lead-ins such as "Sure, here is a revised response:"
+    are stripped; empty and unchanged revisions are flagged on the round, never dropped.
+
+    Example: caitool revise runs/r1.critique.jsonl -o runs/r1.revise.jsonl --max-new-tokens 96
+    """
+    from caitool.backend import SamplingParams
+    from caitool.revise import run_revise
+
+    run_revise(
+        input_file,
         output,
-        rm=rm,
-        judge=None if judge == "none" else judge,
         constitution=constitution,
-        options=options,
+        model=model,
+        few_shot=few_shot,
+        params=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+        batch_size=batch_size,
+        seed=seed,
+        resume=resume,
+        trust_remote_code=trust_remote_code,
     )
-    show_eval(result)
 
 
 @app.command()
 @reports_errors
-def report(
-    run_dir: Annotated[str, typer.Argument(help="A run directory (the layout `make demo` writes).")],
-    output: Annotated[str, typer.Option("--output", "-o", help="HTML file to write.")] = "report.html",
-    constitution: Annotated[
-        str | None,
-        typer.Option("--constitution", "-c", help="Constitution to show (default: the one the run used)."),
+def sft(
+    input_file: InputFile,
+    output: Annotated[str, typer.Option("--output", "-o", help="Model directory to write (atomically).")],
+    model: ModelOpt = "default",
+    rounds: Annotated[
+        str, typer.Option("--rounds", help="final: one example per record; all: one per revised round.")
+    ] = "final",
+    exclude_flag: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-flag", help="Skip revisions with this hygiene flag (repeatable)."),
     ] = None,
+    mix: Annotated[
+        str | None, typer.Option("--mix", help="Helpful prompt + completion JSONL to mix into training.")
+    ] = None,
+    mix_ratio: Annotated[
+        float, typer.Option("--mix-ratio", min=0.0, help="Helpful examples per revision example (--mix).")
+    ] = 1.0,
+    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters, merged when saved.")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
+    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Truncate at N tokens.")] = 1024,
+    checkpoint_every: Annotated[
+        int,
+        typer.Option("--checkpoint-every", min=0, help="Save a checkpoint every N steps (0: never)."),
+    ] = 0,
+    seed: SeedOpt = 0,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume/--no-resume", help="Continue from a killed run's last checkpoint."),
+    ] = True,
+    trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Write one self-contained HTML page about a run: data, labels, reward model, PPO, eval.
+    """Fine-tune a model on revised responses with TRL's SFTTrainer (loss on completion tokens only).
 
-    Sections for steps that have not run say so. Images are embedded, so the file can be mailed.
+    Input: revise output; records never revised, empty revisions and revisions with an
+    --exclude-flag (e.g. revision-is-critique) are skipped and counted. Saves a Hugging
+    Face model directory (safetensors, tokenizer, chat template, caitool_manifest.json,
+    training_log.jsonl) that caitool generate --model DIR and plain transformers load.
 
-    Example: caitool report runs/demo -o runs/demo/report.html
+    Example: caitool sft runs/r2.revise.jsonl -o runs/sft --mix examples/helpful.jsonl --epochs 1
     """
-    from caitool.report import run_report
+    from caitool.sft import SftSettings, run_sft
 
-    run_report(run_dir, output, constitution=constitution)
-
-
-@app.command()
-@reports_errors
-def inspect(
-    artifact: Annotated[str, typer.Argument(help="A caitool JSONL file or model/eval directory.")],
-    records: Annotated[int, typer.Option("--records", "-n", min=0, help="Records to print.")] = 2,
-) -> None:
-    """Summarise any caitool artifact: kind, record count, fields, provenance, a few records.
-
-    Example: caitool inspect runs/demo/round2.revise.jsonl -n 1
-    """
-    from caitool.inspect_artifact import run_inspect
-
-    run_inspect(artifact, records=records)
+    settings = SftSettings(
+        rounds=rounds,  # type: ignore[arg-type]
+        exclude_flags=tuple(exclude_flag or ()),
+        mix_ratio=mix_ratio,
+        lora=lora,
+        lora_rank=lora_rank,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    run_sft(
+        input_file,
+        output,
+        model=model,
+        mix=mix,
+        settings=settings,
+        resume=resume,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -455,183 +505,140 @@ def ppo(
         trust_remote_code=trust_remote_code,
     )
 
+
 # ---------------------------------------------------------------------------
-# critique, revise, sft (supervised phase, SL-CAI)
-
-FewShotOpt = Annotated[
-    int, typer.Option("--few-shot", min=0, help="Constitution examples shown first (0: none).")
-]
-TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="0 means greedy.")]
-TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
+# eval, report, inspect
 
 
-@app.command()
+@app.command("eval")
 @reports_errors
-def critique(
-    input_file: InputFile,
-    output: OutputFile = "-",
+def eval_models(
+    prompt_files: Annotated[
+        list[str], typer.Argument(help="Held-out prompt files, one prompt set each.", show_default=False)
+    ],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output directory.")],
+    models: Annotated[
+        list[str],
+        typer.Option("--model", "-m", help="A model to evaluate, as NAME=PATH or PATH (repeat the option)."),
+    ],
+    rm: Annotated[str | None, typer.Option("--rm", help="Reward-model directory to score answers.")] = None,
+    judge: Annotated[
+        str, typer.Option("--judge", help="Feedback model for pairwise comparisons ('none' to skip).")
+    ] = "default",
     constitution: ConstitutionOpt = "harmless",
-    model: ModelOpt = "default",
-    principle: Annotated[
-        list[str] | None,
-        typer.Option("--principle", "-p", help="Draw only from these critique ids (repeatable)."),
-    ] = None,
-    few_shot: FewShotOpt = 2,
-    temperature: TemperatureOpt = 0.7,
-    top_p: TopPOpt = 0.95,
-    max_new_tokens: MaxNewOpt = 256,
-    response_max_new_tokens: Annotated[
-        int | None,
-        typer.Option(
-            "--response-max-new-tokens", min=1, help="Initial response length (default: --max-new-tokens)."
-        ),
-    ] = None,
-    batch_size: BatchOpt = 8,
-    seed: SeedOpt = 0,
-    resume: ResumeOpt = True,
-    trust_remote_code: TrustOpt = False,
-) -> None:
-    """Critique each current response against one principle drawn from the constitution.
-
-    Input: prompts (the initial response is generated first), records with a response
-    (generate output, prompt + completion), or revise output (starts the next round). Each
-    record gets a new round: principle id, critique request, critique. The draw is seeded by
-    (--seed, record id, round) and avoids principles the record already had.
-
-    Example: caitool critique examples/red_team.jsonl -o runs/r1.critique.jsonl --max-new-tokens 96
-    """
-    from caitool.backend import SamplingParams
-    from caitool.critique import run_critique
-
-    run_critique(
-        input_file,
-        output,
-        constitution=constitution,
-        model=model,
-        principles=principle,
-        few_shot=few_shot,
-        params=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
-        response_max_new_tokens=response_max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        resume=resume,
-        trust_remote_code=trust_remote_code,
-    )
-
-
-@app.command()
-@reports_errors
-def revise(
-    input_file: InputFile,
-    output: OutputFile = "-",
-    constitution: ConstitutionOpt = "harmless",
-    model: ModelOpt = "default",
-    few_shot: FewShotOpt = 2,
-    temperature: TemperatureOpt = 0.7,
-    top_p: TopPOpt = 0.95,
-    max_new_tokens: MaxNewOpt = 256,
-    batch_size: BatchOpt = 8,
-    seed: SeedOpt = 0,
-    resume: ResumeOpt = True,
-    trust_remote_code: TrustOpt = False,
-) -> None:
-    """Revise each response according to its pending critique; the revision becomes the current response.
-
-    Input: critique output, under the same --constitution. Records whose last round is
-    already revised are passed through unchanged and counted (so revise is idempotent), and
-    the output feeds the next critique. Lead-ins such as "Sure, here is a revised response:"
-    are stripped; empty and unchanged revisions are flagged on the round, never dropped.
-
-    Example: caitool revise runs/r1.critique.jsonl -o runs/r1.revise.jsonl --max-new-tokens 96
-    """
-    from caitool.backend import SamplingParams
-    from caitool.revise import run_revise
-
-    run_revise(
-        input_file,
-        output,
-        constitution=constitution,
-        model=model,
-        few_shot=few_shot,
-        params=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
-        batch_size=batch_size,
-        seed=seed,
-        resume=resume,
-        trust_remote_code=trust_remote_code,
-    )
-
-
-@app.command()
-@reports_errors
-def sft(
-    input_file: InputFile,
-    output: Annotated[str, typer.Option("--output", "-o", help="Model directory to write (atomically).")],
-    model: ModelOpt = "default",
-    rounds: Annotated[
-        str, typer.Option("--rounds", help="final: one example per record; all: one per revised round.")
-    ] = "final",
-    exclude_flag: Annotated[
-        list[str] | None,
-        typer.Option("--exclude-flag", help="Skip revisions with this hygiene flag (repeatable)."),
-    ] = None,
-    mix: Annotated[
-        str | None, typer.Option("--mix", help="Helpful prompt + completion JSONL to mix into training.")
-    ] = None,
-    mix_ratio: Annotated[
-        float, typer.Option("--mix-ratio", min=0.0, help="Helpful examples per revision example (--mix).")
-    ] = 1.0,
-    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters, merged when saved.")] = False,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
-    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per batch.")] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
-    max_length: Annotated[int, typer.Option("--max-length", min=8, help="Truncate at N tokens.")] = 1024,
-    checkpoint_every: Annotated[
-        int,
-        typer.Option("--checkpoint-every", min=0, help="Save a checkpoint every N steps (0: never)."),
-    ] = 0,
-    seed: SeedOpt = 0,
-    resume: Annotated[
-        bool,
-        typer.Option("--resume/--no-resume", help="Continue from a killed run's last checkpoint."),
+    swap: Annotated[
+        bool, typer.Option("--swap/--no-swap", help="Judge both presentation orders (cancels position bias).")
     ] = True,
+    temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.0,
+    max_new_tokens: MaxNewOpt = 128,
+    batch_size: BatchOpt = 8,
+    seed: SeedOpt = 0,
+    resume: ResumeOpt = True,
     trust_remote_code: TrustOpt = False,
 ) -> None:
-    """Fine-tune a model on revised responses with TRL's SFTTrainer (loss on completion tokens only).
+    """Compare models on held-out prompts: refusal rate, length, reward, pairwise win rate.
 
-    Input: revise output; records never revised, empty revisions and revisions with an
-    --exclude-flag (e.g. revision-is-critique) are skipped and counted. Saves a Hugging
-    Face model directory (safetensors, tokenizer, chat template, caitool_manifest.json,
-    training_log.jsonl) that caitool generate --model DIR and plain transformers load.
+    Every model answers every prompt; answers are scored by the reward model (--rm) and every
+    pair of models is compared by the AI labeller (--judge) under the constitution's comparison
+    principles. Writes generations.jsonl, judgements.jsonl, summary.json and prints a table.
 
-    Example: caitool sft runs/r2.revise.jsonl -o runs/sft --mix examples/helpful.jsonl --epochs 1
+    Example: caitool eval examples/eval_red_team.jsonl examples/eval_helpful.jsonl -m base=default
+    -m sft=runs/demo/sft --rm runs/demo/rm -o runs/demo/eval
     """
-    from caitool.sft import SftSettings, run_sft
+    from caitool.evaluate import EvalOptions, run_eval, show_eval
 
-    settings = SftSettings(
-        rounds=rounds,  # type: ignore[arg-type]
-        exclude_flags=tuple(exclude_flag or ()),
-        mix_ratio=mix_ratio,
-        lora=lora,
-        lora_rank=lora_rank,
-        epochs=epochs,
-        lr=lr,
+    options = EvalOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
         batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_length=max_length,
         seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
-    run_sft(
-        input_file,
-        output,
-        model=model,
-        mix=mix,
-        settings=settings,
+        swap=swap,
         resume=resume,
         trust_remote_code=trust_remote_code,
     )
+    result = run_eval(
+        prompt_files,
+        models,
+        output,
+        rm=rm,
+        judge=None if judge == "none" else judge,
+        constitution=constitution,
+        options=options,
+    )
+    show_eval(result)
+
+
+@app.command()
+@reports_errors
+def report(
+    run_dir: Annotated[str, typer.Argument(help="A run directory (the layout `make demo` writes).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="HTML file to write.")] = "report.html",
+    constitution: Annotated[
+        str | None,
+        typer.Option("--constitution", "-c", help="Constitution to show (default: the one the run used)."),
+    ] = None,
+) -> None:
+    """Write one self-contained HTML page about a run: data, labels, reward model, PPO, eval.
+
+    Sections for steps that have not run say so. Images are embedded, so the file can be mailed.
+
+    Example: caitool report runs/demo -o runs/demo/report.html
+    """
+    from caitool.report import run_report
+
+    run_report(run_dir, output, constitution=constitution)
+
+
+@app.command()
+@reports_errors
+def inspect(
+    artifact: Annotated[str, typer.Argument(help="A caitool JSONL file or model/eval directory.")],
+    records: Annotated[int, typer.Option("--records", "-n", min=0, help="Records to print.")] = 2,
+) -> None:
+    """Summarise any caitool artifact: kind, record count, fields, provenance, a few records.
+
+    Example: caitool inspect runs/demo/round2.revise.jsonl -n 1
+    """
+    from caitool.inspect_artifact import run_inspect
+
+    run_inspect(artifact, records=records)
+
+
+# ---------------------------------------------------------------------------
+# constitution
+
+
+@constitution_app.command("check")
+@reports_errors
+def constitution_check(
+    file: Annotated[str, typer.Argument(help="Constitution YAML file or bundled name.")],
+) -> None:
+    """Validate a constitution: keys, types, empty texts, duplicate and unknown ids.
+
+    Example: caitool constitution check constitutions/harmless.yaml
+    """
+    from caitool.constitution import load_constitution
+
+    constitution = load_constitution(file)
+    typer.echo(
+        f"ok: {constitution.name} {constitution.version} ({len(constitution.critiques)} critiques, "
+        f"{len(constitution.comparisons)} comparisons, hash {constitution.content_hash})"
+    )
+
+
+@constitution_app.command("show")
+@reports_errors
+def constitution_show(
+    file: Annotated[str, typer.Argument(help="Constitution YAML file or bundled name.")] = "harmless",
+) -> None:
+    """Print a constitution's principles as tables.
+
+    Example: caitool constitution show harmless
+    """
+    from caitool.constitution import load_constitution
+    from caitool.display import show_constitution
+
+    show_constitution(load_constitution(file))
 
 
 # ---------------------------------------------------------------------------

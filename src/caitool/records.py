@@ -164,9 +164,7 @@ def _as_messages(value: Any, field: str) -> Conversation:
             return [Message.model_validate(m) for m in value]
         except ValidationError as err:
             raise CaitoolError(f'field "{field}": {describe_validation_error(err)}') from None
-    raise CaitoolError(
-        f'field "{field}" must be a string or a list of messages, got {type(value).__name__}'
-    )
+    raise CaitoolError(f'field "{field}" must be a string or a list of messages, got {type(value).__name__}')
 
 
 def parse_prompt_input(raw: dict[str, Any]) -> PromptRecord:
