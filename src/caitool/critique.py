@@ -18,10 +18,10 @@ from caitool.backend import GenerationBackend, SamplingParams, TransformersBacke
 from caitool.constitution import Constitution, CritiquePrinciple, draw, load_constitution
 from caitool.errors import CaitoolError
 from caitool.hygiene import clean_critique, count_flags
-from caitool.pipeline import ChunkResult, PhaseResult, run_record_phase, validate_input
+from caitool.pipeline import ChunkResult, PhaseResult, PhaseSpec, run_record_phase, validate_input
 from caitool.progress import print_summary, summary_line
 from caitool.prompts import critique_conversation, pick_examples
-from caitool.provenance import build_manifest, now_iso
+from caitool.provenance import now_iso
 from caitool.records import (
     ConstitutionRef,
     Message,
@@ -177,26 +177,17 @@ def run_critique(
         "seed": seed,
     }
 
-    def manifest(tracker, counts):
-        return build_manifest(
-            phase="critique",
-            params=run_params,
-            started_at=started,
-            models={"policy": getattr(backend, "info", model_id)},
-            inputs=[input_path],
-            constitution=loaded.ref,
-            counts={"records": tracker.records + tracker.already_done, "tokens": tracker.tokens, **counts},
-        )
-
+    spec = PhaseSpec(
+        phase="critique",
+        model_spec=model,
+        params=run_params,
+        models={"policy": getattr(backend, "info", model_id)},
+        inputs=[input_path],
+        started_at=started,
+        constitution=loaded.ref,
+    )
     result = run_record_phase(
-        label="critique",
-        source=source,
-        output=output,
-        run_key={"phase": "critique", "model": model, "constitution": loaded.ref.model_dump(), **run_params},
-        resume=resume,
-        chunk_size=batch_size * 4,
-        process=process,
-        manifest=manifest,
+        spec=spec, source=source, output=output, resume=resume, chunk_size=batch_size * 4, process=process
     )
     print_summary(summary_line("critique", result.tracker, **_summary_counts(result.counts), output=output))
     return result

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from caitool.backend import GenerationBackend, SamplingParams, TransformersBackend, derive_seed
 from caitool.errors import CaitoolError
-from caitool.pipeline import ChunkResult, PhaseResult, run_record_phase, validate_input
+from caitool.pipeline import ChunkResult, PhaseResult, PhaseSpec, run_record_phase, validate_input
 from caitool.progress import print_summary, summary_line
-from caitool.provenance import build_manifest, now_iso
+from caitool.provenance import now_iso
 from caitool.records import GenerationRecord, Message, PromptRecord, parse_prompt_input
 
 
@@ -43,25 +43,16 @@ def run_generate(
             out, tokens=sum(c.num_tokens for s in samples for c in s), counts={"cut": unfinished}
         )
 
-    def manifest(tracker, counts):
-        return build_manifest(
-            phase="generate",
-            params={**asdict(params), "batch_size": batch_size, "seed": seed},
-            started_at=started,
-            models={"policy": getattr(backend, "info", backend.model_id)},
-            inputs=[input_path],
-            counts={"records": tracker.records + tracker.already_done, "tokens": tracker.tokens, **counts},
-        )
-
+    spec = PhaseSpec(
+        phase="generate",
+        model_spec=model,
+        params={**asdict(params), "batch_size": batch_size, "seed": seed},
+        models={"policy": getattr(backend, "info", backend.model_id)},
+        inputs=[input_path],
+        started_at=started,
+    )
     result = run_record_phase(
-        label="generate",
-        source=source,
-        output=output,
-        run_key={"phase": "generate", "model": model, **asdict(params), "seed": seed},
-        resume=resume,
-        chunk_size=batch_size * 4,
-        process=process,
-        manifest=manifest,
+        spec=spec, source=source, output=output, resume=resume, chunk_size=batch_size * 4, process=process
     )
     print_summary(
         summary_line(

@@ -30,9 +30,9 @@ from typing import Any, Literal
 from caitool.backend import GenerationBackend, SamplingParams, TransformersBackend, derive_seed
 from caitool.constitution import ComparisonExample, ComparisonPrinciple, Constitution, draw, load_constitution
 from caitool.errors import CaitoolError
-from caitool.pipeline import ChunkResult, PhaseResult, run_record_phase, validate_input
+from caitool.pipeline import ChunkResult, PhaseResult, PhaseSpec, run_record_phase, validate_input
 from caitool.progress import print_summary, summary_line
-from caitool.provenance import build_manifest, now_iso
+from caitool.provenance import now_iso
 from caitool.records import Conversation, Message, PreferenceRecord, parse_prompt_input
 
 Mode = Literal["logprob", "cot"]
@@ -338,31 +338,17 @@ def run_label_preferences(
         "seed": seed,
     }
 
-    def manifest(tracker, counts):
-        return build_manifest(
-            phase="label-preferences",
-            params=params,
-            started_at=started,
-            models={"feedback": getattr(backend, "info", backend.model_id)},
-            inputs=[input_path],
-            constitution=loaded_constitution.ref,
-            counts={"records": tracker.records + tracker.already_done, **counts},
-        )
-
+    spec = PhaseSpec(
+        phase="label-preferences",
+        model_spec=model,
+        params=params,
+        models={"feedback": getattr(backend, "info", backend.model_id)},
+        inputs=[input_path],
+        started_at=started,
+        constitution=loaded_constitution.ref,
+    )
     result = run_record_phase(
-        label="label-preferences",
-        source=source,
-        output=output,
-        run_key={
-            "phase": "label-preferences",
-            "model": model,
-            "constitution": loaded_constitution.content_hash,
-            **params,
-        },
-        resume=resume,
-        chunk_size=batch_size,
-        process=process,
-        manifest=manifest,
+        spec=spec, source=source, output=output, resume=resume, chunk_size=batch_size, process=process
     )
     print_summary(summary_line("label-preferences", result.tracker, **_summary_counts(result, swap)))
     return result

@@ -15,7 +15,8 @@ from typing import Any, Generic, TypeVar
 
 from caitool.jsonl_io import ResumableWriter, batched, check_input, open_input, read_records
 from caitool.progress import PhaseProgress, phase_progress
-from caitool.records import Record
+from caitool.provenance import build_manifest
+from caitool.records import ConstitutionRef, Record
 
 In = TypeVar("In")
 
@@ -31,6 +32,40 @@ def validate_input(path: str | Path, parse: Callable[[dict[str, Any]], In]) -> V
     """Check every line before anything is written (stdin is spooled first)."""
     source = open_input(path)
     return ValidatedInput(path=source, parse=parse, total=check_input(source, parse))
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """What identifies one run of a phase: it keys resumption and fills the manifest.
+
+    ``params`` are the options that shape the output; a partial output written under other
+    params (or another model or constitution) is never resumed into.
+    """
+
+    phase: str
+    model_spec: str
+    params: dict[str, Any]
+    models: dict[str, Any]
+    inputs: list[str | Path]
+    started_at: str
+    constitution: ConstitutionRef | None = None
+
+    def run_key(self) -> dict[str, Any]:
+        key: dict[str, Any] = {"phase": self.phase, "model": self.model_spec, **self.params}
+        if self.constitution is not None:
+            key["constitution"] = self.constitution.model_dump()
+        return key
+
+    def manifest(self, tracker: PhaseProgress, counts: dict[str, int]) -> dict[str, Any]:
+        return build_manifest(
+            phase=self.phase,
+            params=self.params,
+            started_at=self.started_at,
+            models=self.models,
+            inputs=self.inputs,
+            constitution=self.constitution,
+            counts={"records": tracker.records + tracker.already_done, "tokens": tracker.tokens, **counts},
+        )
 
 
 @dataclass
@@ -49,18 +84,16 @@ class PhaseResult:
 
 def run_record_phase(
     *,
-    label: str,
+    spec: PhaseSpec,
     source: ValidatedInput[In],
     output: str | Path,
-    run_key: dict[str, Any],
     resume: bool,
     chunk_size: int,
     process: Callable[[list[In], int], ChunkResult],
-    manifest: Callable[[PhaseProgress, dict[str, int]], dict[str, Any]],
 ) -> PhaseResult:
     counts: dict[str, int] = {}
-    with ResumableWriter(output, run_key, resume=resume) as writer:
-        with phase_progress(label, source.total, already_done=len(writer.done_ids)) as tracker:
+    with ResumableWriter(output, spec.run_key(), resume=resume) as writer:
+        with phase_progress(spec.phase, source.total, already_done=len(writer.done_ids)) as tracker:
             tracker.already_done = len(writer.done_ids)
             for chunk_index, chunk in enumerate(batched(read_records(source.path, source.parse), chunk_size)):
                 pending = [r for r in chunk if not writer.is_done(r.id)]  # type: ignore[attr-defined]
@@ -71,5 +104,5 @@ def run_record_phase(
                 tracker.advance(len(pending), result.tokens)
                 for key, value in result.counts.items():
                     counts[key] = counts.get(key, 0) + value
-        writer.manifest = manifest(tracker, counts)
+        writer.manifest = spec.manifest(tracker, counts)
     return PhaseResult(tracker=tracker, counts=counts, output=str(output))

@@ -19,10 +19,10 @@ from caitool.constitution import Constitution, load_constitution
 from caitool.critique import check_constitution
 from caitool.errors import CaitoolError
 from caitool.hygiene import REVISION_EMPTY, clean_revision, count_flags
-from caitool.pipeline import ChunkResult, PhaseResult, run_record_phase, validate_input
+from caitool.pipeline import ChunkResult, PhaseResult, PhaseSpec, run_record_phase, validate_input
 from caitool.progress import print_summary, summary_line
 from caitool.prompts import pick_examples, revision_conversation
-from caitool.provenance import build_manifest, now_iso
+from caitool.provenance import now_iso
 from caitool.records import Message, RevisionRecord, Round, parse_record
 
 
@@ -115,26 +115,17 @@ def run_revise(
 
     run_params = {**asdict(params), "few_shot": few_shot, "batch_size": batch_size, "seed": seed}
 
-    def manifest(tracker, counts):
-        return build_manifest(
-            phase="revise",
-            params=run_params,
-            started_at=started,
-            models={"policy": getattr(backend, "info", model_id)},
-            inputs=[input_path],
-            constitution=loaded.ref,
-            counts={"records": tracker.records + tracker.already_done, "tokens": tracker.tokens, **counts},
-        )
-
+    spec = PhaseSpec(
+        phase="revise",
+        model_spec=model,
+        params=run_params,
+        models={"policy": getattr(backend, "info", model_id)},
+        inputs=[input_path],
+        started_at=started,
+        constitution=loaded.ref,
+    )
     result = run_record_phase(
-        label="revise",
-        source=source,
-        output=output,
-        run_key={"phase": "revise", "model": model, "constitution": loaded.ref.model_dump(), **run_params},
-        resume=resume,
-        chunk_size=batch_size * 4,
-        process=process,
-        manifest=manifest,
+        spec=spec, source=source, output=output, resume=resume, chunk_size=batch_size * 4, process=process
     )
     print_summary(summary_line("revise", result.tracker, **_summary_counts(result.counts), output=output))
     return result
