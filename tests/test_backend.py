@@ -68,3 +68,43 @@ def test_multi_token_continuations_sum_token_log_probabilities(backend):
     scores = backend.score_continuations([prefix, prefix], ["safety first", "A"])
     assert scores[0] == pytest.approx(scores[1], abs=1e-5)
     assert all(s < 0 and math.isfinite(s) for s in scores[0])
+
+
+def _alone(backend, conversation):
+    """Letter log-probs from one full forward pass over the whole text, no cache."""
+    ids = backend.tokenizer(
+        render_chat(backend.tokenizer, conversation), add_special_tokens=False, return_tensors="pt"
+    )["input_ids"]
+    letters = [backend.tokenizer(x, add_special_tokens=False)["input_ids"][0] for x in "AB"]
+    with torch.no_grad():
+        return torch.log_softmax(backend.model(input_ids=ids).logits[0, -1].float(), -1)[letters].tolist()
+
+
+def test_shared_prefix_cache_is_computed_once_across_calls(tiny_model_dir, monkeypatch):
+    backend = TransformersBackend.load(str(tiny_model_dir), batch_size=2, device="cpu")
+    shots = conv("An earlier question with plenty of words in it " * 8, "The answer is (A)")
+    computed = []
+    original = backend._prefix_cache
+    monkeypatch.setattr(
+        backend, "_prefix_cache", lambda prefix: computed.append(len(prefix)) or original(prefix)
+    )
+
+    def ask(question):
+        return [*shots, *conv(question, "The answer is (")]
+
+    calls = [
+        [ask("first?"), ask("second question?")],
+        [ask("third, longer question?"), ask("4th")],
+        [ask("5")],
+    ]
+    for questions in calls:
+        scores = backend.score_continuations(questions, ["A", "B"])
+        for question, got in zip(questions, scores, strict=True):
+            assert got == pytest.approx(_alone(backend, question), abs=1e-4)
+    assert len(computed) == 1 and computed[0] >= 32
+
+    other = [conv("A different opening that shares nothing " * 8, "The answer is (")] * 2
+    assert backend.score_continuations(other, ["A", "B"])[0] == pytest.approx(
+        _alone(backend, other[0]), abs=1e-4
+    )
+    assert len(computed) == 2

@@ -107,6 +107,9 @@ class TransformersBackend:
         self.batch_size = max(1, batch_size)
         self.device = device
         self.stop_ids = end_of_turn_ids(tokenizer, model)
+        # The labeller's few-shot turns open every question of a run; their key/value cache is
+        # computed once and kept between calls (the weights of a scoring backend never change).
+        self._kept_prefix: tuple[tuple[int, ...], Any] | None = None
 
     @classmethod
     def load(
@@ -210,10 +213,7 @@ class TransformersBackend:
         import torch
 
         rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        shared = shared_prefix_length(rows)
-        prefix_cache = self._prefix_cache(rows[0][:shared]) if shared >= MIN_SHARED_PREFIX else None
-        if prefix_cache is None:
-            shared = 0
+        prefix_cache, shared = self._shared_prefix_cache(rows[0][: shared_prefix_length(rows)])
         scores: list[list[float]] = [[] for _ in texts]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         for start in range(0, len(order), self.batch_size):
@@ -250,6 +250,22 @@ class TransformersBackend:
         import inspect
 
         return "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def _shared_prefix_cache(self, prefix: list[int]) -> tuple[Any, int]:
+        """A key/value cache for the start of ``prefix`` and how many tokens it covers (0: none).
+
+        The cache kept from an earlier call is reused when it covers the start of this one's
+        prefix, so a run of labelling chunks computes the few-shot turns once.
+        """
+        if self._kept_prefix is not None:
+            tokens, cache = self._kept_prefix
+            if len(tokens) <= len(prefix) and tuple(prefix[: len(tokens)]) == tokens:
+                return cache, len(tokens)
+        if len(prefix) < MIN_SHARED_PREFIX:
+            return None, 0
+        cache = self._prefix_cache(prefix)
+        self._kept_prefix = (tuple(prefix), cache)
+        return cache, len(prefix)
 
     def _prefix_cache(self, prefix: list[int]) -> Any:
         import torch

@@ -42,14 +42,17 @@ class PhaseProgress:
         elapsed = max(self.elapsed, 1e-9)
         return self.records / elapsed, self.tokens / elapsed
 
+    def rate_text(self, separator: str) -> str:
+        """Records per second, and tokens per second for phases that generate (a labeller writes none)."""
+        per_record, per_token = self.rates()
+        rates = [f"{per_record:.2f} rec/s"] + ([f"{per_token:.1f} tok/s"] if self.tokens else [])
+        return separator.join(rates)
+
     def advance(self, records: int, tokens: int = 0) -> None:
         self.records += records
         self.tokens += tokens
         if self._progress is not None and self._task_id is not None:
-            per_record, per_token = self.rates()
-            self._progress.update(
-                self._task_id, advance=records, rate=f"{per_record:.2f} rec/s  {per_token:.0f} tok/s"
-            )
+            self._progress.update(self._task_id, advance=records, rate=self.rate_text("  "))
 
 
 @contextmanager
@@ -71,10 +74,7 @@ def phase_progress(label: str, total: int, already_done: int = 0) -> Iterator[Ph
 
 
 def summary_line(label: str, tracker: PhaseProgress, **counts: object) -> str:
-    per_record, per_token = tracker.rates()
-    parts = [
-        f"{tracker.records} records in {tracker.elapsed:.1f}s ({per_record:.2f} rec/s, {per_token:.1f} tok/s)"
-    ]
+    parts = [f"{tracker.records} records in {tracker.elapsed:.1f}s ({tracker.rate_text(', ')})"]
     if tracker.already_done:
         parts.append(f"{tracker.already_done} resumed from a previous run")
     parts.extend(f"{key.replace('_', ' ')}: {value}" for key, value in counts.items())
