@@ -7,7 +7,7 @@ from caitool.cli import app
 from caitool.ppo import PPOConfig, build_trainer, gae, masked_whiten, per_token_rewards, prompt_batches
 from caitool.records import Message, PromptRecord
 from caitool.reward import load_reward_model
-from caitool.training import TRAINING_LOG
+from caitool.training import TRAINING_LOG, staging_dir
 
 runner = CliRunner()
 PROMPTS = [
@@ -234,3 +234,101 @@ def test_one_ppo_step_on_the_real_default_model(tmp_path):
     _, metrics = trainer.step(PROMPTS, seed=0)
     assert metrics["kl"] == 0.0 and metrics["response_length"] > 0
     assert all(value == value for value in metrics.values())  # no NaN anywhere
+
+
+def ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, *extra):
+    args = ["ppo", prompts_file, "--policy", tiny_model_dir, "--rm", tiny_rm_dir, "-o", out, "--steps", 3]
+    args += [
+        "--batch-size",
+        2,
+        "--mini-batches",
+        1,
+        "--ppo-epochs",
+        1,
+        "--response-length",
+        4,
+        "--lr",
+        "1e-3",
+    ]
+    return runner.invoke(app, [str(a) for a in [*args, *extra]])
+
+
+def weights(directory):
+    from safetensors.torch import load_file
+
+    return load_file(str(directory / "model.safetensors"))
+
+
+def test_a_killed_run_resumes_to_the_same_policy(
+    tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
+):
+    import torch
+
+    import caitool.ppo
+
+    straight = tmp_path / "straight"
+    assert ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, straight).exit_code == 0
+
+    out = tmp_path / "resumed"
+    real_step = caitool.ppo.PPOTrainer.step
+    calls = []
+
+    def killed_at_third_step(self, prompts, seed):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, prompts, seed)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(caitool.ppo.PPOTrainer, "step", killed_at_third_step)
+        killed = ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1)
+    assert killed.exit_code == 130 and not out.exists()
+    checkpoints = staging_dir(out) / "checkpoints"
+    assert [c.name for c in checkpoints.iterdir()] == ["checkpoint-2"]
+
+    resumed = ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1)
+    assert resumed.exit_code == 0, resumed.output
+    assert "resuming after step 2" in resumed.output and "ppo step 3/3" in resumed.output
+    assert "ppo step 1/3" not in resumed.output
+    log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
+    straight_log = [json.loads(line) for line in (straight / TRAINING_LOG).read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3]
+    assert [e["reward"] for e in log] == pytest.approx([e["reward"] for e in straight_log])
+    samples = (out / "samples.jsonl").read_text().splitlines()
+    assert [json.loads(line)["response"] for line in samples] == [
+        json.loads(line)["response"] for line in (straight / "samples.jsonl").read_text().splitlines()
+    ]
+    expected = weights(straight)
+    for name, tensor in weights(out).items():
+        assert torch.allclose(tensor, expected[name], atol=1e-6), name
+    manifest = json.loads((out / "caitool_manifest.json").read_text())
+    assert manifest["params"]["resumed_from"].endswith("checkpoint-2")
+    assert not (out / "checkpoints").exists() and not (out / "run_key.json").exists()
+
+
+def test_a_different_command_does_not_resume_a_killed_run(
+    tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
+):
+    import caitool.ppo
+
+    out = tmp_path / "policy"
+    real_step = caitool.ppo.PPOTrainer.step
+    calls = []
+
+    def killed_at_second_step(self, prompts, seed):
+        calls.append(seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_step(self, prompts, seed)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(caitool.ppo.PPOTrainer, "step", killed_at_second_step)
+        assert (
+            ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1).exit_code == 130
+        )
+    other_lr = ppo_cli(
+        prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1, "--lr", "1e-4"
+    )
+    assert other_lr.exit_code == 0, other_lr.output
+    assert "resuming" not in other_lr.output and "ppo step 1/3" in other_lr.output
+    assert json.loads((out / "caitool_manifest.json").read_text())["params"]["resumed_from"] is None

@@ -186,3 +186,51 @@ def test_train_rm_refuses_non_preference_records(tiny_model_dir, tmp_path):
     assert result.exit_code == 2
     assert "bad.jsonl:2:" in result.output and "Traceback" not in result.output
     assert not out.exists() and not (tmp_path / ".rm.partial").exists()
+
+
+def test_a_killed_train_rm_resumes_from_its_last_checkpoint(
+    tiny_model_dir, separable_prefs, tmp_path, monkeypatch
+):
+    import torch
+    from safetensors.torch import load_file
+
+    import caitool.reward
+    from caitool.training import staging_dir
+
+    def train_rm(out, *extra):
+        args = ["train-rm", separable_prefs, "-o", out, "--model", tiny_model_dir, "--lr", "3e-3"]
+        return runner.invoke(app, [str(a) for a in [*args, "--eval-fraction", "0.25", *extra]])
+
+    straight = tmp_path / "straight"
+    assert train_rm(straight).exit_code == 0
+
+    real_log_callback = caitool.reward.jsonl_log_callback
+
+    def log_then_kill_at_step_three(path, append=False):
+        logger = real_log_callback(path, append=append)
+
+        class KillAtStepThree(type(logger)):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == 3:
+                    raise KeyboardInterrupt
+
+        logger.__class__ = KillAtStepThree
+        return logger
+
+    out = tmp_path / "rm"
+    with monkeypatch.context() as patched:
+        patched.setattr(caitool.reward, "jsonl_log_callback", log_then_kill_at_step_three)
+        assert train_rm(out, "--checkpoint-every", 2).exit_code == 130
+    assert not out.exists()
+    assert [c.name for c in (staging_dir(out) / "checkpoints").glob("checkpoint-*")] == ["checkpoint-2"]
+
+    resumed = train_rm(out, "--checkpoint-every", 2)
+    assert resumed.exit_code == 0, resumed.output
+    manifest = json.loads((out / "caitool_manifest.json").read_text())
+    assert manifest["params"]["resumed_from"].endswith("checkpoint-2")
+    log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
+    assert [e["step"] for e in log if "loss" in e] == [1, 2, 3, 4, 5, 6]
+    expected = load_file(straight / "model.safetensors")
+    for name, tensor in load_file(out / "model.safetensors").items():
+        assert torch.allclose(tensor, expected[name], atol=1e-5), name
+    assert not (out / "checkpoints").exists() and not (out / "run_key.json").exists()

@@ -206,4 +206,4 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir, revised_f
     assert manifest["counts"]["steps"] == 4
     log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
     assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 3, 4]
-    assert not (out / "checkpoints").exists() and not (out / "sft_run_key.json").exists()
+    assert not (out / "checkpoints").exists() and not (out / "run_key.json").exists()

@@ -63,6 +63,18 @@ ResumeOpt = Annotated[
 TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow custom model code (off by default).")
 ]
+CheckpointEveryOpt = Annotated[
+    int,
+    typer.Option(
+        "--checkpoint-every",
+        min=0,
+        help="Save a checkpoint every N steps (0: never); rerunning a killed run resumes from it.",
+    ),
+]
+ResumeTrainingOpt = Annotated[
+    bool,
+    typer.Option("--resume/--no-resume", help="Continue from a killed run's last checkpoint."),
+]
 ConstitutionOpt = Annotated[
     str,
     typer.Option("--constitution", "-c", help="Constitution YAML file or bundled name (harmless, honest)."),
@@ -252,15 +264,9 @@ def sft(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per batch.")] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
     max_length: Annotated[int, typer.Option("--max-length", min=8, help="Truncate at N tokens.")] = 1024,
-    checkpoint_every: Annotated[
-        int,
-        typer.Option("--checkpoint-every", min=0, help="Save a checkpoint every N steps (0: never)."),
-    ] = 0,
+    checkpoint_every: CheckpointEveryOpt = 0,
     seed: SeedOpt = 0,
-    resume: Annotated[
-        bool,
-        typer.Option("--resume/--no-resume", help="Continue from a killed run's last checkpoint."),
-    ] = True,
+    resume: ResumeTrainingOpt = True,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Fine-tune a model on revised responses with TRL's SFTTrainer (loss on completion tokens only).
@@ -398,7 +404,9 @@ def train_rm(
     max_length: Annotated[
         int, typer.Option("--max-length", min=8, help="Drop pairs longer than this (tokens).")
     ] = 1024,
+    checkpoint_every: CheckpointEveryOpt = 0,
     seed: SeedOpt = 0,
+    resume: ResumeTrainingOpt = True,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Train a reward model (one scalar per conversation) on preference labels with TRL's RewardTrainer.
@@ -421,7 +429,15 @@ def train_rm(
         max_length=max_length,
         seed=seed,
     )
-    run_train_rm(input_file, output, model=model, config=config, trust_remote_code=trust_remote_code)
+    run_train_rm(
+        input_file,
+        output,
+        model=model,
+        config=config,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        trust_remote_code=trust_remote_code,
+    )
 
 
 @app.command()
@@ -466,7 +482,9 @@ def ppo(
     sample_every: Annotated[
         int, typer.Option("--sample-every", min=1, help="Save sample rollouts every N steps.")
     ] = 5,
+    checkpoint_every: CheckpointEveryOpt = 0,
     seed: SeedOpt = 0,
+    resume: ResumeTrainingOpt = True,
     trust_remote_code: TrustOpt = False,
 ) -> None:
     """Optimise a policy against a reward model with PPO and a per-token KL penalty to a frozen reference.
@@ -474,6 +492,8 @@ def ppo(
     Logs reward, KL, entropy, policy/value loss, clip fraction and response length for every
     step (POLICY_DIR/training_log.jsonl and one line on stderr), saves sample rollouts every
     N steps (POLICY_DIR/samples.jsonl) and the policy as a Hugging Face model directory.
+    With --checkpoint-every N, a killed run continues from its last checkpoint when the
+    same command is run again, taking the same steps an uninterrupted run would.
 
     Example: caitool ppo examples/red_team.jsonl --policy runs/sft --rm runs/rm -o runs/ppo --steps 4
     """
@@ -502,6 +522,8 @@ def ppo(
         reward_model=rm,
         ref=ref,
         config=config,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
         trust_remote_code=trust_remote_code,
     )
 

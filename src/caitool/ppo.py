@@ -27,7 +27,9 @@ the reference is exactly zero before the first update when the reference is the 
 from __future__ import annotations
 
 import copy
+import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,9 +40,19 @@ from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records
 from caitool.pipeline import validate_input
 from caitool.progress import print_summary
-from caitool.provenance import build_manifest, now_iso
+from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import Conversation, PromptRecord, parse_prompt_input
-from caitool.training import TRAINING_LOG, JsonlLog, atomic_model_dir, check_output_dir, write_model_manifest
+from caitool.training import (
+    CHECKPOINTS,
+    TRAINING_LOG,
+    JsonlLog,
+    atomic_model_dir,
+    check_output_dir,
+    checkpoint_step,
+    keep_log_until,
+    resume_checkpoint,
+    write_model_manifest,
+)
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -503,6 +515,31 @@ def sample_lines(step: int, records: list[PromptRecord], rollout: Rollout) -> li
     ]
 
 
+def save_checkpoint(trainer: PPOTrainer, staging: Path, step: int) -> Path:
+    """Policy, value model and optimiser state after ``step`` (accelerate's format, so a
+    DeepSpeed or multi-GPU run saves its shards too). Only the newest checkpoint is kept; it
+    appears under its final name only when complete."""
+    checkpoints = staging / CHECKPOINTS
+    final = checkpoints / f"checkpoint-{step}"
+    unfinished = checkpoints / f".checkpoint-{step}.tmp"
+    shutil.rmtree(unfinished, ignore_errors=True)
+    trainer.accelerator.save_state(str(unfinished), safe_serialization=False)
+    os.replace(unfinished, final)
+    for older in checkpoints.glob("checkpoint-*"):
+        if older != final:
+            shutil.rmtree(older, ignore_errors=True)
+    return final
+
+
+def ppo_run_key(input_path: str | Path, infos: dict[str, Any], config: PPOConfig) -> dict[str, Any]:
+    """What a run trains on and with: a checkpoint is reused only by a run with the same key."""
+    return {
+        "input": file_sha256(input_path),
+        **{f"{role}_sha256": info.sha256 for role, info in sorted(infos.items())},
+        **asdict(config),
+    }
+
+
 def run_ppo(
     input_path: str | Path,
     output: str | Path,
@@ -511,9 +548,17 @@ def run_ppo(
     reward_model: str,
     ref: str | None = None,
     config: PPOConfig | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = True,
     trust_remote_code: bool = False,
 ) -> list[dict[str, float]]:
-    """Train and save the policy (HF directory: tokenizer, manifest, log, samples); return step metrics."""
+    """Train and save the policy (HF directory: tokenizer, manifest, log, samples); return step metrics.
+
+    With ``checkpoint_every`` the run saves its state every N steps; the same command run
+    again after a kill continues from the last one (``resume``). Every step's randomness is
+    derived from the seed and the step number, so a resumed run takes the same steps as an
+    uninterrupted one.
+    """
     config = config or PPOConfig()
     if config.value_from not in ("rm", "policy"):
         raise CaitoolError(f'value_from must be "rm" or "policy", got "{config.value_from}"')
@@ -524,11 +569,22 @@ def run_ppo(
     trainer, infos = build_trainer(
         policy=policy, reward_model=reward_model, ref=ref, config=config, trust_remote_code=trust_remote_code
     )
-    history: list[dict[str, float]] = []
     with atomic_model_dir(output) as staging:
-        log = JsonlLog(staging / TRAINING_LOG)
-        samples = JsonlLog(staging / SAMPLES_FILE)
+        checkpoint = resume_checkpoint(staging, ppo_run_key(input_path, infos, config), resume)
+        done = checkpoint_step(checkpoint) if checkpoint else 0
+        history = [
+            {k: v for k, v in entry.items() if k != "step"}
+            for entry in keep_log_until(staging / TRAINING_LOG, done)
+        ]
+        keep_log_until(staging / SAMPLES_FILE, done)
+        if checkpoint:
+            trainer.accelerator.load_state(checkpoint)
+            print_summary(f"ppo: resuming after step {done} from {checkpoint}")
+        log = JsonlLog(staging / TRAINING_LOG, append=True)
+        samples = JsonlLog(staging / SAMPLES_FILE, append=True)
         for step, batch in enumerate(prompt_batches(records, config), start=1):
+            if step <= done:
+                continue
             rollout, metrics = trainer.step([r.prompt for r in batch], derive_seed(config.seed, "step", step))
             history.append(metrics)
             log.write({"step": step, **metrics})
@@ -536,6 +592,8 @@ def run_ppo(
             if step == 1 or step % config.sample_every == 0 or step == config.steps:
                 for line in sample_lines(step, batch, rollout):
                     samples.write(line)
+            if checkpoint_every and step % checkpoint_every == 0 and step < config.steps:
+                save_checkpoint(trainer, staging, step)
         trained = trainer.accelerator.unwrap_model(trainer.policy)
         trained.save_pretrained(staging)
         trainer.tokenizer.save_pretrained(staging)
@@ -543,7 +601,13 @@ def run_ppo(
             staging,
             build_manifest(
                 phase="ppo",
-                params={**asdict(config), "ref": ref or "the starting policy", "device": str(trainer.device)},
+                params={
+                    **asdict(config),
+                    "ref": ref or "the starting policy",
+                    "device": str(trainer.device),
+                    "checkpoint_every": checkpoint_every,
+                    "resumed_from": checkpoint,
+                },
                 started_at=started,
                 models=infos,
                 inputs=[input_path],

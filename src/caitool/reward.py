@@ -29,9 +29,18 @@ from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records, write_json_atomic
 from caitool.pipeline import validate_input
 from caitool.progress import print_summary
-from caitool.provenance import build_manifest, now_iso
+from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import Conversation, Message, PreferenceRecord, parse_record
-from caitool.training import TRAINING_LOG, atomic_model_dir, jsonl_log_callback, write_model_manifest
+from caitool.training import (
+    CHECKPOINTS,
+    TRAINING_LOG,
+    atomic_model_dir,
+    checkpoint_step,
+    jsonl_log_callback,
+    keep_log_until,
+    resume_checkpoint,
+    write_model_manifest,
+)
 
 METRICS_FILE = "metrics.json"
 CALIBRATION_BINS = 10
@@ -288,8 +297,13 @@ def soft_label_trainer_class():
     return SoftLabelRewardTrainer, SoftLabelCollator
 
 
-def load_reward_init(spec: str, *, lora: bool, trust_remote_code: bool):
-    """A one-output sequence classifier initialised from a causal LM (or reward model) directory."""
+def load_reward_init(spec: str, *, lora: bool, seed: int, trust_remote_code: bool):
+    """A one-output sequence classifier initialised from a causal LM (or reward model) directory.
+
+    The new scalar head is drawn from ``seed``, so the same command trains the same model.
+    """
+    import torch
+
     from caitool.models import force_offline, load_tokenizer, model_info, quiet_transformers
 
     info = model_info(spec)
@@ -299,6 +313,7 @@ def load_reward_init(spec: str, *, lora: bool, trust_remote_code: bool):
     from trl.trainer.reward_trainer import suppress_seqcls_warning
 
     tokenizer = load_tokenizer(info.path, trust_remote_code=trust_remote_code)
+    torch.manual_seed(seed)
     with suppress_seqcls_warning():
         model = AutoModelForSequenceClassification.from_pretrained(
             info.path, num_labels=1, local_files_only=True, trust_remote_code=trust_remote_code
@@ -325,10 +340,16 @@ def run_train_rm(
     *,
     model: str = "default",
     config: RewardTrainingConfig | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = True,
     trust_remote_code: bool = False,
     device: str | None = None,
 ) -> dict[str, Any]:
-    """Train, save atomically (model, tokenizer, manifest, log, metrics.json) and return the metrics."""
+    """Train, save atomically (model, tokenizer, manifest, log, metrics.json) and return the metrics.
+
+    With ``checkpoint_every`` the Trainer saves every N steps, and the same command run again
+    after a kill continues from the last checkpoint (``resume``).
+    """
     config = config or RewardTrainingConfig()
     started, clock = now_iso(), time.perf_counter()
     source = validate_input(input_path, parse_preference)
@@ -341,7 +362,7 @@ def run_train_rm(
     check_output_dir(output)
     device = pick_device(device)
     reward_init, tokenizer, info, peft_config = load_reward_init(
-        model, lora=config.lora, trust_remote_code=trust_remote_code
+        model, lora=config.lora, seed=config.seed, trust_remote_code=trust_remote_code
     )
     rows = tokenized_rows(tokenizer, train_records, config.soft, config.max_length)
     if not rows:
@@ -352,14 +373,20 @@ def run_train_rm(
     from trl import RewardConfig
 
     trainer_class, collator_class = soft_label_trainer_class()
+    run_key = {"input": file_sha256(input_path), "model": info.sha256, **asdict(config)}
     with atomic_model_dir(output) as staging:
+        checkpoint = resume_checkpoint(staging, run_key, resume)
+        if checkpoint is not None:
+            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint))
         args = RewardConfig(
-            output_dir=str(staging / "checkpoints"),
+            output_dir=str(staging / CHECKPOINTS),
             num_train_epochs=config.epochs,
             learning_rate=config.lr,
             per_device_train_batch_size=config.batch_size,
             logging_steps=1,
-            save_strategy="no",
+            save_strategy="steps" if checkpoint_every else "no",
+            save_steps=checkpoint_every or 500,
+            save_total_limit=1,
             eval_strategy="no",
             report_to=[],
             seed=config.seed,
@@ -376,11 +403,11 @@ def run_train_rm(
             processing_class=tokenizer,
             data_collator=collator_class(pad_token_id=tokenizer.pad_token_id),
             peft_config=peft_config,
-            callbacks=[jsonl_log_callback(staging / TRAINING_LOG)],
+            callbacks=[jsonl_log_callback(staging / TRAINING_LOG, append=checkpoint is not None)],
         )
         # The log goes to training_log.jsonl; the default printer would put dicts on stdout.
         trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=checkpoint)
         trained = trainer.model.merge_and_unload() if config.lora else trainer.model
         trained.config.pad_token_id = tokenizer.pad_token_id
         trained.save_pretrained(staging)
@@ -397,7 +424,12 @@ def run_train_rm(
             staging,
             build_manifest(
                 phase="train-rm",
-                params={**asdict(config), "device": device},
+                params={
+                    **asdict(config),
+                    "device": device,
+                    "checkpoint_every": checkpoint_every,
+                    "resumed_from": checkpoint,
+                },
                 started_at=started,
                 models={"init": info},
                 inputs=[input_path],

@@ -10,7 +10,6 @@ that appears in one rename when everything is written.
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -24,7 +23,7 @@ from caitool.hygiene import REVISION_EMPTY
 from caitool.jsonl_io import read_records
 from caitool.pipeline import validate_input
 from caitool.progress import phase_progress, print_summary
-from caitool.provenance import build_manifest, now_iso
+from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import (
     ConstitutionRef,
     Conversation,
@@ -34,17 +33,19 @@ from caitool.records import (
     parse_record,
 )
 from caitool.training import (
+    CHECKPOINTS,
     TRAINING_LOG,
     atomic_model_dir,
     check_output_dir,
+    checkpoint_step,
     cpu_training_kwargs,
     jsonl_log_callback,
+    keep_log_until,
+    resume_checkpoint,
     write_model_manifest,
 )
 
 RoundsMode = Literal["final", "all"]
-CHECKPOINTS = "checkpoints"
-RUN_KEY = "sft_run_key.json"
 
 
 @dataclass
@@ -201,34 +202,6 @@ def progress_callback(tracker: Any) -> Any:
     return _Progress()
 
 
-def resume_checkpoint(staging: Path, run_key: dict[str, Any], resume: bool) -> str | None:
-    """The latest checkpoint a killed run of the same command left in the staging directory."""
-    from transformers.trainer_utils import get_last_checkpoint
-
-    key_file = staging / RUN_KEY
-    checkpoints = staging / CHECKPOINTS
-    same_run = key_file.exists() and json.loads(key_file.read_text()) == run_key
-    if not (resume and same_run) and checkpoints.exists():
-        import shutil
-
-        shutil.rmtree(checkpoints)
-    key_file.write_text(json.dumps(run_key, sort_keys=True, indent=2))
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
-
-
-def checkpoint_step(checkpoint: str) -> int:
-    return int(Path(checkpoint).name.rsplit("-", 1)[-1])
-
-
-def keep_log_until(log_path: Path, step: int) -> None:
-    """Drop log entries a killed run wrote after its last checkpoint; the resumed run redoes those steps."""
-    if not log_path.exists():
-        return
-    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    kept = [e for e in entries if e.get("step", 0) <= step]
-    log_path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept))
-
-
 def load_policy(spec: str, trust_remote_code: bool) -> tuple[Any, Any, Any, str]:
     """Model info, tokenizer and fp32 weights (on a GPU the Trainer's bf16 autocast does mixed precision)."""
     from caitool.models import force_offline, load_tokenizer, model_info, pick_device, quiet_transformers
@@ -306,7 +279,13 @@ def run_sft(
     )
     check_output_dir(output_dir)
     info, tokenizer, policy, device = load_policy(model, trust_remote_code)
-    run_key = {"input": str(input_path), "mix": str(mix), "model": info.sha256, **settings.as_params()}
+    run_key = {
+        "input": file_sha256(input_path),
+        "mix": file_sha256(mix) if mix is not None else None,
+        "model": info.sha256,
+        **settings.as_params(),
+        "checkpoint_every": None,  # how often a run saves does not change what it trains
+    }
     with atomic_model_dir(output_dir) as staging:
         checkpoint = resume_checkpoint(staging, run_key, resume)
         if checkpoint is not None:
@@ -334,7 +313,6 @@ def run_sft(
             counts=counts,
         )
         write_model_manifest(staging, manifest)
-        (staging / RUN_KEY).unlink(missing_ok=True)
     print_summary(_summary(output_dir, counts, settings))
     return manifest
 

@@ -3,8 +3,9 @@ atomically, a JSONL training log, and the provenance manifest saved inside the m
 
 A run trains into ``.NAME.partial/`` beside the target and renames it into place only when
 the model, tokenizer, manifest and log are all written, so a killed run never leaves a
-directory that looks complete. The staging directory is kept after a kill so a phase can
-resume from checkpoints it left there.
+directory that looks complete. The staging directory is kept after a kill so the same
+command, run again, resumes from the last checkpoint it left there (``checkpoints/checkpoint-N``);
+``run_key.json`` records what that run was, so a different command never resumes from it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from caitool.jsonl_io import write_json_atomic
 from caitool.provenance import MODEL_MANIFEST
 
 TRAINING_LOG = "training_log.jsonl"
+CHECKPOINTS = "checkpoints"
+RUN_KEY = "run_key.json"
 
 
 def staging_dir(out: Path) -> Path:
@@ -47,8 +50,8 @@ def atomic_model_dir(out: str | Path) -> Iterator[Path]:
     yield staging
     if not (staging / MODEL_MANIFEST).exists():
         raise CaitoolError(f"internal error: {staging} has no {MODEL_MANIFEST}; not publishing it")
-    for leftover in ("checkpoints",):
-        shutil.rmtree(staging / leftover, ignore_errors=True)
+    shutil.rmtree(staging / CHECKPOINTS, ignore_errors=True)
+    (staging / RUN_KEY).unlink(missing_ok=True)
     if out.exists():
         retired = out.parent / f".{out.name}.old"
         shutil.rmtree(retired, ignore_errors=True)
@@ -57,6 +60,38 @@ def atomic_model_dir(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         os.replace(staging, out)
+
+
+def resume_checkpoint(staging: Path, run_key: dict[str, Any], resume: bool) -> str | None:
+    """The latest checkpoint a killed run of the same command left in ``staging``, if any.
+
+    Checkpoints of a different command (another ``run_key``), or all of them with
+    ``resume=False``, are deleted so they can never be mixed into this run.
+    """
+    from transformers.trainer_utils import get_last_checkpoint
+
+    key_file = staging / RUN_KEY
+    checkpoints = staging / CHECKPOINTS
+    same_run = key_file.exists() and json.loads(key_file.read_text()) == run_key
+    if not (resume and same_run) and checkpoints.exists():
+        shutil.rmtree(checkpoints)
+    write_json_atomic(key_file, run_key)
+    return get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    return int(Path(checkpoint).name.rsplit("-", 1)[-1])
+
+
+def keep_log_until(log_path: Path, step: int) -> list[dict[str, Any]]:
+    """Drop entries a killed run logged after its last checkpoint (the resumed run redoes
+    those steps) and return the entries kept."""
+    if not log_path.exists():
+        return []
+    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    kept = [e for e in entries if e.get("step", 0) <= step]
+    log_path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept))
+    return kept
 
 
 def write_model_manifest(directory: Path, manifest: dict[str, Any]) -> None:
