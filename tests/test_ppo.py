@@ -288,6 +288,7 @@ def test_a_killed_run_resumes_to_the_same_policy(
 
     resumed = ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1)
     assert resumed.exit_code == 0, resumed.output
+    assert "ppo: saved checkpoint-2 in" in killed.output
     assert "resuming after step 2" in resumed.output and "ppo step 3/3" in resumed.output
     assert "ppo step 1/3" not in resumed.output
     log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]

@@ -593,7 +593,9 @@ def run_ppo(
                 for line in sample_lines(step, batch, rollout):
                     samples.write(line)
             if checkpoint_every and step % checkpoint_every == 0 and step < config.steps:
-                save_checkpoint(trainer, staging, step)
+                saving = time.perf_counter()
+                saved = save_checkpoint(trainer, staging, step)
+                print_summary(f"ppo: saved {saved.name} in {time.perf_counter() - saving:.1f}s")
         trained = trainer.accelerator.unwrap_model(trainer.policy)
         trained.save_pretrained(staging)
         trainer.tokenizer.save_pretrained(staging)
