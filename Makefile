@@ -8,7 +8,7 @@ CAITOOL := $(VENV)/bin/caitool
 # machine set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch --index-url ...").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast lint demo clean-demo
+.PHONY: install test test-fast lint demo clean-demo FORCE
 
 install: $(VENV)/.installed
 
@@ -36,7 +36,7 @@ lint: install
 # Every step is a file target, so `make demo` rebuilds only what is out of date and a killed
 # step restarts where it stopped (JSONL outputs resume from OUT.part; model directories
 # appear in one rename). Override any variable: make demo MODEL=path/to/model N=64 RUN=runs/mine
-# Changing a variable does not invalidate existing files: use a new RUN= or `make clean-demo`.
+# Changing a variable remakes exactly the steps that read it, and the steps after them.
 RUN ?= runs/demo
 MODEL ?= default
 FEEDBACK ?= $(MODEL)
@@ -54,6 +54,17 @@ BATCH ?= 8
 SEED ?= 0
 
 COMMON := -c $(CONSTITUTION) -b $(BATCH) --seed $(SEED)
+
+# One stamp file per variable, holding its value and rewritten only when the value changes
+# (the `+` runs it even under make -n/-t). A step lists the stamps of the variables it reads,
+# so `make demo PPO_STEPS=20` redoes ppo, eval and report and keeps everything before them.
+STAMPED := MODEL FEEDBACK CONSTITUTION PROMPTS HELPFUL EVAL_PROMPTS N EVAL_N MAX_NEW PPO_STEPS PPO_BATCH BATCH SEED
+vars = $(foreach v,$(1),$(RUN)/.vars/$(v))
+define VAR_STAMP
+$(RUN)/.vars/$(1): FORCE
+	+@mkdir -p $$(@D); printf '%s\n' '$$($(1))' | cmp -s - $$@ || printf '%s\n' '$$($(1))' > $$@
+endef
+$(foreach v,$(STAMPED),$(eval $(call VAR_STAMP,$(v))))
 LAST_ROUND := $(RUN)/round$(ROUNDS).revise.jsonl
 EVAL_SETS := $(foreach f,$(EVAL_PROMPTS),$(RUN)/eval-prompts/$(notdir $(f)))
 # Each step appends "step<TAB>seconds<TAB>peak RSS in KB" to timings.tsv (the report shows it).
@@ -61,57 +72,60 @@ GNU_TIME := $(wildcard /usr/bin/time)
 step = $(if $(GNU_TIME),$(GNU_TIME) -a -o $(RUN)/timings.tsv -f "$(1)\t%e\t%M",)
 
 demo: install $(RUN)/report.html
+	@echo "demo: $(RUN)/report.html is up to date"
 
-$(RUN)/prompts.jsonl: $(PROMPTS) | $(VENV)/.installed
+$(RUN)/prompts.jsonl: $(PROMPTS) $(call vars,PROMPTS N) | $(VENV)/.installed
 	mkdir -p $(RUN)
 	head -n $(N) $< > $@.tmp && mv $@.tmp $@
 
 define EVAL_SET_RULE
-$(RUN)/eval-prompts/$(notdir $(1)): $(1) | $(VENV)/.installed
+$(RUN)/eval-prompts/$(notdir $(1)): $(1) $(call vars,EVAL_N) | $(VENV)/.installed
 	mkdir -p $$(@D)
 	head -n $(EVAL_N) $$< > $$@.tmp && mv $$@.tmp $$@
 endef
 $(foreach f,$(EVAL_PROMPTS),$(eval $(call EVAL_SET_RULE,$(f))))
 
-$(RUN)/base.jsonl: $(RUN)/prompts.jsonl
+$(RUN)/base.jsonl: $(RUN)/prompts.jsonl $(call vars,MODEL MAX_NEW BATCH SEED)
 	$(call step,generate) $(CAITOOL) generate $< -o $@ -m $(MODEL) --max-new-tokens $(MAX_NEW) -b $(BATCH) --seed $(SEED)
 
 # Round k critiques the responses of round k-1 (round 1: the base responses), then revises them.
 define ROUND_RULES
-$(RUN)/round$(1).critique.jsonl: $(if $(filter 1,$(1)),$(RUN)/base.jsonl,$(RUN)/round$(shell expr $(1) - 1).revise.jsonl)
+$(RUN)/round$(1).critique.jsonl: $(if $(filter 1,$(1)),$(RUN)/base.jsonl,$(RUN)/round$(shell expr $(1) - 1).revise.jsonl) \
+		$(call vars,MODEL CONSTITUTION MAX_NEW BATCH SEED)
 	$$(call step,critique-$(1)) $(CAITOOL) critique $$< -o $$@ -m $(MODEL) $(COMMON) --max-new-tokens $(MAX_NEW)
-$(RUN)/round$(1).revise.jsonl: $(RUN)/round$(1).critique.jsonl
+$(RUN)/round$(1).revise.jsonl: $(RUN)/round$(1).critique.jsonl $(call vars,MODEL CONSTITUTION MAX_NEW BATCH SEED)
 	$$(call step,revise-$(1)) $(CAITOOL) revise $$< -o $$@ -m $(MODEL) $(COMMON) --max-new-tokens $(MAX_NEW)
 endef
 $(foreach k,$(shell seq 1 $(ROUNDS)),$(eval $(call ROUND_RULES,$(k))))
 
-$(RUN)/sft/caitool_manifest.json: $(LAST_ROUND) $(HELPFUL)
+$(RUN)/sft/caitool_manifest.json: $(LAST_ROUND) $(HELPFUL) $(call vars,MODEL HELPFUL SEED)
 	$(call step,sft) $(CAITOOL) sft $< -o $(RUN)/sft -m $(MODEL) --mix $(HELPFUL) --mix-ratio 0.5 \
 		--max-length 384 --seed $(SEED)
 
 # RL phase: the SL-CAI model samples two responses per prompt, the feedback model labels them.
-$(RUN)/pairs.jsonl: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json
+$(RUN)/pairs.jsonl: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(call vars,MAX_NEW BATCH SEED)
 	$(call step,generate-pairs) $(CAITOOL) generate $< -o $@ -m $(RUN)/sft -n 2 --temperature 1.0 \
 		--max-new-tokens $(MAX_NEW) -b $(BATCH) --seed $(SEED)
 
-$(RUN)/prefs.jsonl: $(RUN)/pairs.jsonl
+$(RUN)/prefs.jsonl: $(RUN)/pairs.jsonl $(call vars,FEEDBACK CONSTITUTION BATCH SEED)
 	$(call step,label-preferences) $(CAITOOL) label-preferences $< -o $@ -m $(FEEDBACK) $(COMMON)
 
-$(RUN)/rm/caitool_manifest.json: $(RUN)/prefs.jsonl
+$(RUN)/rm/caitool_manifest.json: $(RUN)/prefs.jsonl $(call vars,MODEL SEED)
 	$(call step,train-rm) $(CAITOOL) train-rm $< -o $(RUN)/rm -m $(MODEL) --eval-fraction 0.25 --epochs 1 \
 		--lr 2e-5 --max-length 384 --seed $(SEED)
 
-$(RUN)/ppo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(RUN)/rm/caitool_manifest.json
+$(RUN)/ppo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(RUN)/rm/caitool_manifest.json \
+		$(call vars,MAX_NEW PPO_STEPS PPO_BATCH SEED)
 	$(call step,ppo) $(CAITOOL) ppo $< --policy $(RUN)/sft --rm $(RUN)/rm -o $(RUN)/ppo --steps $(PPO_STEPS) \
 		-b $(PPO_BATCH) --mini-batches 1 --response-length $(MAX_NEW) --seed $(SEED)
 
 $(RUN)/eval/summary.json: $(EVAL_SETS) $(RUN)/sft/caitool_manifest.json $(RUN)/ppo/caitool_manifest.json \
-		$(RUN)/rm/caitool_manifest.json
+		$(RUN)/rm/caitool_manifest.json $(call vars,MODEL FEEDBACK CONSTITUTION EVAL_PROMPTS MAX_NEW BATCH SEED)
 	$(call step,eval) $(CAITOOL) eval $(EVAL_SETS) -m base=$(MODEL) -m sft=$(RUN)/sft -m ppo=$(RUN)/ppo \
 		--rm $(RUN)/rm --judge $(FEEDBACK) -c $(CONSTITUTION) --max-new-tokens $(MAX_NEW) -b $(BATCH) \
 		--seed $(SEED) -o $(RUN)/eval
 
-$(RUN)/report.html: $(RUN)/eval/summary.json
+$(RUN)/report.html: $(RUN)/eval/summary.json $(call vars,CONSTITUTION)
 	$(CAITOOL) report $(RUN) -c $(CONSTITUTION) -o $@
 
 clean-demo:
