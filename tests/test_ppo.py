@@ -333,3 +333,34 @@ def test_a_different_command_does_not_resume_a_killed_run(
     assert other_lr.exit_code == 0, other_lr.output
     assert "resuming" not in other_lr.output and "ppo step 1/3" in other_lr.output
     assert json.loads((out / "caitool_manifest.json").read_text())["params"]["resumed_from"] is None
+
+
+def test_a_killed_run_can_be_resumed_with_more_steps(
+    tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
+):
+    import caitool.ppo
+
+    out = tmp_path / "policy"
+    real_step = caitool.ppo.PPOTrainer.step
+    calls = []
+
+    def killed_at_third_step(self, prompts, seed):
+        calls.append(seed)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(self, prompts, seed)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(caitool.ppo.PPOTrainer, "step", killed_at_third_step)
+        assert (
+            ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1).exit_code == 130
+        )
+    shorter = ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1, "--steps", 2)
+    assert shorter.exit_code == 2 and "already past step 2" in shorter.output, shorter.output
+    assert (staging_dir(out) / "checkpoints" / "checkpoint-2").exists()
+    longer = ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1, "--steps", 4)
+    assert longer.exit_code == 0, longer.output
+    assert "resuming after step 2" in longer.output and "ppo step 4/4" in longer.output
+    log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
+    assert [e["step"] for e in log] == [1, 2, 3, 4]
+    assert json.loads((out / "caitool_manifest.json").read_text())["counts"]["steps"] == 4

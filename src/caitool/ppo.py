@@ -532,11 +532,16 @@ def save_checkpoint(trainer: PPOTrainer, staging: Path, step: int) -> Path:
 
 
 def ppo_run_key(input_path: str | Path, infos: dict[str, Any], config: PPOConfig) -> dict[str, Any]:
-    """What a run trains on and with: a checkpoint is reused only by a run with the same key."""
+    """What a run trains on and with: a checkpoint is reused only by a run with the same key.
+
+    The number of steps is left out: step k's prompts and randomness do not depend on it, so
+    a killed run can be resumed with more steps than it was started with.
+    """
+    settings = {k: v for k, v in asdict(config).items() if k not in ("steps", "sample_every")}
     return {
         "input": file_sha256(input_path),
         **{f"{role}_sha256": info.sha256 for role, info in sorted(infos.items())},
-        **asdict(config),
+        **settings,
     }
 
 
@@ -570,7 +575,13 @@ def run_ppo(
         policy=policy, reward_model=reward_model, ref=ref, config=config, trust_remote_code=trust_remote_code
     )
     with atomic_model_dir(output) as staging:
-        checkpoint = resume_checkpoint(staging, ppo_run_key(input_path, infos, config), resume)
+        run_key = ppo_run_key(input_path, infos, config)
+        checkpoint = resume_checkpoint(staging, run_key, resume)
+        if checkpoint and checkpoint_step(checkpoint) >= config.steps:
+            raise CaitoolError(
+                f"{checkpoint} holds a killed run already past step {config.steps}; rerun with "
+                f"--steps above {checkpoint_step(checkpoint)} to continue it, or --no-resume to start over"
+            )
         done = checkpoint_step(checkpoint) if checkpoint else 0
         history = [
             {k: v for k, v in entry.items() if k != "step"}
