@@ -259,30 +259,37 @@ def weights(directory):
     return load_file(str(directory / "model.safetensors"))
 
 
+def killed_run(monkeypatch, kill_at_step, *cli_args):
+    """Run ppo with ``--checkpoint-every 1`` and interrupt it as step ``kill_at_step`` begins."""
+    import caitool.ppo
+
+    real_step = caitool.ppo.PPOTrainer.step
+    calls = []
+
+    def step_or_kill(self, prompts, seed):
+        calls.append(seed)
+        if len(calls) == kill_at_step:
+            raise KeyboardInterrupt
+        return real_step(self, prompts, seed)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(caitool.ppo.PPOTrainer, "step", step_or_kill)
+        result = ppo_cli(*cli_args, "--checkpoint-every", 1)
+    assert result.exit_code == 130
+    return result
+
+
 def test_a_killed_run_resumes_to_the_same_policy(
     tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
 ):
     import torch
 
-    import caitool.ppo
-
     straight = tmp_path / "straight"
     assert ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, straight).exit_code == 0
 
     out = tmp_path / "resumed"
-    real_step = caitool.ppo.PPOTrainer.step
-    calls = []
-
-    def killed_at_third_step(self, prompts, seed):
-        calls.append(seed)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, prompts, seed)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(caitool.ppo.PPOTrainer, "step", killed_at_third_step)
-        killed = ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1)
-    assert killed.exit_code == 130 and not out.exists()
+    killed = killed_run(monkeypatch, 3, prompts_file, tiny_model_dir, tiny_rm_dir, out)
+    assert not out.exists()
     checkpoints = staging_dir(out) / "checkpoints"
     assert [c.name for c in checkpoints.iterdir()] == ["checkpoint-2"]
 
@@ -310,23 +317,8 @@ def test_a_killed_run_resumes_to_the_same_policy(
 def test_a_different_command_does_not_resume_a_killed_run(
     tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
 ):
-    import caitool.ppo
-
     out = tmp_path / "policy"
-    real_step = caitool.ppo.PPOTrainer.step
-    calls = []
-
-    def killed_at_second_step(self, prompts, seed):
-        calls.append(seed)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real_step(self, prompts, seed)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(caitool.ppo.PPOTrainer, "step", killed_at_second_step)
-        assert (
-            ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1).exit_code == 130
-        )
+    killed_run(monkeypatch, 2, prompts_file, tiny_model_dir, tiny_rm_dir, out)
     other_lr = ppo_cli(
         prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1, "--lr", "1e-4"
     )
@@ -338,23 +330,8 @@ def test_a_different_command_does_not_resume_a_killed_run(
 def test_a_killed_run_can_be_resumed_with_more_steps(
     tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
 ):
-    import caitool.ppo
-
     out = tmp_path / "policy"
-    real_step = caitool.ppo.PPOTrainer.step
-    calls = []
-
-    def killed_at_third_step(self, prompts, seed):
-        calls.append(seed)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(self, prompts, seed)
-
-    with monkeypatch.context() as patched:
-        patched.setattr(caitool.ppo.PPOTrainer, "step", killed_at_third_step)
-        assert (
-            ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1).exit_code == 130
-        )
+    killed_run(monkeypatch, 3, prompts_file, tiny_model_dir, tiny_rm_dir, out)
     shorter = ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1, "--steps", 2)
     assert shorter.exit_code == 2 and "already past step 2" in shorter.output, shorter.output
     assert (staging_dir(out) / "checkpoints" / "checkpoint-2").exists()
