@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -207,3 +208,77 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir, revised_f
     log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
     assert [entry["step"] for entry in log if "loss" in entry] == [1, 2, 3, 4]
     assert not (out / "checkpoints").exists() and not (out / "run_key.json").exists()
+
+
+def test_lora_no_merge_saves_an_adapter_every_command_loads(tiny_model_dir, revised_file, tmp_path):
+    import torch
+
+    from caitool.models import load_causal_lm, model_info
+
+    common = [revised_file, "--model", tiny_model_dir, "--lora", "--lora-rank", 4, "--lr", "1e-2"]
+    merged, adapter = tmp_path / "merged", tmp_path / "adapter"
+    assert sft_cli(*common, "-o", merged).exit_code == 0
+    result = sft_cli(*common, "-o", adapter, "--no-merge")
+    assert result.exit_code == 0, result.output
+    assert (adapter / "adapter_config.json").exists() and (adapter / "adapter_model.safetensors").exists()
+    assert not (adapter / "model.safetensors").exists() and (adapter / MODEL_MANIFEST).exists()
+    base = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert Path(base).resolve() == Path(tiny_model_dir).resolve()
+
+    # The adapter, loaded onto its base, is the model the merged run saved.
+    ids = torch.tensor([[5, 17, 42, 8, 99]])
+    with torch.no_grad():
+        from_adapter = load_causal_lm(str(adapter)).model(input_ids=ids).logits
+        from_merged = load_causal_lm(str(merged)).model(input_ids=ids).logits
+    assert torch.allclose(from_adapter, from_merged, atol=1e-5)
+    assert model_info(str(adapter)).sha256 != model_info(str(merged)).sha256
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "a", "prompt": "How do I bake bread?"}\n')
+    generated = runner.invoke(
+        app,
+        [
+            "generate",
+            str(prompts),
+            "-o",
+            str(tmp_path / "g.jsonl"),
+            "--model",
+            str(adapter),
+            "--max-new-tokens",
+            "3",
+        ],
+    )
+    assert generated.exit_code == 0, generated.output
+    assert json.loads((tmp_path / "g.jsonl").read_text())["model"].startswith("adapter@")
+
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text(
+        json.dumps(
+            {
+                "id": "p0",
+                "kind": "preference",
+                "prompt": [{"role": "user", "content": "Hi"}],
+                "chosen": [{"role": "assistant", "content": "Hello."}],
+                "rejected": [{"role": "assistant", "content": "Go away."}],
+                "p_chosen": 0.7,
+                "principle_id": "less-harmful",
+                "pair": [0, 1],
+                "p_first": 0.7,
+                "p_swapped": 0.7,
+                "mode": "logprob",
+                "feedback_model": "m@0",
+                "constitution": {"name": "h", "version": "1", "hash": "x"},
+            }
+        )
+        + "\n"
+    )
+    refused = runner.invoke(
+        app,
+        ["train-rm", str(prefs), "-o", str(tmp_path / "rm"), "--model", str(adapter), "--eval-fraction", "0"],
+    )
+    assert refused.exit_code == 2 and "is a LoRA adapter" in refused.output
+
+
+def test_no_merge_without_lora_is_refused(tiny_model_dir, revised_file, tmp_path):
+    result = sft_cli(revised_file, "-o", tmp_path / "sft", "--model", tiny_model_dir, "--no-merge")
+    assert result.exit_code == 2 and "--no-merge only applies to --lora" in result.output

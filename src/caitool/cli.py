@@ -259,6 +259,14 @@ def sft(
     ] = 1.0,
     lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters, merged when saved.")] = False,
     lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge",
+            help="With --lora: save the merged model (default) or only the adapter, which every "
+            "caitool command loads onto its base.",
+        ),
+    ] = True,
     epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per batch.")] = 4,
@@ -280,12 +288,15 @@ def sft(
     """
     from caitool.sft import SftSettings, run_sft
 
+    if not merge and not lora:
+        raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
     settings = SftSettings(
         rounds=rounds,  # type: ignore[arg-type]
         exclude_flags=tuple(exclude_flag or ()),
         mix_ratio=mix_ratio,
         lora=lora,
         lora_rank=lora_rank,
+        merge=merge,
         epochs=epochs,
         lr=lr,
         batch_size=batch_size,

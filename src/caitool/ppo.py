@@ -437,21 +437,28 @@ def build_trainer(
 ) -> tuple[PPOTrainer, dict[str, Any]]:
     """Load the four models (policy, reference, reward, value) and the trainer around them."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from caitool.models import force_offline, load_tokenizer, model_info, quiet_transformers
+    from caitool.models import (
+        force_offline,
+        load_full_causal_lm,
+        load_tokenizer,
+        model_info,
+        quiet_transformers,
+        require_full_model,
+    )
     from caitool.reward import load_reward_model
 
     infos = {"policy": model_info(policy), "reward": model_info(reward_model)}
+    require_full_model(infos["reward"], "the reward model (--rm)")
+    if config.value_from == "policy":
+        require_full_model(infos["policy"], "--value-from policy")
     if ref is not None:
         infos["ref"] = model_info(ref)
     force_offline()
     quiet_transformers()
 
     def causal_lm(path: str) -> Any:
-        return AutoModelForCausalLM.from_pretrained(
-            path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch.float32
-        )
+        return load_full_causal_lm(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
 
     policy_model = causal_lm(infos["policy"].path)
     ref_model = causal_lm(infos["ref"].path) if ref is not None else copy.deepcopy(policy_model)

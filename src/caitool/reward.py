@@ -135,9 +135,17 @@ def load_reward_model(
     directory: str | Path, *, device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False
 ) -> RewardModel:
     """Load a reward model written by ``train-rm`` (or any one-output sequence classifier)."""
-    from caitool.models import force_offline, load_tokenizer, model_info, pick_device, quiet_transformers
+    from caitool.models import (
+        force_offline,
+        load_tokenizer,
+        model_info,
+        pick_device,
+        quiet_transformers,
+        require_full_model,
+    )
 
     info = model_info(str(directory))
+    require_full_model(info, "a reward model")
     force_offline()
     quiet_transformers()
     from transformers import AutoModelForSequenceClassification
@@ -304,9 +312,16 @@ def load_reward_init(spec: str, *, lora: bool, seed: int, trust_remote_code: boo
     """
     import torch
 
-    from caitool.models import force_offline, load_tokenizer, model_info, quiet_transformers
+    from caitool.models import (
+        force_offline,
+        load_tokenizer,
+        model_info,
+        quiet_transformers,
+        require_full_model,
+    )
 
     info = model_info(spec)
+    require_full_model(info, "train-rm --model")
     force_offline()
     quiet_transformers()
     from transformers import AutoModelForSequenceClassification

@@ -143,6 +143,7 @@ class SftSettings:
     mix_ratio: float = 1.0
     lora: bool = False
     lora_rank: int = 16
+    merge: bool = True  # with lora: save the merged model (False: the adapter alone)
     epochs: float = 1.0
     lr: float = 5e-5
     batch_size: int = 4
@@ -204,18 +205,22 @@ def progress_callback(tracker: Any) -> Any:
 
 def load_policy(spec: str, trust_remote_code: bool) -> tuple[Any, Any, Any, str]:
     """Model info, tokenizer and fp32 weights (on a GPU the Trainer's bf16 autocast does mixed precision)."""
-    from caitool.models import force_offline, load_tokenizer, model_info, pick_device, quiet_transformers
+    from caitool.models import (
+        force_offline,
+        load_full_causal_lm,
+        load_tokenizer,
+        model_info,
+        pick_device,
+        quiet_transformers,
+    )
 
     info = model_info(spec)
     force_offline()
     quiet_transformers()
     import torch
-    from transformers import AutoModelForCausalLM
 
     tokenizer = load_tokenizer(info.path, trust_remote_code=trust_remote_code)
-    policy = AutoModelForCausalLM.from_pretrained(
-        info.path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=torch.float32
-    )
+    policy = load_full_causal_lm(info.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
     return info, tokenizer, policy, pick_device()
 
 
@@ -292,7 +297,8 @@ def run_sft(
             keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint))
         trainer = build_trainer(policy, tokenizer, data, settings, staging, device, checkpoint is not None)
         result, seconds = train(trainer, settings, len(data.examples), checkpoint)
-        trained = trainer.model.merge_and_unload() if settings.lora else trainer.model
+        # A PeftModel saves only its adapter, which names the base directory it was trained on.
+        trained = trainer.model.merge_and_unload() if settings.lora and settings.merge else trainer.model
         trained.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         counts = {
