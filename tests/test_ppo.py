@@ -341,3 +341,26 @@ def test_a_killed_run_can_be_resumed_with_more_steps(
     log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
     assert [e["step"] for e in log] == [1, 2, 3, 4]
     assert json.loads((out / "caitool_manifest.json").read_text())["counts"]["steps"] == 4
+
+
+def test_ppo_starts_from_a_lora_adapter_policy(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):
+    """An adapter directory (sft --lora --no-merge) is merged onto its base and trained as a full policy."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from caitool.models import load_tokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, lora).save_pretrained(adapter)
+    load_tokenizer(tiny_model_dir).save_pretrained(adapter)
+
+    out = tmp_path / "policy"
+    result = ppo_cli(prompts_file, adapter, tiny_rm_dir, out, "--steps", 1)
+    assert result.exit_code == 0, result.output
+    assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
+    manifest = json.loads((out / "caitool_manifest.json").read_text())
+    assert manifest["models"]["policy"]["path"] == str(adapter.resolve())
