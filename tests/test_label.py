@@ -264,3 +264,38 @@ def test_label_preferences_on_the_real_default_model(tmp_path):
     assert [r.id for r in records] == ["d1", "d2"]
     assert all(r.feedback_model.startswith("SmolLM2-135M-Instruct@") for r in records)
     assert all(0.0 < r.p_first < 1.0 and 0.0 < r.p_swapped < 1.0 for r in records)
+
+
+def test_output_trains_trl_reward_trainer_as_it_is(tiny_model_dir, tmp_path):
+    """The preference file plugs straight into datasets and TRL's RewardTrainer, no conversion."""
+    import datasets
+    from transformers import AutoModelForSequenceClassification
+    from trl import RewardConfig, RewardTrainer
+
+    from caitool.models import load_tokenizer
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [generation(f"q{i}", [GOOD, BAD]) for i in range(4)])
+    out = tmp_path / "prefs.jsonl"
+    labelled = runner.invoke(
+        app, ["label-preferences", str(pairs), "-o", str(out), "--model", str(tiny_model_dir)]
+    )
+    assert labelled.exit_code == 0, labelled.output
+
+    dataset = datasets.load_dataset("json", data_files=str(out), split="train")
+    assert dataset.num_rows == 4 and {"prompt", "chosen", "rejected", "p_chosen"} <= set(dataset.column_names)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    args = RewardConfig(
+        output_dir=str(tmp_path / "trl-rm"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    assert trainer.train().global_step == 1
