@@ -51,6 +51,7 @@ from caitool.training import (
     checkpoint_step,
     keep_log_until,
     resume_checkpoint,
+    save_like_base,
     write_model_manifest,
 )
 
@@ -615,7 +616,7 @@ def run_ppo(
                 saved = save_checkpoint(trainer, staging, step)
                 print_summary(f"ppo: saved {saved.name} in {time.perf_counter() - saving:.1f}s")
         trained = trainer.accelerator.unwrap_model(trainer.policy)
-        trained.save_pretrained(staging)
+        saved_dtype = save_like_base(trained, staging, infos["policy"].path)
         trainer.tokenizer.save_pretrained(staging)
         write_model_manifest(
             staging,
@@ -636,6 +637,7 @@ def run_ppo(
                     "steps": config.steps,
                     "first_reward": history[0]["reward"],
                     "last_reward": history[-1]["reward"],
+                    "saved_dtype": saved_dtype,
                 },
             ),
         )

@@ -39,6 +39,7 @@ from caitool.training import (
     jsonl_log_callback,
     keep_log_until,
     resume_checkpoint,
+    save_like_base,
     write_model_manifest,
 )
 
@@ -425,13 +426,14 @@ def run_train_rm(
         trainer.train(resume_from_checkpoint=checkpoint)
         trained = trainer.model.merge_and_unload() if config.lora else trainer.model
         trained.config.pad_token_id = tokenizer.pad_token_id
-        trained.save_pretrained(staging)
+        saved_dtype = save_like_base(trained, staging, info.path)
         tokenizer.save_pretrained(staging)
         scorer = RewardModel(trained.eval(), tokenizer, device=str(trained.device))
         metrics = {
             "held_out": evaluate_pairs(scorer, held_out),
             "train": {"pairs": len(rows), "skipped_too_long": len(train_records) - len(rows)},
             "labels": "soft" if config.soft else "hard",
+            "saved_dtype": saved_dtype,
             "wall_seconds": round(time.perf_counter() - clock, 1),
         }
         write_json_atomic(staging / METRICS_FILE, metrics)

@@ -42,6 +42,7 @@ from caitool.training import (
     jsonl_log_callback,
     keep_log_until,
     resume_checkpoint,
+    save_like_base,
     write_model_manifest,
 )
 
@@ -297,9 +298,13 @@ def run_sft(
             keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint))
         trainer = build_trainer(policy, tokenizer, data, settings, staging, device, checkpoint is not None)
         result, seconds = train(trainer, settings, len(data.examples), checkpoint)
-        # A PeftModel saves only its adapter, which names the base directory it was trained on.
-        trained = trainer.model.merge_and_unload() if settings.lora and settings.merge else trainer.model
-        trained.save_pretrained(staging)
+        if settings.lora and not settings.merge:
+            # A PeftModel saves only its adapter, which names the base directory it was trained on.
+            trainer.model.save_pretrained(staging)
+            saved_dtype = "adapter"
+        else:
+            trained = trainer.model.merge_and_unload() if settings.lora else trainer.model
+            saved_dtype = save_like_base(trained, staging, info.path)
         tokenizer.save_pretrained(staging)
         counts = {
             **data.counts,
@@ -308,6 +313,7 @@ def run_sft(
             "mean_train_loss": result.training_loss,
             "train_tokens_per_epoch": sum(len(ids) for ids in trainer.train_dataset["input_ids"]),
             "train_seconds": round(seconds, 2),
+            "saved_dtype": saved_dtype,
         }
         manifest = build_manifest(
             phase="sft",

@@ -94,6 +94,34 @@ def keep_log_until(log_path: Path, step: int) -> list[dict[str, Any]]:
     return kept
 
 
+HALF_PRECISION = ("bfloat16", "float16")
+
+
+def config_dtype(model_dir: str | Path) -> str | None:
+    """The dtype a model directory's config declares (None for adapter directories and old configs)."""
+    config_file = Path(model_dir) / "config.json"
+    if not config_file.exists():
+        return None
+    config = json.loads(config_file.read_text())
+    dtype = config.get("dtype") or config.get("torch_dtype")
+    return dtype if isinstance(dtype, str) else None
+
+
+def save_like_base(model: Any, directory: Path, base_dir: str | Path) -> str:
+    """Save ``model`` in its base model's precision and return the dtype saved.
+
+    Training keeps fp32 weights (the optimiser needs them); a bf16 or fp16 base is saved back in
+    its own precision, so a fine-tuned 7B model is the size of its base, not twice that.
+    """
+    import torch
+
+    base = config_dtype(base_dir)
+    if base in HALF_PRECISION:
+        model = model.to(getattr(torch, base))
+    model.save_pretrained(directory)
+    return str(model.dtype).removeprefix("torch.")
+
+
 def write_model_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     write_json_atomic(directory / MODEL_MANIFEST, manifest)
 

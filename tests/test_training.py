@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from caitool.provenance import MODEL_MANIFEST
+from caitool.training import (
+    checkpoint_step,
+    config_dtype,
+    keep_log_until,
+    resume_checkpoint,
+    save_like_base,
+)
+from tests.test_sft import revised_file, sft_cli  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def bf16_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model saved in bfloat16, as most 7B bases are."""
+    from caitool.models import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-bf16")
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).save_pretrained(directory)
+    load_tokenizer(tiny_model_dir).save_pretrained(directory)
+    return directory
+
+
+def test_a_half_precision_base_is_saved_back_in_its_precision(tiny_model_dir, bf16_model_dir, tmp_path):
+    assert config_dtype(bf16_model_dir) == "bfloat16" and config_dtype(tiny_model_dir) == "float32"
+    trained = AutoModelForCausalLM.from_pretrained(bf16_model_dir, dtype=torch.float32)
+    assert save_like_base(trained, tmp_path / "half", bf16_model_dir) == "bfloat16"
+    assert config_dtype(tmp_path / "half") == "bfloat16"
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    assert save_like_base(full, tmp_path / "full", tiny_model_dir) == "float32"
+    assert config_dtype(tmp_path / "adapter-without-config") is None
+
+
+def test_sft_on_a_bf16_base_trains_in_fp32_and_saves_bf16(bf16_model_dir, revised_file, tmp_path):  # noqa: F811
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sft"
+    result = sft_cli(revised_file, "-o", out, "--model", bf16_model_dir, "--batch-size", 4, "--lr", "1e-3")
+    assert result.exit_code == 0, result.output
+    saved = load_file(out / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    base = load_file(bf16_model_dir / "model.safetensors")
+    assert any(not saved[k].equal(base[k]) for k in base)
+    assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["saved_dtype"] == "bfloat16"
+
+
+def test_resume_checkpoint_keeps_only_the_same_runs_checkpoints(tmp_path):
+    (tmp_path / "checkpoints" / "checkpoint-3").mkdir(parents=True)
+    assert resume_checkpoint(tmp_path, {"lr": 1}, resume=True) is None  # no key yet: not ours
+    assert not (tmp_path / "checkpoints").exists()
+    (tmp_path / "checkpoints" / "checkpoint-4").mkdir(parents=True)
+    found = resume_checkpoint(tmp_path, {"lr": 1}, resume=True)
+    assert found is not None and checkpoint_step(found) == 4
+    assert resume_checkpoint(tmp_path, {"lr": 2}, resume=True) is None
+
+
+def test_keep_log_until_drops_steps_after_the_checkpoint(tmp_path):
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": s / 10}) + "\n" for s in (1, 2, 3)))
+    assert [e["step"] for e in keep_log_until(log, 2)] == [1, 2]
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    assert keep_log_until(tmp_path / "missing.jsonl", 2) == []
