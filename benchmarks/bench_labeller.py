@@ -159,10 +159,11 @@ def main() -> None:
     parser.add_argument("--reasoning-tokens", type=int, default=128)
     parser.add_argument("--no-reasoned", action="store_true", help="skip the (slow) reasoned verdict")
     parser.add_argument("--constitution", default="harmless")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16 or float16 (both methods)")
     args = parser.parse_args()
 
     constitution = load_constitution(args.constitution)
-    backend = TransformersBackend.load(args.model, batch_size=args.batch_size)
+    backend = TransformersBackend.load(args.model, batch_size=args.batch_size, dtype=args.dtype)
     labeller = Labeller(backend, constitution, swap=False)
     if args.pairs_file:
         comparisons = sampled_comparisons(args.pairs_file, args.pairs, constitution)
@@ -179,7 +180,7 @@ def main() -> None:
     per_logprob_cold = (logprob_seconds + prefix_seconds) / n
     tokens = [len(backend.tokenizer(t)["input_ids"]) for t in (c.first + c.second for c in comparisons)]
     print(
-        f"model {backend.model_id}, {n} comparisons, batch size {args.batch_size}, "
+        f"model {backend.model_id} ({backend.model.dtype}), {n} comparisons, batch size {args.batch_size}, "
         f"{sum(tokens) / n:.0f} response tokens per pair"
     )
     print(

@@ -216,3 +216,32 @@ def test_generate_on_the_real_default_model(tmp_path):
     assert records[0]["model"].startswith("SmolLM2-135M-Instruct@")
     assert all(r["responses"][0].strip() for r in records)
     assert "Paris" in records[0]["responses"][0]
+
+
+def test_dtype_is_chosen_on_the_command_line_and_recorded(tiny_model_dir, prompts_file, tmp_path):
+    import torch
+
+    from caitool.backend import TransformersBackend
+
+    assert TransformersBackend.load(str(tiny_model_dir), dtype="bfloat16").model.dtype == torch.bfloat16
+    assert TransformersBackend.load(str(tiny_model_dir)).model.dtype == torch.float32  # auto on a CPU
+    out = tmp_path / "bf16.jsonl"
+    args = [
+        "generate",
+        str(prompts_file),
+        "-o",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--max-new-tokens",
+        "3",
+    ]
+    result = runner.invoke(app, [*args, "--dtype", "bfloat16"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(manifest_path(out).read_text())["params"]["dtype"] == "bfloat16"
+
+    refused = runner.invoke(app, [*args[:3], str(tmp_path / "x.jsonl"), *args[4:], "--dtype", "int3"])
+    assert (
+        refused.exit_code == 2 and "--dtype must be one of auto, float32, bfloat16, float16" in refused.output
+    )
+    assert not (tmp_path / "x.jsonl").exists()

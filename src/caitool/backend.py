@@ -113,11 +113,17 @@ class TransformersBackend:
 
     @classmethod
     def load(
-        cls, spec: str, *, batch_size: int = 8, device: str | None = None, trust_remote_code: bool = False
+        cls,
+        spec: str,
+        *,
+        batch_size: int = 8,
+        device: str | None = None,
+        dtype: str = "auto",
+        trust_remote_code: bool = False,
     ):
         from caitool.models import load_causal_lm
 
-        loaded = load_causal_lm(spec, device=device, trust_remote_code=trust_remote_code)
+        loaded = load_causal_lm(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         backend = cls(
             loaded.model,
             loaded.tokenizer,

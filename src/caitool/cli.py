@@ -63,6 +63,14 @@ ResumeOpt = Annotated[
 TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow custom model code (off by default).")
 ]
+DtypeOpt = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        help="Precision for inference: auto (bf16 on GPUs that have it, else fp32), float32, bfloat16 "
+        "(about 1.5x faster on CPUs with AVX512-BF16, slightly different outputs), float16.",
+    ),
+]
 CheckpointEveryOpt = Annotated[
     int,
     typer.Option(
@@ -99,6 +107,7 @@ def generate(
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
     trust_remote_code: TrustOpt = False,
+    dtype: DtypeOpt = "auto",
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Always generate --max-new-tokens tokens (for benchmarks).")
     ] = False,
@@ -129,6 +138,7 @@ def generate(
         seed=seed,
         resume=resume,
         trust_remote_code=trust_remote_code,
+        dtype=dtype,
     )
 
 
@@ -167,6 +177,7 @@ def critique(
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
     trust_remote_code: TrustOpt = False,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Critique each current response against one principle drawn from the constitution.
 
@@ -193,6 +204,7 @@ def critique(
         seed=seed,
         resume=resume,
         trust_remote_code=trust_remote_code,
+        dtype=dtype,
     )
 
 
@@ -211,6 +223,7 @@ def revise(
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
     trust_remote_code: TrustOpt = False,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Revise each response according to its pending critique; the revision becomes the current response.
 
@@ -235,6 +248,7 @@ def revise(
         seed=seed,
         resume=resume,
         trust_remote_code=trust_remote_code,
+        dtype=dtype,
     )
 
 
@@ -358,6 +372,7 @@ def label_preferences(
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
     trust_remote_code: TrustOpt = False,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Label response pairs with soft preferences read from a feedback model's option-letter probabilities.
 
@@ -385,6 +400,7 @@ def label_preferences(
         seed=seed,
         resume=resume,
         trust_remote_code=trust_remote_code,
+        dtype=dtype,
     )
 
 
@@ -568,6 +584,7 @@ def eval_models(
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
     trust_remote_code: TrustOpt = False,
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Compare models on held-out prompts: refusal rate, length, reward, pairwise win rate.
 
@@ -588,6 +605,7 @@ def eval_models(
         swap=swap,
         resume=resume,
         trust_remote_code=trust_remote_code,
+        dtype=dtype,
     )
     result = run_eval(
         prompt_files,

@@ -105,6 +105,7 @@ def run_critique(
     seed: int = 0,
     resume: bool = True,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
     params = params or SamplingParams(max_new_tokens=256)
@@ -118,7 +119,9 @@ def run_critique(
     allowed = loaded.restrict_critiques(principles)
     source = validate_input(input_path, critique_input_parser(loaded))
     if backend is None:
-        backend = TransformersBackend.load(model, batch_size=batch_size, trust_remote_code=trust_remote_code)
+        backend = TransformersBackend.load(
+            model, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     model_id = backend.model_id
 
     def initial_responses(records: list[CritiqueInput], chunk_index: int) -> tuple[list[RevisionRecord], int]:
@@ -174,6 +177,7 @@ def run_critique(
         "few_shot": few_shot,
         "principles": list(principles or []),
         "batch_size": batch_size,
+        "dtype": dtype,
         "seed": seed,
     }
 

@@ -272,6 +272,7 @@ class EvalOptions:
     swap: bool = True
     resume: bool = True
     trust_remote_code: bool = False
+    dtype: str = "auto"
 
 
 @dataclass
@@ -397,7 +398,10 @@ def _transformers_loader(options: EvalOptions) -> Callable[[str], GenerationBack
         from caitool.backend import TransformersBackend
 
         return TransformersBackend.load(
-            spec, batch_size=options.batch_size, trust_remote_code=options.trust_remote_code
+            spec,
+            batch_size=options.batch_size,
+            dtype=options.dtype,
+            trust_remote_code=options.trust_remote_code,
         )
 
     return load

@@ -23,6 +23,7 @@ def run_generate(
     seed: int = 0,
     resume: bool = True,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
     params = params or SamplingParams()
@@ -31,7 +32,9 @@ def run_generate(
     started = now_iso()
     source = validate_input(input_path, parse_prompt_input)
     if backend is None:
-        backend = TransformersBackend.load(model, batch_size=batch_size, trust_remote_code=trust_remote_code)
+        backend = TransformersBackend.load(
+            model, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code
+        )
 
     def process(records: list[PromptRecord], chunk_index: int) -> ChunkResult:
         samples = backend.generate([r.prompt for r in records], params, derive_seed(seed, chunk_index))
@@ -46,7 +49,7 @@ def run_generate(
     spec = PhaseSpec(
         phase="generate",
         model_spec=model,
-        params={**asdict(params), "batch_size": batch_size, "seed": seed},
+        params={**asdict(params), "batch_size": batch_size, "seed": seed, "dtype": dtype},
         models={"policy": getattr(backend, "info", backend.model_id)},
         inputs=[input_path],
         started_at=started,

@@ -292,6 +292,7 @@ def run_label_preferences(
     seed: int = 0,
     resume: bool = True,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
     started = now_iso()
@@ -299,7 +300,9 @@ def run_label_preferences(
     candidates = loaded_constitution.restrict_comparisons(principles)
     source = validate_input(input_path, parse_responses_input)
     if backend is None:
-        backend = TransformersBackend.load(model, batch_size=batch_size, trust_remote_code=trust_remote_code)
+        backend = TransformersBackend.load(
+            model, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     labeller = Labeller(
         backend, loaded_constitution, mode=mode, swap=swap, clamp=clamp, cot_max_new_tokens=cot_max_new_tokens
     )
@@ -335,6 +338,7 @@ def run_label_preferences(
         "principles": list(principles or []),
         "cot_max_new_tokens": cot_max_new_tokens,
         "batch_size": batch_size,
+        "dtype": dtype,
         "seed": seed,
     }
 

@@ -199,9 +199,17 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def pick_dtype(device: str) -> Any:
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def pick_dtype(device: str, requested: str = "auto") -> Any:
+    """``auto``: bf16 on GPUs that support it, fp32 elsewhere; otherwise the named dtype."""
     import torch
 
+    if requested not in DTYPES:
+        raise CaitoolError(f'--dtype must be one of {", ".join(DTYPES)}, got "{requested}"')
+    if requested != "auto":
+        return getattr(torch, requested)
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -229,14 +237,19 @@ class LoadedModel:
     device: str
 
 
-def load_causal_lm(spec: str, *, device: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+def load_causal_lm(
+    spec: str, *, device: str | None = None, dtype: str = "auto", trust_remote_code: bool = False
+) -> LoadedModel:
     """Load a causal LM and its tokenizer for generation or scoring (eval mode)."""
     info = model_info(spec)
+    pick_dtype("cpu", dtype)  # a bad --dtype fails before the model loads
     force_offline()
     quiet_transformers()
     device = pick_device(device)
     tokenizer = load_tokenizer(info.path, trust_remote_code=trust_remote_code)
-    model = load_full_causal_lm(info.path, dtype=pick_dtype(device), trust_remote_code=trust_remote_code)
+    model = load_full_causal_lm(
+        info.path, dtype=pick_dtype(device, dtype), trust_remote_code=trust_remote_code
+    )
     model.to(device)
     model.eval()
     if model.generation_config.pad_token_id is None:

@@ -63,6 +63,7 @@ def run_revise(
     seed: int = 0,
     resume: bool = True,
     trust_remote_code: bool = False,
+    dtype: str = "auto",
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
     params = params or SamplingParams(max_new_tokens=256)
@@ -70,7 +71,9 @@ def run_revise(
     loaded = load_constitution(constitution)
     source = validate_input(input_path, revise_input_parser(loaded))
     if backend is None:
-        backend = TransformersBackend.load(model, batch_size=batch_size, trust_remote_code=trust_remote_code)
+        backend = TransformersBackend.load(
+            model, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code
+        )
     model_id = backend.model_id
 
     def process(records: list[RevisionRecord], chunk_index: int) -> ChunkResult:
@@ -113,7 +116,13 @@ def run_revise(
         counts["skipped_nothing_pending"] = len(records) - len(pending)
         return ChunkResult([revised.get(r.id, r) for r in records], tokens=tokens, counts=counts)
 
-    run_params = {**asdict(params), "few_shot": few_shot, "batch_size": batch_size, "seed": seed}
+    run_params = {
+        **asdict(params),
+        "few_shot": few_shot,
+        "batch_size": batch_size,
+        "seed": seed,
+        "dtype": dtype,
+    }
 
     spec = PhaseSpec(
         phase="revise",
