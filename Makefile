@@ -52,13 +52,16 @@ PPO_STEPS ?= 10
 PPO_BATCH ?= 4
 BATCH ?= 8
 SEED ?= 0
+# Precision for the steps that generate or score: auto (fp32 on CPU), or bfloat16 on CPUs with AVX512-BF16.
+DTYPE ?= auto
 
-COMMON := -c $(CONSTITUTION) -b $(BATCH) --seed $(SEED)
+COMMON := -c $(CONSTITUTION) -b $(BATCH) --seed $(SEED) --dtype $(DTYPE)
 
 # One stamp file per variable, holding its value and rewritten only when the value changes
 # (the `+` runs it even under make -n/-t). A step lists the stamps of the variables it reads,
 # so `make demo PPO_STEPS=20` redoes ppo, eval and report and keeps everything before them.
-STAMPED := MODEL FEEDBACK CONSTITUTION PROMPTS HELPFUL EVAL_PROMPTS N EVAL_N MAX_NEW PPO_STEPS PPO_BATCH BATCH SEED
+STAMPED := MODEL FEEDBACK CONSTITUTION PROMPTS HELPFUL EVAL_PROMPTS N EVAL_N MAX_NEW PPO_STEPS PPO_BATCH BATCH SEED \
+	DTYPE
 vars = $(foreach v,$(1),$(RUN)/.vars/$(v))
 define VAR_STAMP
 $(RUN)/.vars/$(1): FORCE
@@ -85,15 +88,16 @@ $(RUN)/eval-prompts/$(notdir $(1)): $(1) $(call vars,EVAL_N) | $(VENV)/.installe
 endef
 $(foreach f,$(EVAL_PROMPTS),$(eval $(call EVAL_SET_RULE,$(f))))
 
-$(RUN)/base.jsonl: $(RUN)/prompts.jsonl $(call vars,MODEL MAX_NEW BATCH SEED)
-	$(call step,generate) $(CAITOOL) generate $< -o $@ -m $(MODEL) --max-new-tokens $(MAX_NEW) -b $(BATCH) --seed $(SEED)
+$(RUN)/base.jsonl: $(RUN)/prompts.jsonl $(call vars,MODEL MAX_NEW BATCH SEED DTYPE)
+	$(call step,generate) $(CAITOOL) generate $< -o $@ -m $(MODEL) --max-new-tokens $(MAX_NEW) -b $(BATCH) --seed $(SEED) \
+		--dtype $(DTYPE)
 
 # Round k critiques the responses of round k-1 (round 1: the base responses), then revises them.
 define ROUND_RULES
 $(RUN)/round$(1).critique.jsonl: $(if $(filter 1,$(1)),$(RUN)/base.jsonl,$(RUN)/round$(shell expr $(1) - 1).revise.jsonl) \
-		$(call vars,MODEL CONSTITUTION MAX_NEW BATCH SEED)
+		$(call vars,MODEL CONSTITUTION MAX_NEW BATCH SEED DTYPE)
 	$$(call step,critique-$(1)) $(CAITOOL) critique $$< -o $$@ -m $(MODEL) $(COMMON) --max-new-tokens $(MAX_NEW)
-$(RUN)/round$(1).revise.jsonl: $(RUN)/round$(1).critique.jsonl $(call vars,MODEL CONSTITUTION MAX_NEW BATCH SEED)
+$(RUN)/round$(1).revise.jsonl: $(RUN)/round$(1).critique.jsonl $(call vars,MODEL CONSTITUTION MAX_NEW BATCH SEED DTYPE)
 	$$(call step,revise-$(1)) $(CAITOOL) revise $$< -o $$@ -m $(MODEL) $(COMMON) --max-new-tokens $(MAX_NEW)
 endef
 $(foreach k,$(shell seq 1 $(ROUNDS)),$(eval $(call ROUND_RULES,$(k))))
@@ -103,11 +107,11 @@ $(RUN)/sft/caitool_manifest.json: $(LAST_ROUND) $(HELPFUL) $(call vars,MODEL HEL
 		--max-length 384 --seed $(SEED)
 
 # RL phase: the SL-CAI model samples two responses per prompt, the feedback model labels them.
-$(RUN)/pairs.jsonl: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(call vars,MAX_NEW BATCH SEED)
+$(RUN)/pairs.jsonl: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(call vars,MAX_NEW BATCH SEED DTYPE)
 	$(call step,generate-pairs) $(CAITOOL) generate $< -o $@ -m $(RUN)/sft -n 2 --temperature 1.0 \
-		--max-new-tokens $(MAX_NEW) -b $(BATCH) --seed $(SEED)
+		--max-new-tokens $(MAX_NEW) -b $(BATCH) --seed $(SEED) --dtype $(DTYPE)
 
-$(RUN)/prefs.jsonl: $(RUN)/pairs.jsonl $(call vars,FEEDBACK CONSTITUTION BATCH SEED)
+$(RUN)/prefs.jsonl: $(RUN)/pairs.jsonl $(call vars,FEEDBACK CONSTITUTION BATCH SEED DTYPE)
 	$(call step,label-preferences) $(CAITOOL) label-preferences $< -o $@ -m $(FEEDBACK) $(COMMON)
 
 $(RUN)/rm/caitool_manifest.json: $(RUN)/prefs.jsonl $(call vars,MODEL SEED)
@@ -120,10 +124,11 @@ $(RUN)/ppo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manife
 		-b $(PPO_BATCH) --mini-batches 1 --response-length $(MAX_NEW) --seed $(SEED)
 
 $(RUN)/eval/summary.json: $(EVAL_SETS) $(RUN)/sft/caitool_manifest.json $(RUN)/ppo/caitool_manifest.json \
-		$(RUN)/rm/caitool_manifest.json $(call vars,MODEL FEEDBACK CONSTITUTION EVAL_PROMPTS MAX_NEW BATCH SEED)
+		$(RUN)/rm/caitool_manifest.json $(call vars,MODEL FEEDBACK CONSTITUTION EVAL_PROMPTS MAX_NEW BATCH SEED \
+		DTYPE)
 	$(call step,eval) $(CAITOOL) eval $(EVAL_SETS) -m base=$(MODEL) -m sft=$(RUN)/sft -m ppo=$(RUN)/ppo \
 		--rm $(RUN)/rm --judge $(FEEDBACK) -c $(CONSTITUTION) --max-new-tokens $(MAX_NEW) -b $(BATCH) \
-		--seed $(SEED) -o $(RUN)/eval
+		--seed $(SEED) --dtype $(DTYPE) -o $(RUN)/eval
 
 $(RUN)/report.html: $(RUN)/eval/summary.json $(call vars,CONSTITUTION)
 	$(CAITOOL) report $(RUN) -c $(CONSTITUTION) -o $@

@@ -52,3 +52,9 @@ def test_changing_the_prompt_count_redoes_everything(finished_run):
     redo = steps_to_redo(*finished_run, "N=5")
     assert redo[:3] == ["generate", "critique", "revise"] and redo[-1] == "report"
     assert "sft" in redo and "train-rm" in redo
+
+
+def test_changing_the_precision_redoes_what_generates_or_scores(finished_run):
+    redo = steps_to_redo(*finished_run, "DTYPE=bfloat16")
+    assert redo[:3] == ["generate", "critique", "revise"]
+    assert "--dtype bfloat16" in make(*finished_run, "-n", "DTYPE=bfloat16")
