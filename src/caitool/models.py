@@ -49,10 +49,16 @@ def force_offline() -> None:
 
 def quiet_transformers() -> None:
     """Keep stderr for caitool's own progress: no weight-loading bars or advisory warnings."""
+    import warnings
+
     from transformers.utils import logging
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+    # peft (0.21) reads this deprecated transformers attribute whenever it wraps a model for LoRA.
+    warnings.filterwarnings(
+        "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+    )
 
 
 def cache_dir() -> Path:
