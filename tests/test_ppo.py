@@ -314,16 +314,20 @@ def test_a_killed_run_resumes_to_the_same_policy(
     assert not (out / "checkpoints").exists() and not (out / "run_key.json").exists()
 
 
-def test_a_different_command_does_not_resume_a_killed_run(
+def test_a_different_command_is_refused_the_checkpoint_until_no_resume(
     tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path, monkeypatch
 ):
     out = tmp_path / "policy"
     killed_run(monkeypatch, 2, prompts_file, tiny_model_dir, tiny_rm_dir, out)
-    other_lr = ppo_cli(
-        prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1, "--lr", "1e-4"
+    other_lr = [prompts_file, tiny_model_dir, tiny_rm_dir, out, "--checkpoint-every", 1, "--lr", "1e-4"]
+    refused = ppo_cli(*other_lr)
+    assert (
+        refused.exit_code == 2 and "checkpoint-1 of a killed run with other settings (lr)" in refused.output
     )
-    assert other_lr.exit_code == 0, other_lr.output
-    assert "resuming" not in other_lr.output and "ppo step 1/3" in other_lr.output
+    assert (staging_dir(out) / "checkpoints" / "checkpoint-1").exists()
+    fresh = ppo_cli(*other_lr, "--no-resume")
+    assert fresh.exit_code == 0, fresh.output
+    assert "resuming" not in fresh.output and "ppo step 1/3" in fresh.output
     assert json.loads((out / "caitool_manifest.json").read_text())["params"]["resumed_from"] is None
 
 

@@ -49,14 +49,18 @@ def test_sft_on_a_bf16_base_trains_in_fp32_and_saves_bf16(bf16_model_dir, revise
     assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["saved_dtype"] == "bfloat16"
 
 
-def test_resume_checkpoint_keeps_only_the_same_runs_checkpoints(tmp_path):
-    (tmp_path / "checkpoints" / "checkpoint-3").mkdir(parents=True)
-    assert resume_checkpoint(tmp_path, {"lr": 1}, resume=True) is None  # no key yet: not ours
-    assert not (tmp_path / "checkpoints").exists()
+def test_resume_checkpoint_resumes_only_the_same_run_and_never_discards_silently(tmp_path):
+    from caitool.errors import CaitoolError
+
+    assert resume_checkpoint(tmp_path, {"lr": 1}, resume=True) is None  # nothing to resume
     (tmp_path / "checkpoints" / "checkpoint-4").mkdir(parents=True)
     found = resume_checkpoint(tmp_path, {"lr": 1}, resume=True)
     assert found is not None and checkpoint_step(found) == 4
-    assert resume_checkpoint(tmp_path, {"lr": 2}, resume=True) is None
+    with pytest.raises(CaitoolError, match=r"checkpoint-4 of a killed run with other settings \(lr\)"):
+        resume_checkpoint(tmp_path, {"lr": 2}, resume=True)
+    assert (tmp_path / "checkpoints" / "checkpoint-4").exists()
+    assert resume_checkpoint(tmp_path, {"lr": 2}, resume=False) is None
+    assert not (tmp_path / "checkpoints").exists()
 
 
 def test_keep_log_until_drops_steps_after_the_checkpoint(tmp_path):

@@ -65,18 +65,29 @@ def atomic_model_dir(out: str | Path) -> Iterator[Path]:
 def resume_checkpoint(staging: Path, run_key: dict[str, Any], resume: bool) -> str | None:
     """The latest checkpoint a killed run of the same command left in ``staging``, if any.
 
-    Checkpoints of a different command (another ``run_key``), or all of them with
-    ``resume=False``, are deleted so they can never be mixed into this run.
+    Checkpoints of a different command (another ``run_key``) are refused rather than thrown
+    away, since a mistyped option should not cost hours of training; ``resume=False``
+    deletes them and starts over.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
     key_file = staging / RUN_KEY
     checkpoints = staging / CHECKPOINTS
-    same_run = key_file.exists() and json.loads(key_file.read_text()) == run_key
-    if not (resume and same_run) and checkpoints.exists():
+    last = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+    if last is not None and resume:
+        killed_key = json.loads(key_file.read_text()) if key_file.exists() else {}
+        differing = sorted(k for k in {*killed_key, *run_key} if killed_key.get(k) != run_key.get(k))
+        if differing:
+            raise CaitoolError(
+                f"{staging} holds {Path(last).name} of a killed run with other settings "
+                f"({', '.join(differing)}); rerun that command to continue it, "
+                "or pass --no-resume to discard it"
+            )
+    if not resume and checkpoints.exists():
         shutil.rmtree(checkpoints)
+        last = None
     write_json_atomic(key_file, run_key)
-    return get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
+    return last
 
 
 def checkpoint_step(checkpoint: str | Path) -> int:
