@@ -21,6 +21,10 @@ def lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def generate_args(prompts_file, out, model, *extra):
+    return ["generate", str(prompts_file), "-o", str(out), "--model", str(model), *map(str, extra)]
+
+
 def test_generate_writes_typed_records_with_user_fields_and_manifest(tiny_model_dir, prompts_file, tmp_path):
     out = tmp_path / "out.jsonl"
     result = runner.invoke(
@@ -59,21 +63,8 @@ def test_same_seed_same_output(tiny_model_dir, prompts_file, tmp_path):
     outputs = []
     for name, seed in (("a", 1), ("b", 1), ("c", 2)):
         out = tmp_path / f"{name}.jsonl"
-        args = [
-            "generate",
-            str(prompts_file),
-            "-o",
-            str(out),
-            "--model",
-            str(tiny_model_dir),
-            "--max-new-tokens",
-            "8",
-            "--temperature",
-            "1.0",
-            "--seed",
-            str(seed),
-        ]
-        assert runner.invoke(app, args).exit_code == 0
+        args = generate_args(prompts_file, out, tiny_model_dir, "--max-new-tokens", 8, "--temperature", 1.0)
+        assert runner.invoke(app, [*args, "--seed", str(seed)]).exit_code == 0
         outputs.append([r["responses"] for r in lines(out)])
     assert outputs[0] == outputs[1] != outputs[2]
 
@@ -226,21 +217,13 @@ def test_dtype_is_chosen_on_the_command_line_and_recorded(tiny_model_dir, prompt
     assert TransformersBackend.load(str(tiny_model_dir), dtype="bfloat16").model.dtype == torch.bfloat16
     assert TransformersBackend.load(str(tiny_model_dir)).model.dtype == torch.float32  # auto on a CPU
     out = tmp_path / "bf16.jsonl"
-    args = [
-        "generate",
-        str(prompts_file),
-        "-o",
-        str(out),
-        "--model",
-        str(tiny_model_dir),
-        "--max-new-tokens",
-        "3",
-    ]
-    result = runner.invoke(app, [*args, "--dtype", "bfloat16"])
+    result = runner.invoke(app, generate_args(prompts_file, out, tiny_model_dir, "--dtype", "bfloat16"))
     assert result.exit_code == 0, result.output
     assert json.loads(manifest_path(out).read_text())["params"]["dtype"] == "bfloat16"
 
-    refused = runner.invoke(app, [*args[:3], str(tmp_path / "x.jsonl"), *args[4:], "--dtype", "int3"])
+    refused = runner.invoke(
+        app, generate_args(prompts_file, tmp_path / "x.jsonl", tiny_model_dir, "--dtype", "int3")
+    )
     assert (
         refused.exit_code == 2 and "--dtype must be one of auto, float32, bfloat16, float16" in refused.output
     )
