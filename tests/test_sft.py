@@ -282,3 +282,11 @@ def test_lora_no_merge_saves_an_adapter_every_command_loads(tiny_model_dir, revi
 def test_no_merge_without_lora_is_refused(tiny_model_dir, revised_file, tmp_path):
     result = sft_cli(revised_file, "-o", tmp_path / "sft", "--model", tiny_model_dir, "--no-merge")
     assert result.exit_code == 2 and "--no-merge only applies to --lora" in result.output
+
+
+def test_no_merge_on_top_of_an_adapter_is_refused(tiny_model_dir, revised_file, tmp_path):
+    adapter = tmp_path / "adapter"
+    common = [revised_file, "--lora", "--lora-rank", 2, "--no-merge"]
+    assert sft_cli(*common, "--model", tiny_model_dir, "-o", adapter).exit_code == 0
+    stacked = sft_cli(*common, "--model", adapter, "-o", tmp_path / "stacked")
+    assert stacked.exit_code == 2 and "sft --lora --no-merge needs a full model directory" in stacked.output

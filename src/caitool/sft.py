@@ -21,6 +21,7 @@ from typing import Any, Literal
 from caitool.errors import CaitoolError
 from caitool.hygiene import REVISION_EMPTY
 from caitool.jsonl_io import read_records
+from caitool.models import model_info, require_full_model
 from caitool.pipeline import validate_input
 from caitool.progress import phase_progress, print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
@@ -210,7 +211,6 @@ def load_policy(spec: str, trust_remote_code: bool) -> tuple[Any, Any, Any, str]
         force_offline,
         load_full_causal_lm,
         load_tokenizer,
-        model_info,
         pick_device,
         quiet_transformers,
     )
@@ -284,6 +284,9 @@ def run_sft(
         exclude_flags=settings.exclude_flags,
     )
     check_output_dir(output_dir)
+    if settings.lora and not settings.merge:
+        # A new adapter names one base directory; on top of another adapter that base would be wrong.
+        require_full_model(model_info(model), "sft --lora --no-merge")
     info, tokenizer, policy, device = load_policy(model, trust_remote_code)
     run_key = {
         "input": file_sha256(input_path),
