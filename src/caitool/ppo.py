@@ -222,8 +222,11 @@ class PPOTrainer:
         device = self.accelerator.device
         self.tokenizer = tokenizer
         self.stop_ids = end_of_turn_ids(tokenizer, policy)
+        reward_model.model.requires_grad_(False)
+        # The reference keeps requires_grad like the policy (it is only ever run under no_grad and
+        # no optimiser holds it): CPU kernels for frozen and trainable weights differ in rounding,
+        # which would make the KL to an identical reference 1e-5 instead of exactly zero.
         for frozen in (ref, reward_model.model):
-            frozen.requires_grad_(False)
             frozen.to(device).eval()
         reward_model.device = str(device)
         self.ref = ref
