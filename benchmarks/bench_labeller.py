@@ -28,7 +28,8 @@ import re
 import time
 from dataclasses import dataclass
 
-from caitool.backend import SamplingParams, TransformersBackend
+from caitool.backends import SamplingParams
+from caitool.backends.local import TransformersBackend
 from caitool.constitution import load_constitution
 from caitool.jsonl_io import read_records
 from caitool.label import Comparison, Labeller, parse_responses_input

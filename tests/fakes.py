@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from caitool.backend import Completion, SamplingParams
+from caitool.backends import Completion, SamplingParams
 from caitool.records import Conversation
 
 
@@ -21,10 +21,18 @@ class ScriptedBackend:
         self,
         reply: Callable[[Conversation, int, int], str] | None = None,
         scores: Callable[[Conversation, Sequence[str]], list[float]] | None = None,
+        parallelism: int = 8,
     ):
+        self.parallelism = parallelism
         self.reply = reply or (lambda conv, i, seed: f"reply {i} to: {conv[-1].content[:40]}")
         self.scores = scores or (lambda conv, conts: [-0.6931] * len(conts))
         self.calls: list[tuple[str, int]] = []
+
+    def describe(self):
+        return {"backend": "scripted", "model_id": self.model_id}
+
+    def stats(self):
+        return {}
 
     def generate(self, conversations: Sequence[Conversation], params: SamplingParams, seed: int):
         self.calls.append(("generate", len(conversations)))

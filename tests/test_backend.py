@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 
-from caitool.backend import SamplingParams, TransformersBackend, render_chat
+from caitool.backends import SamplingParams
+from caitool.backends.local import TransformersBackend
 from caitool.records import Message
+from caitool.tokens import render_chat
 
 
 @pytest.fixture(scope="module")

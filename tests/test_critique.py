@@ -2,11 +2,12 @@ import json
 
 from typer.testing import CliRunner
 
-from caitool.backend import SamplingParams
+from caitool.backends import SamplingParams
 from caitool.cli import app
 from caitool.constitution import load_constitution
 from caitool.critique import run_critique
 from caitool.jsonl_io import manifest_path
+from caitool.pipeline import Runtime
 from caitool.prompts import critique_conversation, pick_examples, revision_conversation
 from caitool.records import Message
 from tests.fakes import ScriptedBackend
@@ -76,7 +77,12 @@ def test_principle_draw_does_not_depend_on_batching(tmp_path):
     draws = []
     for batch_size in (1, 8):
         out = tmp_path / f"b{batch_size}.jsonl"
-        run_critique(prompts, out, backend=ScriptedBackend(), batch_size=batch_size, seed=3)
+        run_critique(
+            prompts,
+            out,
+            backend=ScriptedBackend(parallelism=batch_size),
+            runtime=Runtime(seed=3),
+        )
         draws.append([r["rounds"][0]["principle_id"] for r in lines(out)])
     assert draws[0] == draws[1]
     assert len(set(draws[0])) > 3

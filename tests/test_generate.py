@@ -8,7 +8,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from caitool.backend import SamplingParams
+from caitool.backends import SamplingParams
 from caitool.cli import app
 from caitool.generate import run_generate
 from caitool.jsonl_io import manifest_path, part_path
@@ -136,12 +136,12 @@ def test_resume_continues_after_a_crash_without_duplicates(tmp_path):
                 raise KeyboardInterrupt
         return f"answer to {conversation[-1].content}"
 
-    backend = ScriptedBackend(reply=crash_on_third_chunk)
+    backend = ScriptedBackend(reply=crash_on_third_chunk, parallelism=1)
     with pytest.raises(KeyboardInterrupt):
-        run_generate(source, out, params=SamplingParams(), batch_size=1, backend=backend)
+        run_generate(source, out, params=SamplingParams(), backend=backend)
     assert not out.exists() and len(part_path(out).read_text().splitlines()) == 8
     backend.calls.clear()
-    run_generate(source, out, params=SamplingParams(), batch_size=1, backend=backend)
+    run_generate(source, out, params=SamplingParams(), backend=backend)
     assert sum(n for _, n in backend.calls) == 2  # only the missing records were generated
     assert [r["id"] for r in lines(out)] == [f"r{i}" for i in range(10)]
 
@@ -212,7 +212,7 @@ def test_generate_on_the_real_default_model(tmp_path):
 def test_dtype_is_chosen_on_the_command_line_and_recorded(tiny_model_dir, prompts_file, tmp_path):
     import torch
 
-    from caitool.backend import TransformersBackend
+    from caitool.backends.local import TransformersBackend
 
     assert TransformersBackend.load(str(tiny_model_dir), dtype="bfloat16").model.dtype == torch.bfloat16
     assert TransformersBackend.load(str(tiny_model_dir)).model.dtype == torch.float32  # auto on a CPU

@@ -4,7 +4,7 @@ import math
 import pytest
 from typer.testing import CliRunner
 
-from caitool.backend import TransformersBackend, render_chat
+from caitool.backends.local import TransformersBackend
 from caitool.cli import app
 from caitool.constitution import load_constitution
 from caitool.jsonl_io import manifest_path
@@ -15,7 +15,9 @@ from caitool.label import (
     letter_probability,
     run_label_preferences,
 )
+from caitool.pipeline import Runtime
 from caitool.records import Message, PreferenceRecord
+from caitool.tokens import render_chat
 from tests.fakes import ScriptedBackend
 
 runner = CliRunner()
@@ -179,7 +181,7 @@ def test_principle_and_pair_draws_are_seeded(tmp_path):
 
     def run(name, seed):
         out = tmp_path / f"{name}.jsonl"
-        run_label_preferences(pairs, out, seed=seed, backend=ScriptedBackend())
+        run_label_preferences(pairs, out, runtime=Runtime(seed=seed), backend=ScriptedBackend())
         return [(r["principle_id"], r["pair"]) for r in lines(out)]
 
     assert run("a", 0) == run("b", 0) != run("c", 5)

@@ -7,6 +7,7 @@ from caitool.cli import app
 from caitool.constitution import load_constitution
 from caitool.critique import run_critique
 from caitool.jsonl_io import manifest_path
+from caitool.pipeline import Runtime
 from caitool.revise import run_revise
 from tests.fakes import ScriptedBackend
 
@@ -40,7 +41,7 @@ def critiqued(tmp_path):
         + "\n"
     )
     out = tmp_path / "c.jsonl"
-    run_critique(source, out, backend=ScriptedBackend(), seed=1)
+    run_critique(source, out, backend=ScriptedBackend(), runtime=Runtime(seed=1))
     return out
 
 

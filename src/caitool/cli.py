@@ -44,12 +44,43 @@ def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def with_backend_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Give a command the options that say how to run or reach its model, passed on as
+    ``backend_options`` (a BackendOptions): local batch size, precision and remote code, and a
+    served model's addresses, concurrency, time-out, retries and API-key variable."""
+    import inspect
+
+    extra = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+        for name, (annotation, default) in BACKEND_OPTIONS.items()
+    ]
+    own = [
+        p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "backend_options"
+    ]
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from caitool.backends import BackendOptions
+
+        values = {name: kwargs.pop(name) for name in BACKEND_OPTIONS}
+        values["base_urls"] = tuple(values.pop("base_url") or ())
+        return func(*args, backend_options=BackendOptions(**values), **kwargs)
+
+    wrapper.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
+    return wrapper
+
+
 # ---------------------------------------------------------------------------
 # Shared options
 
 InputFile = Annotated[str, typer.Argument(help="Input JSONL file ('-' for stdin).", show_default=False)]
 OutputFile = Annotated[str, typer.Option("--output", "-o", help="Output JSONL file ('-' for stdout).")]
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local HF model directory, or 'default'.")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="Local HF model directory, 'default', or openai:NAME for a served model."
+    ),
+]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed: same seed, same output.")]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Prompts per batch.")]
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", min=1, help="Tokens to generate at most.")]
@@ -87,6 +118,73 @@ ConstitutionOpt = Annotated[
     str,
     typer.Option("--constitution", "-c", help="Constitution YAML file or bundled name (harmless, honest)."),
 ]
+SERVED = "Served models (--model openai:NAME)"
+BACKEND_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "batch_size": (BatchOpt, 8),
+    "dtype": (DtypeOpt, "auto"),
+    "trust_remote_code": (TrustOpt, False),
+    "base_url": (
+        Annotated[
+            list[str] | None,
+            typer.Option(
+                "--base-url",
+                envvar="CAITOOL_BASE_URL",
+                rich_help_panel=SERVED,
+                help="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1; repeat for replicas "
+                "(used round-robin).",
+            ),
+        ],
+        None,
+    ),
+    "concurrency": (
+        Annotated[
+            int, typer.Option("--concurrency", min=1, rich_help_panel=SERVED, help="Requests in flight.")
+        ],
+        64,
+    ),
+    "request_timeout": (
+        Annotated[
+            float,
+            typer.Option("--request-timeout", min=1.0, rich_help_panel=SERVED, help="Seconds per request."),
+        ],
+        600.0,
+    ),
+    "max_retries": (
+        Annotated[
+            int,
+            typer.Option(
+                "--max-retries",
+                min=0,
+                rich_help_panel=SERVED,
+                help="Retries of a request on 429, 5xx, time-outs and lost connections (with backoff).",
+            ),
+        ],
+        5,
+    ),
+    "api_key_env": (
+        Annotated[
+            str,
+            typer.Option(
+                "--api-key-env",
+                rich_help_panel=SERVED,
+                help="Environment variable holding the API key (the key is never written anywhere).",
+            ),
+        ],
+        "OPENAI_API_KEY",
+    ),
+    "tokenizer": (
+        Annotated[
+            str | None,
+            typer.Option(
+                "--tokenizer",
+                rich_help_panel=SERVED,
+                help="The model's tokenizer directory: render chat templates here and use /v1/completions "
+                "(servers that cannot continue a prefilled assistant turn).",
+            ),
+        ],
+        None,
+    ),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -95,6 +193,7 @@ ConstitutionOpt = Annotated[
 
 @app.command()
 @reports_errors
+@with_backend_options
 def generate(
     input_file: InputFile,
     output: OutputFile = "-",
@@ -103,14 +202,13 @@ def generate(
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
     max_new_tokens: MaxNewOpt = 256,
-    batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
-    trust_remote_code: TrustOpt = False,
-    dtype: DtypeOpt = "auto",
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Always generate --max-new-tokens tokens (for benchmarks).")
     ] = False,
+    *,
+    backend_options: Any,
 ) -> None:
     """Sample responses to prompts.
 
@@ -118,9 +216,12 @@ def generate(
     each with an optional "id"; other fields are carried through.
 
     Example: caitool generate examples/red_team.jsonl -o runs/base.jsonl -n 2 --max-new-tokens 128
+
+    Served: caitool generate prompts.jsonl -o out.jsonl -m openai:qwen --base-url http://gpu1:8000/v1
     """
-    from caitool.backend import SamplingParams
+    from caitool.backends import SamplingParams
     from caitool.generate import run_generate
+    from caitool.pipeline import Runtime
 
     params = SamplingParams(
         temperature=temperature,
@@ -129,17 +230,8 @@ def generate(
         n=num_samples,
         ignore_eos=ignore_eos,
     )
-    run_generate(
-        input_file,
-        output,
-        model=model,
-        params=params,
-        batch_size=batch_size,
-        seed=seed,
-        resume=resume,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
-    )
+    runtime = Runtime(backend=backend_options, seed=seed, resume=resume)
+    run_generate(input_file, output, model=model, params=params, runtime=runtime)
 
 
 # ---------------------------------------------------------------------------
@@ -154,6 +246,7 @@ TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 
 @app.command()
 @reports_errors
+@with_backend_options
 def critique(
     input_file: InputFile,
     output: OutputFile = "-",
@@ -173,11 +266,10 @@ def critique(
             "--response-max-new-tokens", min=1, help="Initial response length (default: --max-new-tokens)."
         ),
     ] = None,
-    batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
-    trust_remote_code: TrustOpt = False,
-    dtype: DtypeOpt = "auto",
+    *,
+    backend_options: Any,
 ) -> None:
     """Critique each current response against one principle drawn from the constitution.
 
@@ -188,8 +280,9 @@ def critique(
 
     Example: caitool critique examples/red_team.jsonl -o runs/r1.critique.jsonl --max-new-tokens 96
     """
-    from caitool.backend import SamplingParams
+    from caitool.backends import SamplingParams
     from caitool.critique import run_critique
+    from caitool.pipeline import Runtime
 
     run_critique(
         input_file,
@@ -200,16 +293,13 @@ def critique(
         few_shot=few_shot,
         params=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
         response_max_new_tokens=response_max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        resume=resume,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
+        runtime=Runtime(backend=backend_options, seed=seed, resume=resume),
     )
 
 
 @app.command()
 @reports_errors
+@with_backend_options
 def revise(
     input_file: InputFile,
     output: OutputFile = "-",
@@ -219,11 +309,10 @@ def revise(
     temperature: TemperatureOpt = 0.7,
     top_p: TopPOpt = 0.95,
     max_new_tokens: MaxNewOpt = 256,
-    batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
-    trust_remote_code: TrustOpt = False,
-    dtype: DtypeOpt = "auto",
+    *,
+    backend_options: Any,
 ) -> None:
     """Revise each response according to its pending critique; the revision becomes the current response.
 
@@ -234,7 +323,8 @@ def revise(
 
     Example: caitool revise runs/r1.critique.jsonl -o runs/r1.revise.jsonl --max-new-tokens 96
     """
-    from caitool.backend import SamplingParams
+    from caitool.backends import SamplingParams
+    from caitool.pipeline import Runtime
     from caitool.revise import run_revise
 
     run_revise(
@@ -244,11 +334,7 @@ def revise(
         model=model,
         few_shot=few_shot,
         params=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
-        batch_size=batch_size,
-        seed=seed,
-        resume=resume,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
+        runtime=Runtime(backend=backend_options, seed=seed, resume=resume),
     )
 
 
@@ -340,6 +426,7 @@ ModelDirOut = Annotated[
 
 @app.command("label-preferences")
 @reports_errors
+@with_backend_options
 def label_preferences(
     input_file: InputFile,
     output: OutputFile = "-",
@@ -368,11 +455,10 @@ def label_preferences(
     cot_max_new_tokens: Annotated[
         int, typer.Option("--cot-max-new-tokens", min=1, help="cot mode: reasoning length.")
     ] = 128,
-    batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
-    trust_remote_code: TrustOpt = False,
-    dtype: DtypeOpt = "auto",
+    *,
+    backend_options: Any,
 ) -> None:
     """Label response pairs with soft preferences read from a feedback model's option-letter probabilities.
 
@@ -383,6 +469,7 @@ def label_preferences(
     Example: caitool label-preferences runs/pairs.jsonl -o runs/prefs.jsonl --constitution harmless
     """
     from caitool.label import run_label_preferences
+    from caitool.pipeline import Runtime
 
     if mode not in ("logprob", "cot"):
         raise CaitoolError(f'--mode must be logprob or cot, got "{mode}"')
@@ -396,11 +483,7 @@ def label_preferences(
         swap=swap,
         clamp=clamp,
         cot_max_new_tokens=cot_max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        resume=resume,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
+        runtime=Runtime(backend=backend_options, seed=seed, resume=resume),
     )
 
 
@@ -561,6 +644,7 @@ def ppo(
 
 @app.command("eval")
 @reports_errors
+@with_backend_options
 def eval_models(
     prompt_files: Annotated[
         list[str], typer.Argument(help="Held-out prompt files, one prompt set each.", show_default=False)
@@ -580,11 +664,10 @@ def eval_models(
     ] = True,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.0,
     max_new_tokens: MaxNewOpt = 128,
-    batch_size: BatchOpt = 8,
     seed: SeedOpt = 0,
     resume: ResumeOpt = True,
-    trust_remote_code: TrustOpt = False,
-    dtype: DtypeOpt = "auto",
+    *,
+    backend_options: Any,
 ) -> None:
     """Compare models on held-out prompts: refusal rate, length, reward, pairwise win rate.
 
@@ -600,12 +683,10 @@ def eval_models(
     options = EvalOptions(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
-        batch_size=batch_size,
         seed=seed,
         swap=swap,
         resume=resume,
-        trust_remote_code=trust_remote_code,
-        dtype=dtype,
+        backend=backend_options,
     )
     result = run_eval(
         prompt_files,

@@ -14,14 +14,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from caitool.backend import GenerationBackend, SamplingParams, TransformersBackend, derive_seed
+from caitool.backends import GenerationBackend, SamplingParams, derive_seed
 from caitool.constitution import Constitution, CritiquePrinciple, draw, load_constitution
 from caitool.errors import CaitoolError
 from caitool.hygiene import clean_critique, count_flags
-from caitool.pipeline import ChunkResult, PhaseResult, PhaseSpec, run_record_phase, validate_input
-from caitool.progress import print_summary, summary_line
+from caitool.pipeline import BackendPhase, ChunkResult, PhaseResult, Runtime
 from caitool.prompts import critique_conversation, pick_examples
-from caitool.provenance import now_iso
 from caitool.records import (
     ConstitutionRef,
     Message,
@@ -101,100 +99,95 @@ def run_critique(
     few_shot: int = 2,
     params: SamplingParams | None = None,
     response_max_new_tokens: int | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    resume: bool = True,
-    trust_remote_code: bool = False,
-    dtype: str = "auto",
+    runtime: Runtime | None = None,
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
     params = params or SamplingParams(max_new_tokens=256)
+    runtime = runtime or Runtime()
+    seed = runtime.seed
     response_params = SamplingParams(
         temperature=params.temperature,
         top_p=params.top_p,
         max_new_tokens=response_max_new_tokens or params.max_new_tokens,
     )
-    started = now_iso()
     loaded = load_constitution(constitution)
     allowed = loaded.restrict_critiques(principles)
-    source = validate_input(input_path, critique_input_parser(loaded))
-    if backend is None:
-        backend = TransformersBackend.load(
-            model, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code
-        )
-    model_id = backend.model_id
 
-    def initial_responses(records: list[CritiqueInput], chunk_index: int) -> tuple[list[RevisionRecord], int]:
-        needing = [r for r in records if isinstance(r, PromptRecord) and r.response is None]
-        generated: dict[str, str] = {}
-        tokens = 0
-        if needing:
-            samples = backend.generate(
-                [r.prompt for r in needing], response_params, derive_seed(seed, "response", chunk_index)
-            )
-            for record, (completion,) in zip(needing, samples, strict=True):
-                generated[record.id] = completion.text
+    def make_process(backend: GenerationBackend):
+        model_id = backend.model_id
+
+        def initial_responses(
+            records: list[CritiqueInput], chunk_index: int
+        ) -> tuple[list[RevisionRecord], int]:
+            needing = [r for r in records if isinstance(r, PromptRecord) and r.response is None]
+            generated: dict[str, str] = {}
+            tokens = 0
+            if needing:
+                samples = backend.generate(
+                    [r.prompt for r in needing], response_params, derive_seed(seed, "response", chunk_index)
+                )
+                for record, (completion,) in zip(needing, samples, strict=True):
+                    generated[record.id] = completion.text
+                    tokens += completion.num_tokens
+            started_records = [
+                r
+                if isinstance(r, RevisionRecord)
+                else start_revision_record(r, generated, loaded.ref, model_id)
+                for r in records
+            ]
+            return started_records, tokens
+
+        def process(records: list[CritiqueInput], chunk_index: int) -> ChunkResult:
+            revision_records, tokens = initial_responses(records, chunk_index)
+            drawn = [draw_principle(allowed, r, seed) for r in revision_records]
+            conversations = [
+                critique_conversation(
+                    loaded, p, r.prompt, r.current_response, pick_examples(loaded, p.id, few_shot)
+                )
+                for r, p in zip(revision_records, drawn, strict=True)
+            ]
+            samples = backend.generate(conversations, params, derive_seed(seed, "critique", chunk_index))
+            out: list[RevisionRecord] = []
+            flag_lists: list[list[str]] = []
+            for record, principle, (completion,) in zip(revision_records, drawn, samples, strict=True):
+                cleaned = clean_critique(
+                    completion.text, record.current_response, finished=completion.finished
+                )
+                new_round = Round(
+                    principle_id=principle.id,
+                    critique_request=principle.critique,
+                    critique=cleaned.text,
+                    flags=cleaned.flags,
+                    model=model_id,
+                )
+                out.append(record.model_copy(update={"rounds": [*record.rounds, new_round]}))
+                flag_lists.append(cleaned.flags)
                 tokens += completion.num_tokens
-        started_records = [
-            r if isinstance(r, RevisionRecord) else start_revision_record(r, generated, loaded.ref, model_id)
-            for r in records
-        ]
-        return started_records, tokens
-
-    def process(records: list[CritiqueInput], chunk_index: int) -> ChunkResult:
-        revision_records, tokens = initial_responses(records, chunk_index)
-        drawn = [draw_principle(allowed, r, seed) for r in revision_records]
-        conversations = [
-            critique_conversation(
-                loaded, p, r.prompt, r.current_response, pick_examples(loaded, p.id, few_shot)
+            counts = count_flags(flag_lists)
+            counts["initial_responses_generated"] = sum(
+                isinstance(r, PromptRecord) and r.response is None for r in records
             )
-            for r, p in zip(revision_records, drawn, strict=True)
-        ]
-        samples = backend.generate(conversations, params, derive_seed(seed, "critique", chunk_index))
-        out: list[RevisionRecord] = []
-        flag_lists: list[list[str]] = []
-        for record, principle, (completion,) in zip(revision_records, drawn, samples, strict=True):
-            cleaned = clean_critique(completion.text, record.current_response, finished=completion.finished)
-            new_round = Round(
-                principle_id=principle.id,
-                critique_request=principle.critique,
-                critique=cleaned.text,
-                flags=cleaned.flags,
-                model=model_id,
-            )
-            out.append(record.model_copy(update={"rounds": [*record.rounds, new_round]}))
-            flag_lists.append(cleaned.flags)
-            tokens += completion.num_tokens
-        counts = count_flags(flag_lists)
-        counts["initial_responses_generated"] = sum(
-            isinstance(r, PromptRecord) and r.response is None for r in records
-        )
-        return ChunkResult(out, tokens=tokens, counts=counts)
+            return ChunkResult(out, tokens=tokens, counts=counts)
 
-    run_params = {
-        **asdict(params),
-        "response_max_new_tokens": response_params.max_new_tokens,
-        "few_shot": few_shot,
-        "principles": list(principles or []),
-        "batch_size": batch_size,
-        "dtype": dtype,
-        "seed": seed,
-    }
+        return process
 
-    spec = PhaseSpec(
+    return BackendPhase(
         phase="critique",
-        model_spec=model,
-        params=run_params,
-        models={"policy": getattr(backend, "info", model_id)},
-        inputs=[input_path],
-        started_at=started,
+        input_path=input_path,
+        output=output,
+        model=model,
+        runtime=runtime,
+        parse=critique_input_parser(loaded),
+        params={
+            **asdict(params),
+            "response_max_new_tokens": response_params.max_new_tokens,
+            "few_shot": few_shot,
+            "principles": list(principles or []),
+        },
+        make_process=make_process,
+        summary_counts=lambda result: _summary_counts(result.counts),
         constitution=loaded.ref,
-    )
-    result = run_record_phase(
-        spec=spec, source=source, output=output, resume=resume, chunk_size=batch_size * 4, process=process
-    )
-    print_summary(summary_line("critique", result.tracker, **_summary_counts(result.counts), output=output))
-    return result
+    ).run(backend)
 
 
 def _summary_counts(counts: dict[str, int]) -> dict[str, int]:

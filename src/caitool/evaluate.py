@@ -17,6 +17,7 @@ Output directory:
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import json
@@ -28,11 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caitool.backend import GenerationBackend, SamplingParams, derive_seed
+from caitool import backends
+from caitool.backends import BackendOptions, GenerationBackend, SamplingParams, check_model_spec, derive_seed
 from caitool.constitution import draw, load_constitution
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import manifest_path, read_records, write_json_atomic, write_jsonl_atomic
-from caitool.pipeline import validate_input
+from caitool.pipeline import Runtime, validate_input
 from caitool.progress import print_summary
 from caitool.provenance import MODEL_MANIFEST, build_manifest, now_iso
 from caitool.records import (
@@ -267,12 +269,10 @@ class EvalOptions:
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 0.95
-    batch_size: int = 8
     seed: int = 0
     swap: bool = True
     resume: bool = True
-    trust_remote_code: bool = False
-    dtype: str = "auto"
+    backend: BackendOptions = field(default_factory=BackendOptions)
 
 
 @dataclass
@@ -308,10 +308,11 @@ def run_eval(
     if charter is not None:
         charter.restrict_comparisons(None)
     if load_backend is None:
-        _check_model_paths([m.spec for m in models] + ([judge] if charter is not None and judge else []))
-        load_backend = _transformers_loader(options)
+        for spec in [m.spec for m in models] + ([judge] if charter is not None and judge else []):
+            check_model_spec(spec, options.backend)
+        load_backend = functools.partial(backends.load_backend, options=options.backend)
     if rm is not None and make_reward_scorer is None:
-        _check_model_paths([rm])
+        check_model_spec(rm)
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise CaitoolError(f"{output_dir} exists and is not a directory; choose another -o")
@@ -331,8 +332,10 @@ def run_eval(
         _attach_rewards(answers, (make_reward_scorer or _reward_scorer(options))(rm))
         gc.collect()  # the reward model is no longer referenced; free it before the judge loads
     judgements: list[JudgementRecord] = []
+    judge_description: dict[str, Any] = {}
     if charter is not None and judge is not None:
         judge_backend = load_backend(judge)
+        judge_description = {"judge": judge_backend.describe()}
         judgements = _judge_all(answers, models, set_names, judge_backend, charter, options)
 
     model_summaries = [
@@ -355,7 +358,7 @@ def run_eval(
         started_at=started,
         models={
             **model_ids,
-            **({"judge": _describe_model(judge)} if charter is not None and judge else {}),
+            **judge_description,
             **({"rm": _describe_model(rm)} if rm else {}),
         },
         inputs=list(prompt_files),
@@ -383,28 +386,6 @@ def _describe_model(spec: str) -> Any:
         return model_info(spec)
     except CaitoolError:
         return spec
-
-
-def _check_model_paths(specs: Sequence[str]) -> None:
-    """Fail before the first model loads, not after an hour of generation, on a mistyped path."""
-    from caitool.models import resolve_model_path
-
-    for spec in specs:
-        resolve_model_path(spec)
-
-
-def _transformers_loader(options: EvalOptions) -> Callable[[str], GenerationBackend]:
-    def load(spec: str) -> GenerationBackend:
-        from caitool.backend import TransformersBackend
-
-        return TransformersBackend.load(
-            spec,
-            batch_size=options.batch_size,
-            dtype=options.dtype,
-            trust_remote_code=options.trust_remote_code,
-        )
-
-    return load
 
 
 def _generate_for_model(
@@ -438,9 +419,7 @@ def _generate_for_model(
             # weights hash keeps a killed run of an older model from being resumed into this one.
             model=f"{model.spec}@{_weights_id(model.spec)}",
             params=params,
-            batch_size=options.batch_size,
-            seed=options.seed,
-            resume=options.resume,
+            runtime=Runtime(backend=options.backend, seed=options.seed, resume=options.resume),
             backend=backend,
         )
         _stamp_generation(path, source.path, model.spec, params, options.seed)
@@ -469,6 +448,9 @@ def _generation_key(prompts: Path, spec: str, params: SamplingParams, seed: int)
 def _weights_id(spec: str) -> str:
     from caitool.models import model_info
 
+    if backends.is_served(spec):
+        # What a server serves cannot be checked from here; the spec and settings key its answers.
+        return "served"
     try:
         return model_info(spec).sha256
     except CaitoolError:
@@ -529,7 +511,7 @@ def _reward_scorer(options: EvalOptions) -> Callable[[str], RewardScorer]:
         from caitool.reward import load_reward_model
 
         reward_model = load_reward_model(
-            rm_dir, batch_size=options.batch_size, trust_remote_code=options.trust_remote_code
+            rm_dir, batch_size=options.backend.batch_size, trust_remote_code=options.backend.trust_remote_code
         )
 
         def score(pairs: list[tuple[list[Message], str]]) -> list[float]:

@@ -1,15 +1,13 @@
-"""``caitool generate``: sample responses to prompts with a local model."""
+"""``caitool generate``: sample responses to prompts, from a local or a served model."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
 
-from caitool.backend import GenerationBackend, SamplingParams, TransformersBackend, derive_seed
+from caitool.backends import GenerationBackend, SamplingParams, derive_seed
 from caitool.errors import CaitoolError
-from caitool.pipeline import ChunkResult, PhaseResult, PhaseSpec, run_record_phase, validate_input
-from caitool.progress import print_summary, summary_line
-from caitool.provenance import now_iso
+from caitool.pipeline import BackendPhase, ChunkResult, PhaseResult, Runtime
 from caitool.records import GenerationRecord, Message, PromptRecord, parse_prompt_input
 
 
@@ -19,53 +17,40 @@ def run_generate(
     *,
     model: str = "default",
     params: SamplingParams | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    resume: bool = True,
-    trust_remote_code: bool = False,
-    dtype: str = "auto",
+    runtime: Runtime | None = None,
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
     params = params or SamplingParams()
+    runtime = runtime or Runtime()
     if params.n < 1:
         raise CaitoolError("-n must be at least 1")
-    started = now_iso()
-    source = validate_input(input_path, parse_prompt_input)
-    if backend is None:
-        backend = TransformersBackend.load(
-            model, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+    seed = runtime.seed
 
-    def process(records: list[PromptRecord], chunk_index: int) -> ChunkResult:
-        samples = backend.generate([r.prompt for r in records], params, derive_seed(seed, chunk_index))
-        out = [
-            _generation_record(r, s, backend.model_id, seed) for r, s in zip(records, samples, strict=True)
-        ]
-        unfinished = sum(not c.finished for s in samples for c in s)
-        return ChunkResult(
-            out, tokens=sum(c.num_tokens for s in samples for c in s), counts={"cut": unfinished}
-        )
+    def make_process(backend: GenerationBackend):
+        def process(records: list[PromptRecord], chunk_index: int) -> ChunkResult:
+            samples = backend.generate([r.prompt for r in records], params, derive_seed(seed, chunk_index))
+            out = [
+                _generation_record(r, s, backend.model_id, seed)
+                for r, s in zip(records, samples, strict=True)
+            ]
+            unfinished = sum(not c.finished for s in samples for c in s)
+            return ChunkResult(
+                out, tokens=sum(c.num_tokens for s in samples for c in s), counts={"cut": unfinished}
+            )
 
-    spec = PhaseSpec(
+        return process
+
+    return BackendPhase(
         phase="generate",
-        model_spec=model,
-        params={**asdict(params), "batch_size": batch_size, "seed": seed, "dtype": dtype},
-        models={"policy": getattr(backend, "info", backend.model_id)},
-        inputs=[input_path],
-        started_at=started,
-    )
-    result = run_record_phase(
-        spec=spec, source=source, output=output, resume=resume, chunk_size=batch_size * 4, process=process
-    )
-    print_summary(
-        summary_line(
-            "generate",
-            result.tracker,
-            samples_cut_at_max_new_tokens=result.counts.get("cut", 0),
-            output=output,
-        )
-    )
-    return result
+        input_path=input_path,
+        output=output,
+        model=model,
+        runtime=runtime,
+        parse=parse_prompt_input,
+        params=asdict(params),
+        make_process=make_process,
+        summary_counts=lambda result: {"samples_cut_at_max_new_tokens": result.counts.get("cut", 0)},
+    ).run(backend)
 
 
 def _generation_record(record: PromptRecord, samples, model_id: str, seed: int) -> GenerationRecord:

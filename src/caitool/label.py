@@ -27,12 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from caitool.backend import GenerationBackend, SamplingParams, TransformersBackend, derive_seed
+from caitool.backends import GenerationBackend, SamplingParams, derive_seed
 from caitool.constitution import ComparisonExample, ComparisonPrinciple, Constitution, draw, load_constitution
 from caitool.errors import CaitoolError
-from caitool.pipeline import ChunkResult, PhaseResult, PhaseSpec, run_record_phase, validate_input
-from caitool.progress import print_summary, summary_line
-from caitool.provenance import now_iso
+from caitool.pipeline import BackendPhase, ChunkResult, PhaseResult, Runtime
 from caitool.records import Conversation, Message, PreferenceRecord, parse_prompt_input
 
 Mode = Literal["logprob", "cot"]
@@ -288,80 +286,76 @@ def run_label_preferences(
     swap: bool = True,
     clamp: tuple[float, float] | None = DEFAULT_CLAMP,
     cot_max_new_tokens: int = 128,
-    batch_size: int = 8,
-    seed: int = 0,
-    resume: bool = True,
-    trust_remote_code: bool = False,
-    dtype: str = "auto",
+    runtime: Runtime | None = None,
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
-    started = now_iso()
+    runtime = runtime or Runtime()
+    seed = runtime.seed
     loaded_constitution = load_constitution(constitution)
     candidates = loaded_constitution.restrict_comparisons(principles)
-    source = validate_input(input_path, parse_responses_input)
-    if backend is None:
-        backend = TransformersBackend.load(
-            model, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code
+
+    def make_process(backend: GenerationBackend):
+        labeller = Labeller(
+            backend,
+            loaded_constitution,
+            mode=mode,
+            swap=swap,
+            clamp=clamp,
+            cot_max_new_tokens=cot_max_new_tokens,
         )
-    labeller = Labeller(
-        backend, loaded_constitution, mode=mode, swap=swap, clamp=clamp, cot_max_new_tokens=cot_max_new_tokens
-    )
 
-    def process(records: list[ResponsesInput], chunk_index: int) -> ChunkResult:
-        pairs = [choose_pair(r, seed) for r in records]
-        chosen_principles = [
-            choose_principle(candidates, r.id, p, seed) for r, p in zip(records, pairs, strict=True)
-        ]
-        comparisons = [
-            Comparison(r.prompt, r.responses[p[0]], r.responses[p[1]], principle)
-            for r, p, principle in zip(records, pairs, chosen_principles, strict=True)
-        ]
-        verdicts = labeller.judge(comparisons, seed=derive_seed(seed, chunk_index))
-        out = [
-            preference_record(
-                r,
-                p,
-                principle,
-                v,
-                mode=mode,
-                feedback_model=backend.model_id,
-                constitution=loaded_constitution,
-            )
-            for r, p, principle, v in zip(records, pairs, chosen_principles, verdicts, strict=True)
-        ]
-        return ChunkResult(out, counts={"disagree": sum(v.orders_disagree for v in verdicts)})
+        def process(records: list[ResponsesInput], chunk_index: int) -> ChunkResult:
+            pairs = [choose_pair(r, seed) for r in records]
+            chosen_principles = [
+                choose_principle(candidates, r.id, p, seed) for r, p in zip(records, pairs, strict=True)
+            ]
+            comparisons = [
+                Comparison(r.prompt, r.responses[p[0]], r.responses[p[1]], principle)
+                for r, p, principle in zip(records, pairs, chosen_principles, strict=True)
+            ]
+            verdicts = labeller.judge(comparisons, seed=derive_seed(seed, chunk_index))
+            out = [
+                preference_record(
+                    r,
+                    p,
+                    principle,
+                    v,
+                    mode=mode,
+                    feedback_model=backend.model_id,
+                    constitution=loaded_constitution,
+                )
+                for r, p, principle, v in zip(records, pairs, chosen_principles, verdicts, strict=True)
+            ]
+            return ChunkResult(out, counts={"disagree": sum(v.orders_disagree for v in verdicts)})
 
-    params = {
-        "mode": mode,
-        "swap": swap,
-        "clamp": list(clamp) if clamp else None,
-        "principles": list(principles or []),
-        "cot_max_new_tokens": cot_max_new_tokens,
-        "batch_size": batch_size,
-        "dtype": dtype,
-        "seed": seed,
-    }
+        return process
 
-    spec = PhaseSpec(
+    return BackendPhase(
         phase="label-preferences",
-        model_spec=model,
-        params=params,
-        models={"feedback": getattr(backend, "info", backend.model_id)},
-        inputs=[input_path],
-        started_at=started,
+        input_path=input_path,
+        output=output,
+        model=model,
+        runtime=runtime,
+        parse=parse_responses_input,
+        params={
+            "mode": mode,
+            "swap": swap,
+            "clamp": list(clamp) if clamp else None,
+            "principles": list(principles or []),
+            "cot_max_new_tokens": cot_max_new_tokens,
+        },
+        make_process=make_process,
+        summary_counts=lambda result: _summary_counts(result, swap),
         constitution=loaded_constitution.ref,
-    )
-    result = run_record_phase(
-        spec=spec, source=source, output=output, resume=resume, chunk_size=batch_size, process=process
-    )
-    print_summary(summary_line("label-preferences", result.tracker, **_summary_counts(result, swap)))
-    return result
+        role="feedback",
+        chunk_factor=1,
+    ).run(backend)
 
 
-def _summary_counts(result: PhaseResult, swap: bool) -> dict[str, str]:
+def _summary_counts(result: PhaseResult, swap: bool) -> dict[str, object]:
     if not swap:
-        return {"output": result.output}
+        return {}
     labelled = max(result.tracker.records, 1)
     disagree = result.counts.get("disagree", 0)
     share = f"{disagree}/{result.tracker.records} ({100.0 * disagree / labelled:.0f}%)"
-    return {"the_two_option_orders_disagreed": share, "output": result.output}
+    return {"the_two_option_orders_disagreed": share}

@@ -1,9 +1,12 @@
-"""The shared skeleton of every record-to-record phase.
+"""The shared skeleton of every record-to-record phase (generate, critique, revise, label-preferences).
 
 validate the whole input (no output yet) -> load the model -> stream chunks of pending
 records through ``process`` -> append each chunk's output and flush -> rename into place
-and write the manifest. Chunks are formed from the full input in file order, so a resumed
-run sees the same chunks (and seeds) as an uninterrupted one.
+and write the manifest -> print the summary. Chunks are formed from the full input in file
+order, so a resumed run sees the same chunks (and seeds) as an uninterrupted one.
+
+A phase module keeps only what is its own: how to parse an input record, what
+``process(records, chunk_index)`` does with a chunk, and which counts its summary shows.
 """
 
 from __future__ import annotations
@@ -13,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from caitool.backends import BackendOptions, GenerationBackend, is_served, load_backend
 from caitool.jsonl_io import ResumableWriter, batched, check_input, open_input, read_records
-from caitool.progress import PhaseProgress, phase_progress
-from caitool.provenance import build_manifest
+from caitool.progress import PhaseProgress, phase_progress, print_summary, summary_line
+from caitool.provenance import build_manifest, now_iso
 from caitool.records import ConstitutionRef, Record
 
 In = TypeVar("In")
@@ -90,6 +94,7 @@ def run_record_phase(
     resume: bool,
     chunk_size: int,
     process: Callable[[list[In], int], ChunkResult],
+    backend_stats: Callable[[], dict[str, int]] = dict,
 ) -> PhaseResult:
     counts: dict[str, int] = {}
     with ResumableWriter(output, spec.run_key(), resume=resume) as writer:
@@ -104,5 +109,87 @@ def run_record_phase(
                 tracker.advance(len(pending), result.tokens)
                 for key, value in result.counts.items():
                     counts[key] = counts.get(key, 0) + value
+        counts.update(backend_stats())
         writer.manifest = spec.manifest(tracker, counts)
     return PhaseResult(tracker=tracker, counts=counts, output=str(output))
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The options every record phase shares: how to reach the model, the seed, and resumption."""
+
+    backend: BackendOptions = field(default_factory=BackendOptions)
+    seed: int = 0
+    resume: bool = True
+
+
+def backend_params(model: str, runtime: Runtime) -> dict[str, Any]:
+    """The runtime options that shape a phase's output, for its run key and manifest.
+
+    A local model's batches (and so its sampled outputs) follow ``batch_size`` and ``dtype``;
+    a served model's chunks follow ``concurrency``. Timeouts, retries and replica addresses
+    change how the answers arrive, not what they are.
+    """
+    options = runtime.backend
+    shaping: dict[str, Any] = {"batch_size": options.batch_size, "dtype": options.dtype, "seed": runtime.seed}
+    if is_served(model):
+        shaping["concurrency"] = options.concurrency
+        shaping["tokenizer"] = options.tokenizer
+    return shaping
+
+
+@dataclass
+class BackendPhase(Generic[In]):
+    """One run of a record phase that talks to a model.
+
+    ``make_process(backend)`` returns the phase's ``process(records, chunk_index)``;
+    ``summary_counts(result)`` the counts its closing line shows. ``chunk_factor`` times the
+    backend's parallelism records make one chunk (one write, one flush).
+    """
+
+    phase: str
+    input_path: str | Path
+    output: str | Path
+    model: str
+    runtime: Runtime
+    parse: Callable[[dict[str, Any]], In]
+    params: dict[str, Any]
+    make_process: Callable[[GenerationBackend], Callable[[list[In], int], ChunkResult]]
+    summary_counts: Callable[[PhaseResult], dict[str, object]]
+    constitution: ConstitutionRef | None = None
+    role: str = "policy"
+    chunk_factor: int = 4
+
+    def run(self, backend: GenerationBackend | None = None) -> PhaseResult:
+        started = now_iso()
+        source = validate_input(self.input_path, self.parse)
+        backend = backend or load_backend(self.model, self.runtime.backend)
+        spec = PhaseSpec(
+            phase=self.phase,
+            model_spec=self.model,
+            params={**self.params, **backend_params(self.model, self.runtime)},
+            models={self.role: backend.describe()},
+            inputs=[self.input_path],
+            started_at=started,
+            constitution=self.constitution,
+        )
+        result = run_record_phase(
+            spec=spec,
+            source=source,
+            output=self.output,
+            resume=self.runtime.resume,
+            chunk_size=self.chunk_factor * backend.parallelism,
+            process=self.make_process(backend),
+            backend_stats=backend.stats,
+        )
+        retried = result.counts.get("retried_requests", 0)
+        print_summary(
+            summary_line(
+                self.phase,
+                result.tracker,
+                **self.summary_counts(result),
+                **({"retried_requests": retried} if retried else {}),
+                output=self.output,
+            )
+        )
+        return result

@@ -35,13 +35,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from caitool.backend import derive_seed, render_chat
+from caitool.backends import derive_seed
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records
 from caitool.pipeline import validate_input
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import Conversation, PromptRecord, parse_prompt_input
+from caitool.tokens import cut_at_stop, decode, encode, left_padded, render_chat
 from caitool.training import (
     CHECKPOINTS,
     TRAINING_LOG,
@@ -249,17 +250,15 @@ class PPOTrainer:
         import torch
 
         config = self.config
-        texts = [render_chat(self.tokenizer, p) for p in prompts]
-        self.tokenizer.padding_side = "left"
-        query = self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
-            self.device
-        )
-        context = query["input_ids"].shape[1]
+        rows = [encode(self.tokenizer, render_chat(self.tokenizer, p)) for p in prompts]
+        query_ids, query_mask = left_padded(rows, self.tokenizer.pad_token_id, self.device)
+        context = query_ids.shape[1]
         torch.manual_seed(seed)
         policy = self.accelerator.unwrap_model(self.policy)
         with torch.no_grad():
             generated = policy.generate(
-                **query,
+                input_ids=query_ids,
+                attention_mask=query_mask,
                 do_sample=True,
                 temperature=config.temperature,
                 top_k=0,
@@ -272,13 +271,13 @@ class PPOTrainer:
         response_mask, finished = self._response_mask(response_ids)
         input_ids = torch.cat(
             [
-                query["input_ids"],
+                query_ids,
                 torch.where(response_mask.bool(), response_ids, self.tokenizer.pad_token_id),
             ],
             dim=1,
         )
-        attention_mask = torch.cat([query["attention_mask"], response_mask], dim=1)
-        responses = self._decode(response_ids, response_mask, finished)
+        attention_mask = torch.cat([query_mask, response_mask], dim=1)
+        responses = self._decode(response_ids)
         rm_scores = self.reward_model.score(prompts, responses)
         penalty = torch.tensor(
             [0.0 if f else config.missing_eot_penalty for f in finished], device=self.device
@@ -323,12 +322,11 @@ class PPOTrainer:
         positions = torch.arange(width, device=response_ids.device).unsqueeze(0)
         return (positions <= first_stop.unsqueeze(1)).long(), finished.tolist()
 
-    def _decode(self, response_ids: Any, response_mask: Any, finished: list[bool]) -> list[str]:
-        texts = []
-        for tokens, mask, done in zip(response_ids, response_mask, finished, strict=True):
-            kept = tokens[: int(mask.sum()) - (1 if done else 0)]
-            texts.append(self.tokenizer.decode(kept.tolist(), skip_special_tokens=True).strip())
-        return texts
+    def _decode(self, response_ids: Any) -> list[str]:
+        pad = self.tokenizer.pad_token_id
+        return [
+            decode(self.tokenizer, cut_at_stop(row.tolist(), self.stop_ids, pad)[0]) for row in response_ids
+        ]
 
     # -- optimisation -------------------------------------------------------------
     def step(self, prompts: list[Conversation], seed: int) -> tuple[Rollout, dict[str, float]]:

@@ -14,16 +14,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from caitool.backend import GenerationBackend, SamplingParams, TransformersBackend, derive_seed
+from caitool.backends import GenerationBackend, SamplingParams, derive_seed
 from caitool.constitution import Constitution, load_constitution
 from caitool.critique import check_constitution
 from caitool.errors import CaitoolError
 from caitool.hygiene import REVISION_EMPTY, clean_revision, count_flags
-from caitool.pipeline import ChunkResult, PhaseResult, PhaseSpec, run_record_phase, validate_input
-from caitool.progress import print_summary, summary_line
+from caitool.pipeline import BackendPhase, ChunkResult, PhaseResult, Runtime
 from caitool.prompts import pick_examples, revision_conversation
-from caitool.provenance import now_iso
-from caitool.records import Message, RevisionRecord, Round, parse_record
+from caitool.records import Conversation, Message, RevisionRecord, Round, parse_record
 
 
 def revise_input_parser(constitution: Constitution) -> Callable[[dict[str, Any]], RevisionRecord]:
@@ -59,85 +57,73 @@ def run_revise(
     model: str = "default",
     few_shot: int = 2,
     params: SamplingParams | None = None,
-    batch_size: int = 8,
-    seed: int = 0,
-    resume: bool = True,
-    trust_remote_code: bool = False,
-    dtype: str = "auto",
+    runtime: Runtime | None = None,
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
     params = params or SamplingParams(max_new_tokens=256)
-    started = now_iso()
+    runtime = runtime or Runtime()
+    seed = runtime.seed
     loaded = load_constitution(constitution)
-    source = validate_input(input_path, revise_input_parser(loaded))
-    if backend is None:
-        backend = TransformersBackend.load(
-            model, batch_size=batch_size, dtype=dtype, trust_remote_code=trust_remote_code
-        )
-    model_id = backend.model_id
 
-    def process(records: list[RevisionRecord], chunk_index: int) -> ChunkResult:
-        pending = [r for r in records if r.pending_critique is not None]
-        conversations = []
-        for record in pending:
-            critique_round = record.rounds[-1]
-            principle = loaded.critique(critique_round.principle_id)
-            conversations.append(
-                revision_conversation(
-                    loaded,
-                    principle,
-                    record.prompt,
-                    record.current_response,
-                    critique_round.critique,
-                    pick_examples(loaded, principle.id, few_shot),
+    def make_process(backend: GenerationBackend):
+        model_id = backend.model_id
+
+        def process(records: list[RevisionRecord], chunk_index: int) -> ChunkResult:
+            pending = [r for r in records if r.pending_critique is not None]
+            conversations = [_revision_request(loaded, record, few_shot) for record in pending]
+            revision_seed = derive_seed(seed, "revision", chunk_index)
+            samples = backend.generate(conversations, params, revision_seed) if pending else []
+            revised: dict[str, RevisionRecord] = {}
+            flag_lists: list[list[str]] = []
+            tokens = 0
+            for record, (completion,) in zip(pending, samples, strict=True):
+                critique_round = record.rounds[-1]
+                cleaned = clean_revision(
+                    completion.text, record.current_response, finished=completion.finished
                 )
-            )
-        revision_seed = derive_seed(seed, "revision", chunk_index)
-        samples = backend.generate(conversations, params, revision_seed) if pending else []
-        revised: dict[str, RevisionRecord] = {}
-        flag_lists: list[list[str]] = []
-        tokens = 0
-        for record, (completion,) in zip(pending, samples, strict=True):
-            critique_round = record.rounds[-1]
-            cleaned = clean_revision(completion.text, record.current_response, finished=completion.finished)
-            new_round = critique_round.model_copy(
-                update={
-                    "revision_request": loaded.critique(critique_round.principle_id).revision,
-                    "revision": cleaned.text,
-                    "flags": [*critique_round.flags, *cleaned.flags],
-                    "model": _round_model(critique_round.model, model_id),
-                }
-            )
-            revised[record.id] = apply_revision(record, new_round)
-            flag_lists.append(cleaned.flags)
-            tokens += completion.num_tokens
-        counts = count_flags(flag_lists)
-        counts["revised"] = len(pending)
-        counts["skipped_nothing_pending"] = len(records) - len(pending)
-        return ChunkResult([revised.get(r.id, r) for r in records], tokens=tokens, counts=counts)
+                new_round = critique_round.model_copy(
+                    update={
+                        "revision_request": loaded.critique(critique_round.principle_id).revision,
+                        "revision": cleaned.text,
+                        "flags": [*critique_round.flags, *cleaned.flags],
+                        "model": _round_model(critique_round.model, model_id),
+                    }
+                )
+                revised[record.id] = apply_revision(record, new_round)
+                flag_lists.append(cleaned.flags)
+                tokens += completion.num_tokens
+            counts = count_flags(flag_lists)
+            counts["revised"] = len(pending)
+            counts["skipped_nothing_pending"] = len(records) - len(pending)
+            return ChunkResult([revised.get(r.id, r) for r in records], tokens=tokens, counts=counts)
 
-    run_params = {
-        **asdict(params),
-        "few_shot": few_shot,
-        "batch_size": batch_size,
-        "seed": seed,
-        "dtype": dtype,
-    }
+        return process
 
-    spec = PhaseSpec(
+    return BackendPhase(
         phase="revise",
-        model_spec=model,
-        params=run_params,
-        models={"policy": getattr(backend, "info", model_id)},
-        inputs=[input_path],
-        started_at=started,
+        input_path=input_path,
+        output=output,
+        model=model,
+        runtime=runtime,
+        parse=revise_input_parser(loaded),
+        params={**asdict(params), "few_shot": few_shot},
+        make_process=make_process,
+        summary_counts=lambda result: _summary_counts(result.counts),
         constitution=loaded.ref,
+    ).run(backend)
+
+
+def _revision_request(constitution: Constitution, record: RevisionRecord, few_shot: int) -> Conversation:
+    critique_round = record.rounds[-1]
+    principle = constitution.critique(critique_round.principle_id)
+    return revision_conversation(
+        constitution,
+        principle,
+        record.prompt,
+        record.current_response,
+        critique_round.critique,
+        pick_examples(constitution, principle.id, few_shot),
     )
-    result = run_record_phase(
-        spec=spec, source=source, output=output, resume=resume, chunk_size=batch_size * 4, process=process
-    )
-    print_summary(summary_line("revise", result.tracker, **_summary_counts(result.counts), output=output))
-    return result
 
 
 def _round_model(critic: str | None, reviser: str) -> str:

@@ -24,13 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from caitool.backend import as_dicts
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records, write_json_atomic
 from caitool.pipeline import validate_input
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import Conversation, Message, PreferenceRecord, parse_record
+from caitool.tokens import encode, encode_conversation, right_padded
 from caitool.training import (
     CHECKPOINTS,
     TRAINING_LOG,
@@ -51,17 +51,10 @@ CALIBRATION_BINS = 10
 # Encoding and the pad token
 
 
-def encode_conversation(tokenizer: Any, prompt: Conversation, response: str) -> list[int]:
-    """Token ids of the full conversation, the response as a finished assistant turn."""
-    messages = as_dicts([*prompt, Message(role="assistant", content=response)])
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _turn_ending_ids(tokenizer: Any) -> set[int]:
     """The tokens a rendered conversation ends with (after the response text)."""
     probe = encode_conversation(tokenizer, [Message(role="user", content="x")], "y")
-    text_ids = set(tokenizer("y", add_special_tokens=False)["input_ids"])
+    text_ids = set(encode(tokenizer, "y"))
     ending: set[int] = set()
     for token in reversed(probe):
         if token in text_ids:
@@ -119,13 +112,10 @@ class RewardModel:
     def score_token_ids(self, rows: Sequence[list[int]]) -> list[float]:
         import torch
 
-        pad = self.tokenizer.pad_token_id
         scores: list[float] = []
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start : start + self.batch_size]
-            width = max(len(r) for r in batch)
-            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in batch], device=self.device)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in batch], device=self.device)
+            input_ids, mask = right_padded(batch, self.tokenizer.pad_token_id, self.device)
             with torch.inference_mode():
                 logits = self.model(input_ids=input_ids, attention_mask=mask).logits
             scores.extend(logits[:, 0].float().tolist())

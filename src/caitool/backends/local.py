@@ -1,58 +1,22 @@
-"""The generation-backend interface and its local transformers implementation.
+"""The local backend: a transformers causal LM loaded in this process.
 
-Every phase talks to a model through two calls:
-
-* ``generate(conversations, params, seed)``: sample ``params.n`` completions per conversation.
-* ``score_continuations(conversations, continuations)``: the log-probability of each candidate
-  continuation after each conversation (the preference labeller reads option letters this way).
-
-A conversation whose last turn is an assistant turn is *continued* (the turn is a prefill,
-e.g. "The answer is ("); otherwise a fresh assistant turn is opened. Tests use a scripted
-fake with the same two methods (``tests/fakes.py``).
+Batches are formed from conversations of similar length (fewer pad tokens), padded on the
+left, and each batch is seeded from the call's seed and the batch position, so the same
+inputs and seed give the same outputs. Letter scoring reads the next-token distribution at
+the end of each prompt, sharing one key/value cache for the prompts' common opening (the
+labeller's few-shot turns) across calls.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+from dataclasses import asdict
+from typing import Any
 
-from caitool.records import Conversation, Message
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    n: int = 1
-    ignore_eos: bool = False  # always produce max_new_tokens (benchmarks, like vLLM's ignore_eos)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    num_tokens: int
-    finished: bool  # ended at end-of-turn rather than at max_new_tokens
-
-
-class GenerationBackend(Protocol):
-    model_id: str  # short, stamped on records (name@weights-hash)
-
-    def generate(
-        self, conversations: Sequence[Conversation], params: SamplingParams, seed: int
-    ) -> list[list[Completion]]: ...
-
-    def score_continuations(
-        self, conversations: Sequence[Conversation], continuations: Sequence[str]
-    ) -> list[list[float]]: ...
-
+from caitool.backends.base import Completion, SamplingParams, derive_seed
+from caitool.records import Conversation
+from caitool.tokens import cut_at_stop, decode, encode, left_padded, render_chat, right_padded
 
 # Below this many shared tokens a prefix cache saves less than copying it costs.
 MIN_SHARED_PREFIX = 32
@@ -67,37 +31,18 @@ def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
     return max(length, 0)
 
 
-def derive_seed(seed: int, *parts: object) -> int:
-    """A seed for one unit of work that depends only on the run seed and the unit's identity."""
-    payload = repr((seed, *parts)).encode()
-    return int.from_bytes(hashlib.sha256(payload).digest()[:4], "little")
-
-
-def as_dicts(conversation: Sequence[Message]) -> list[dict[str, str]]:
-    return [{"role": m.role, "content": m.content} for m in conversation]
-
-
-def render_chat(tokenizer: Any, conversation: Sequence[Message]) -> str:
-    """The chat-template text after which the model writes (or continues) the assistant turn."""
-    continuing = bool(conversation) and conversation[-1].role == "assistant"
-    return tokenizer.apply_chat_template(
-        as_dicts(conversation),
-        tokenize=False,
-        add_generation_prompt=not continuing,
-        continue_final_message=continuing,
-    )
-
-
 class TransformersBackend:
-    """Batched local generation with a transformers causal LM.
-
-    Batches are formed from conversations of similar length (fewer pad tokens), padded on
-    the left, and each batch is seeded from the call's seed and the batch position, so the
-    same inputs and seed give the same outputs.
-    """
+    """Batched local generation and scoring with a transformers causal LM."""
 
     def __init__(
-        self, model: Any, tokenizer: Any, *, model_id: str, batch_size: int = 8, device: str = "cpu"
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_id: str,
+        batch_size: int = 8,
+        device: str = "cpu",
+        info: Any = None,
     ):
         from caitool.models import end_of_turn_ids
 
@@ -106,6 +51,7 @@ class TransformersBackend:
         self.model_id = model_id
         self.batch_size = max(1, batch_size)
         self.device = device
+        self.info = info
         self.stop_ids = end_of_turn_ids(tokenizer, model)
         # The labeller's few-shot turns open every question of a run; their key/value cache is
         # computed once and kept between calls (the weights of a scoring backend never change).
@@ -120,30 +66,33 @@ class TransformersBackend:
         device: str | None = None,
         dtype: str = "auto",
         trust_remote_code: bool = False,
-    ):
+    ) -> TransformersBackend:
         from caitool.models import load_causal_lm
 
         loaded = load_causal_lm(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
-        backend = cls(
+        return cls(
             loaded.model,
             loaded.tokenizer,
             model_id=loaded.info.short,
             batch_size=batch_size,
             device=loaded.device,
+            info=loaded.info,
         )
-        backend.info = loaded.info
-        return backend
+
+    @property
+    def parallelism(self) -> int:
+        return self.batch_size
+
+    def describe(self) -> dict[str, Any]:
+        described = asdict(self.info) if self.info is not None else {"model_id": self.model_id}
+        return {"backend": "transformers", **described}
+
+    def stats(self) -> dict[str, int]:
+        return {}
 
     # -- generation ------------------------------------------------------------
-    def _encode(self, texts: list[str], side: str) -> Any:
-        self.tokenizer.padding_side = side
-        return self.tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(
-            self.device
-        )
-
-    def _length_sorted_batches(self, texts: list[str]) -> list[list[int]]:
-        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    def _length_sorted_batches(self, rows: list[list[int]]) -> list[list[int]]:
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
     def generate(
@@ -151,11 +100,12 @@ class TransformersBackend:
     ) -> list[list[Completion]]:
         import torch
 
-        texts = [render_chat(self.tokenizer, c) for c in conversations]
-        results: list[list[Completion]] = [[] for _ in texts]
-        for batch_index, indices in enumerate(self._length_sorted_batches(texts)):
+        rows = [encode(self.tokenizer, render_chat(self.tokenizer, c)) for c in conversations]
+        pad = self.tokenizer.pad_token_id
+        results: list[list[Completion]] = [[] for _ in rows]
+        for batch_index, indices in enumerate(self._length_sorted_batches(rows)):
             torch.manual_seed(derive_seed(seed, batch_index))
-            encoded = self._encode([texts[i] for i in indices], side="left")
+            input_ids, attention_mask = left_padded([rows[i] for i in indices], pad, self.device)
             sampling: dict[str, Any] = (
                 {"do_sample": False}
                 if params.greedy
@@ -165,34 +115,26 @@ class TransformersBackend:
             copies = 1 if params.greedy else params.n
             with torch.inference_mode():
                 output = self.model.generate(
-                    **encoded,
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
                     max_new_tokens=params.max_new_tokens,
                     min_new_tokens=params.max_new_tokens if params.ignore_eos else None,
                     num_return_sequences=copies,
                     eos_token_id=self.stop_ids,
-                    pad_token_id=self.tokenizer.pad_token_id,
+                    pad_token_id=pad,
                     **sampling,
                 )
-            new_tokens = output[:, encoded["input_ids"].shape[1] :]
+            new_tokens = output[:, input_ids.shape[1] :]
             for row, tokens in enumerate(new_tokens):
                 completion = self._completion(tokens.tolist())
                 results[indices[row // copies]].extend([completion] * (params.n // copies))
         return results
 
     def _completion(self, tokens: list[int]) -> Completion:
-        stops = set(self.stop_ids)
-        pad = self.tokenizer.pad_token_id
-        finished = False
-        kept: list[int] = []
-        for token in tokens:
-            if token in stops:
-                finished = True
-                break
-            kept.append(token)
-        while kept and kept[-1] == pad and pad not in stops:
-            kept.pop()
-        text = self.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        return Completion(text=text, num_tokens=len(kept) + (1 if finished else 0), finished=finished)
+        kept, finished = cut_at_stop(tokens, self.stop_ids, self.tokenizer.pad_token_id)
+        return Completion(
+            text=decode(self.tokenizer, kept), num_tokens=len(kept) + int(finished), finished=finished
+        )
 
     # -- scoring -----------------------------------------------------------------
     def score_continuations(
@@ -204,7 +146,7 @@ class TransformersBackend:
         prompts: the next-token distribution at the end of each prompt is read directly.
         """
         texts = [render_chat(self.tokenizer, c) for c in conversations]
-        cont_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        cont_ids = [encode(self.tokenizer, c) for c in continuations]
         if all(len(ids) == 1 for ids in cont_ids):
             return self._score_next_tokens(texts, [ids[0] for ids in cont_ids])
         return self._score_sequences(texts, cont_ids)
@@ -218,18 +160,14 @@ class TransformersBackend:
         """
         import torch
 
-        rows = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        rows = [encode(self.tokenizer, t) for t in texts]
         prefix_cache, shared = self._shared_prefix_cache(rows[0][: shared_prefix_length(rows)])
         scores: list[list[float]] = [[] for _ in texts]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
-            suffixes = [rows[i][shared:] for i in indices]
-            width = max(len(r) for r in suffixes)
-            pad = self.tokenizer.pad_token_id
-            input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in suffixes], device=self.device)
-            suffix_mask = torch.tensor(
-                [[0] * (width - len(r)) + [1] * len(r) for r in suffixes], device=self.device
+            input_ids, suffix_mask = left_padded(
+                [rows[i][shared:] for i in indices], self.tokenizer.pad_token_id, self.device
             )
             positions = shared + (suffix_mask.cumsum(dim=1) - 1).clamp(min=0)
             prefix_mask = torch.ones(len(indices), shared, dtype=suffix_mask.dtype, device=self.device)
@@ -285,12 +223,10 @@ class TransformersBackend:
 
         scores: list[list[float]] = []
         for text in texts:
-            prefix = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            rows = [prefix + ids for ids in cont_ids]
-            width = max(len(r) for r in rows)
-            pad = self.tokenizer.pad_token_id
-            input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=self.device)
-            mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
+            prefix = encode(self.tokenizer, text)
+            input_ids, mask = right_padded(
+                [prefix + ids for ids in cont_ids], self.tokenizer.pad_token_id, self.device
+            )
             with torch.inference_mode():
                 logprobs = torch.log_softmax(
                     self.model(input_ids=input_ids, attention_mask=mask).logits.float(), -1

@@ -1,0 +1,90 @@
+"""The generation-backend interface every phase talks to.
+
+Two calls do all the work:
+
+* ``generate(conversations, params, seed)``: sample ``params.n`` completions per conversation.
+* ``score_continuations(conversations, continuations)``: the log-probability of each candidate
+  continuation after each conversation (the preference labeller reads option letters this way).
+
+A conversation whose last turn is an assistant turn is *continued* (the turn is a prefill,
+e.g. "The answer is ("); otherwise a fresh assistant turn is opened.
+
+Besides the two calls a backend says who it is: ``model_id`` (short, stamped on every
+record), ``describe()`` (the manifest entry: where the model lives, its weights hash or the
+server that answered), ``parallelism`` (how many conversations it works on at once, which
+sizes the chunks a phase hands it) and ``stats()`` (counters such as retried requests, for
+the summary and the manifest). Tests use a scripted fake with the same shape (``tests/fakes.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from caitool.records import Conversation
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    n: int = 1
+    ignore_eos: bool = False  # always produce max_new_tokens (benchmarks, like vLLM's ignore_eos)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    num_tokens: int
+    finished: bool  # ended at end-of-turn rather than at max_new_tokens
+
+
+class GenerationBackend(Protocol):
+    model_id: str  # short, stamped on records (name@weights-hash)
+    parallelism: int  # conversations worked on at once (a local batch, or requests in flight)
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def stats(self) -> dict[str, int]: ...
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, seed: int
+    ) -> list[list[Completion]]: ...
+
+    def score_continuations(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[float]]: ...
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How to run or reach a model, for every phase that generates or scores.
+
+    ``batch_size``, ``dtype`` and ``trust_remote_code`` apply to local models; ``base_urls``
+    (several replicas are used round-robin), ``concurrency``, ``request_timeout``,
+    ``max_retries`` and ``api_key_env`` (the *name* of the variable holding the key, never
+    the key) to served ones.
+    """
+
+    batch_size: int = 8
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+    base_urls: tuple[str, ...] = ()
+    concurrency: int = 64
+    request_timeout: float = 600.0
+    max_retries: int = 5
+    api_key_env: str = "OPENAI_API_KEY"
+    tokenizer: str | None = None  # a local tokenizer: render chat templates here, use /v1/completions
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A seed for one unit of work that depends only on the run seed and the unit's identity."""
+    payload = repr((seed, *parts)).encode()
+    return int.from_bytes(hashlib.sha256(payload).digest()[:4], "little")

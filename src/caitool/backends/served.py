@@ -1,0 +1,412 @@
+"""The served backend: a model behind an OpenAI-compatible HTTP API (vLLM, SGLang, llama.cpp...).
+
+Generation goes through ``/v1/chat/completions`` (``n``, ``temperature``, ``top_p``,
+``max_tokens``, ``seed``); ``finished`` comes from ``finish_reason`` and token counts from
+the response (vLLM's ``token_ids``) or ``usage``. Letter scoring asks for one token with
+``logprobs``/``top_logprobs`` and reads each candidate letter's log-probability from the
+returned top tokens; a letter the server did not return is an error, never a guess.
+
+A conversation ending in an assistant turn is a *prefill* (the labeller's "The answer is (").
+Servers continue it in one of two ways:
+
+* ``continue_final_message: true`` with ``add_generation_prompt: false`` in the chat request:
+  vLLM and SGLang honour these (llama.cpp's server continues a final assistant turn by itself);
+* with ``--tokenizer DIR`` the chat template is rendered here, with the model's own
+  tokenizer, and the text goes to ``/v1/completions``: any server with a completions
+  endpoint, whatever it does with chat requests.
+
+A server that refuses the chat fields (OpenAI's own API answers 400) is reported with a hint
+to pass ``--tokenizer``. Requests run ``concurrency`` at a time, spread round-robin over the
+replicas, each retried with exponential backoff and jitter on 429, 5xx, time-outs and
+connection errors. The API key is read from the environment variable named by
+``api_key_env`` and is never written to records, manifests, logs or error messages.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from caitool.backends import ServedSpec
+from caitool.backends.base import BackendOptions, Completion, SamplingParams, derive_seed
+from caitool.errors import CaitoolError
+from caitool.records import Conversation
+from caitool.tokens import as_dicts, render_chat
+
+RETRIED_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+BACKOFF_BASE_SECONDS = 0.5
+BACKOFF_CAP_SECONDS = 30.0
+# How many top tokens a scoring request asks for: vLLM's default --max-logprobs is 20.
+TOP_LOGPROBS = 20
+
+
+class RequestFailed(Exception):
+    """One attempt failed; ``retry`` says whether another attempt may succeed."""
+
+    def __init__(self, message: str, *, retry: bool):
+        super().__init__(message)
+        self.retry = retry
+
+
+def public_url(url: str) -> str:
+    """The URL without any user:password part, fit for manifests and error messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def backoff_seconds(attempt: int, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform in [0.5, 1.5) times base * 2^attempt, capped."""
+    return min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt) * (0.5 + rng.random())
+
+
+class ServerClient:
+    """JSON over HTTP to a set of replicas: round-robin, retries, time-outs, counters."""
+
+    def __init__(self, base_urls: Sequence[str], options: BackendOptions):
+        import httpx
+
+        self.base_urls = list(base_urls)
+        self.max_retries = options.max_retries
+        self._secret = os.environ.get(options.api_key_env) or None
+        headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
+        self._http = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(options.request_timeout, connect=min(10.0, options.request_timeout)),
+            limits=httpx.Limits(
+                max_connections=options.concurrency, max_keepalive_connections=options.concurrency
+            ),
+        )
+        self._next_replica = itertools.cycle(range(len(self.base_urls)))
+        self._lock = threading.Lock()
+        self._rng = random.Random()
+        self.requests = 0
+        self.retried_requests = 0
+        self.retries = 0
+
+    def redact(self, text: str) -> str:
+        return text.replace(self._secret, "***") if self._secret else text
+
+    def _replica(self) -> str:
+        with self._lock:
+            return self.base_urls[next(self._next_replica)]
+
+    def get(self, base_url: str, path: str) -> Any:
+        """One GET to one replica, no retries (start-up checks)."""
+        return self._attempt("GET", base_url, path, None)
+
+    def post(self, path: str, body: dict[str, Any]) -> Any:
+        """POST to the next replica; retried (on the next replicas) while the failure is transient."""
+        with self._lock:
+            self.requests += 1
+        attempt = 0
+        while True:
+            base_url = self._replica()
+            try:
+                return self._attempt("POST", base_url, path, body)
+            except RequestFailed as failure:
+                if not failure.retry or attempt >= self.max_retries:
+                    tries = f" after {attempt + 1} tries" if attempt else ""
+                    raise CaitoolError(f"{failure}{tries}") from None
+                with self._lock:
+                    self.retries += 1
+                    self.retried_requests += attempt == 0
+                    pause = backoff_seconds(attempt, self._rng)
+                time.sleep(pause)
+                attempt += 1
+
+    def _attempt(self, method: str, base_url: str, path: str, body: dict[str, Any] | None) -> Any:
+        import httpx
+
+        url = f"{base_url}{path}"
+        shown = public_url(url)
+        try:
+            response = self._http.request(method, url, json=body)
+        except httpx.TimeoutException:
+            raise RequestFailed(f"{shown}: no answer within the request timeout", retry=True) from None
+        except httpx.TransportError as error:
+            reason = self.redact(str(error)) or type(error).__name__
+            raise RequestFailed(f"cannot reach the server at {shown} ({reason})", retry=True) from None
+        if response.status_code >= 400:
+            message = self.redact(_error_message(response))
+            raise RequestFailed(
+                f"{shown} answered {response.status_code}: {message}",
+                retry=response.status_code in RETRIED_STATUS,
+            )
+        try:
+            return response.json()
+        except ValueError:
+            raise RequestFailed(f"{shown} answered with something that is not JSON", retry=True) from None
+
+    def close(self) -> None:
+        self._http.close()
+
+
+def _error_message(response: Any) -> str:
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text.strip().splitlines()[0][:300] if response.text.strip() else "no message"
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    message = error.get("message", error) if isinstance(error, dict) else error
+    return " ".join(str(message).split())[:300]
+
+
+class OpenAIBackend:
+    """Generation and letter scoring through an OpenAI-compatible server."""
+
+    def __init__(
+        self,
+        served: ServedSpec,
+        client: ServerClient,
+        *,
+        concurrency: int,
+        server: dict[str, Any],
+        tokenizer: Any = None,
+        tokenizer_dir: str | None = None,
+    ):
+        self.served = served
+        self.client = client
+        self.parallelism = max(1, concurrency)
+        self.server = server
+        self.tokenizer = tokenizer
+        self.tokenizer_dir = tokenizer_dir
+        self.vllm = server.get("owned_by") == "vllm"
+        self.weights_sha256 = _local_weights_hash(server.get("root"))
+        root_name = Path(str(server.get("root") or "")).name
+        self.model_id = (
+            f"{root_name}@{self.weights_sha256[:12]}" if self.weights_sha256 and root_name else served.spec
+        )
+        self._pool = ThreadPoolExecutor(max_workers=self.parallelism, thread_name_prefix="caitool-request")
+
+    @classmethod
+    def connect(cls, served: ServedSpec, options: BackendOptions) -> OpenAIBackend:
+        """Check every replica answers and serves the model before any work starts."""
+        client = ServerClient(served.base_urls, options)
+        descriptions = [_served_model(client, url, served.name) for url in served.base_urls]
+        tokenizer = None
+        if options.tokenizer:
+            from caitool.models import load_tokenizer
+
+            tokenizer = load_tokenizer(options.tokenizer, trust_remote_code=options.trust_remote_code)
+        return cls(
+            served,
+            client,
+            concurrency=options.concurrency,
+            server=descriptions[0],
+            tokenizer=tokenizer,
+            tokenizer_dir=options.tokenizer,
+        )
+
+    # -- the interface ------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": "openai",
+            "spec": self.served.spec,
+            "served_model": self.served.name,
+            "base_urls": [public_url(u) for u in self.served.base_urls],
+            "server": self.server.get("owned_by"),
+            "root": self.server.get("root"),
+            "max_model_len": self.server.get("max_model_len"),
+            "sha256": self.weights_sha256,
+            "prefill": (
+                f"chat template rendered here ({self.tokenizer_dir}), /v1/completions"
+                if self.tokenizer is not None
+                else "continue_final_message"
+            ),
+        }
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "requests": self.client.requests,
+            "retried_requests": self.client.retried_requests,
+            "retries": self.client.retries,
+        }
+
+    def generate(
+        self, conversations: Sequence[Conversation], params: SamplingParams, seed: int
+    ) -> list[list[Completion]]:
+        # Greedy decoding gives n identical samples: ask once and copy, as the local backend does.
+        copies = 1 if params.greedy else params.n
+        requests = [
+            self._generation_request(c, params, copies, derive_seed(seed, index))
+            for index, c in enumerate(conversations)
+        ]
+        answers = self._run_all(requests)
+        results = []
+        for answer in answers:
+            completions = self._completions(answer, copies)
+            results.append([c for c in completions for _ in range(params.n // copies)])
+        return results
+
+    def score_continuations(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[float]]:
+        """Log-probability of each one-token continuation, read from the server's top log-probs."""
+        requests = [self._scoring_request(c) for c in conversations]
+        answers = self._run_all(requests)
+        return [self._letter_logprobs(answer, continuations) for answer in answers]
+
+    # -- requests -----------------------------------------------------------------
+    def _generation_request(
+        self, conversation: Conversation, params: SamplingParams, n: int, seed: int
+    ) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {
+            "model": self.served.name,
+            "n": n,
+            "max_tokens": params.max_new_tokens,
+            "temperature": 0.0 if params.greedy else params.temperature,
+            "top_p": 1.0 if params.greedy else params.top_p,
+            "seed": seed,
+        }
+        if params.ignore_eos:
+            body["ignore_eos"] = True  # a vLLM extension; benchmarks only
+        if self.vllm:
+            body["return_token_ids"] = True  # exact per-sample token counts
+        return self._with_conversation(body, conversation)
+
+    def _scoring_request(self, conversation: Conversation) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {"model": self.served.name, "max_tokens": 1, "temperature": 0.0}
+        path, body = self._with_conversation(body, conversation)
+        if path == "/completions":
+            body["logprobs"] = TOP_LOGPROBS
+        else:
+            body.update(logprobs=True, top_logprobs=TOP_LOGPROBS)
+        return path, body
+
+    def _with_conversation(
+        self, body: dict[str, Any], conversation: Conversation
+    ) -> tuple[str, dict[str, Any]]:
+        """The endpoint and body carrying the conversation: rendered here, or sent as chat messages."""
+        if self.tokenizer is not None:
+            return "/completions", {**body, "prompt": render_chat(self.tokenizer, conversation)}
+        body = {**body, "messages": as_dicts(conversation)}
+        if conversation and conversation[-1].role == "assistant":
+            body.update(continue_final_message=True, add_generation_prompt=False)
+        return "/chat/completions", body
+
+    def _run_all(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Every request, ``parallelism`` in flight; the first failure cancels the rest and is raised."""
+        futures = [self._pool.submit(self.client.post, path, body) for path, body in requests]
+        try:
+            return [future.result() for future in futures]
+        except BaseException as error:
+            for future in futures:
+                future.cancel()
+            prefilled = any(body.get("continue_final_message") for _, body in requests)
+            if isinstance(error, CaitoolError) and prefilled and _refused_request(str(error)):
+                raise CaitoolError(
+                    f"{error}; this server does not continue a prefilled assistant turn: pass "
+                    "--tokenizer MODEL_DIR to render prompts here and use /v1/completions"
+                ) from None
+            raise
+
+    # -- answers ------------------------------------------------------------------
+    def _completions(self, answer: dict[str, Any], n: int) -> list[Completion]:
+        choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
+        if len(choices) != n:
+            raise CaitoolError(
+                f"{self._where()} returned {len(choices)} choices for n={n}; the server does not honour n"
+            )
+        usage = (answer.get("usage") or {}).get("completion_tokens")
+        completions = []
+        for index, choice in enumerate(choices):
+            text = choice.get("text")
+            if text is None:
+                text = (choice.get("message") or {}).get("content") or ""
+            token_ids = choice.get("token_ids")
+            if token_ids is not None:
+                tokens = len(token_ids)
+            elif usage is not None:
+                # Without per-choice ids the total is shared out, so the run's total stays exact.
+                tokens = usage // n + (1 if index < usage % n else 0)
+            else:
+                tokens = 0
+            completions.append(
+                Completion(
+                    text=text.strip(), num_tokens=tokens, finished=choice.get("finish_reason") == "stop"
+                )
+            )
+        return completions
+
+    def _letter_logprobs(self, answer: dict[str, Any], letters: Sequence[str]) -> list[float]:
+        top = _top_logprobs(answer)
+        missing = [letter for letter in letters if letter not in top]
+        if missing:
+            returned = ", ".join(repr(t) for t in list(top)[:8])
+            raise CaitoolError(
+                f"{self._where()}: the option letter(s) {', '.join(repr(m) for m in missing)} are not among "
+                f"the {len(top)} most likely next tokens the server returned ({returned}...); the model puts "
+                "almost no probability on them, so no label can be read (check it with caitool judge-check)"
+            )
+        return [top[letter] for letter in letters]
+
+    def _where(self) -> str:
+        return f"{self.served.spec} at {', '.join(public_url(u) for u in self.served.base_urls)}"
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.client.close()
+
+
+def _refused_request(message: str) -> bool:
+    return any(f"answered {status}:" in message for status in (400, 422))
+
+
+def _top_logprobs(answer: dict[str, Any]) -> dict[str, float]:
+    """token -> log-probability of the first generated token, from a chat or completions answer.
+
+    Several tokens can decode to the same text (a byte token and a merged one); their
+    probabilities are added, since either writes that letter.
+    """
+    choice = (answer.get("choices") or [{}])[0]
+    logprobs = choice.get("logprobs") or {}
+    if "content" in logprobs:  # chat completions
+        first = (logprobs.get("content") or [{}])[0]
+        pairs = [(t["token"], t["logprob"]) for t in first.get("top_logprobs") or []]
+    else:  # completions
+        pairs = list(((logprobs.get("top_logprobs") or [{}])[0] or {}).items())
+    merged: dict[str, float] = {}
+    for token, logprob in pairs:
+        if token in merged:
+            high, low = max(merged[token], logprob), min(merged[token], logprob)
+            merged[token] = high + math.log1p(math.exp(low - high))
+        else:
+            merged[token] = logprob
+    return merged
+
+
+def _served_model(client: ServerClient, base_url: str, name: str) -> dict[str, Any]:
+    """The server's description of the model (``/v1/models``), or a one-line error naming the URL."""
+    try:
+        listing = client.get(base_url, "/models")
+    except RequestFailed as failure:
+        raise CaitoolError(f"{failure}; start the server first, or check --base-url") from None
+    served = {m.get("id"): m for m in listing.get("data", []) if isinstance(m, dict)}
+    if name not in served:
+        raise CaitoolError(
+            f"the server at {public_url(base_url)} does not serve {name!r} "
+            f"(it serves: {', '.join(map(str, served)) or 'nothing'})"
+        )
+    return served[name]
+
+
+def _local_weights_hash(root: Any) -> str | None:
+    """The weights hash of the served model when its directory is visible here (a server on this
+    machine or a shared disk), so its records carry the same name@hash as a local run's."""
+    if not root or not (Path(str(root)) / "config.json").exists():
+        return None
+    from caitool.provenance import weights_hash
+
+    digest = weights_hash(str(root))
+    return None if digest == "unknown" else digest
