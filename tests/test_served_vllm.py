@@ -108,9 +108,9 @@ def test_every_generating_and_scoring_phase_runs_through_the_server(server, tmp_
 
 
 def test_letter_probabilities_agree_with_the_local_backend(server, tmp_path, examples_dir):
-    prompts = take(examples_dir / "red_team.jsonl", 6, tmp_path / "p.jsonl")
+    prompts = take(examples_dir / "red_team.jsonl", 4, tmp_path / "p.jsonl")
     pairs = tmp_path / "pairs.jsonl"
-    invoke(["generate", str(prompts), "-o", str(pairs), "-n", "2", "--max-new-tokens", "32"])
+    invoke(["generate", str(prompts), "-o", str(pairs), "-n", "2", "--max-new-tokens", "24"])
     invoke(["label-preferences", str(pairs), "-o", str(tmp_path / "local.jsonl")])
     invoke(["label-preferences", str(pairs), "-o", str(tmp_path / "served.jsonl"), *served(server.url)])
     local, remote = lines(tmp_path / "local.jsonl"), lines(tmp_path / "served.jsonl")
