@@ -88,9 +88,8 @@ def greedy_agreement(tmp: Path, count: int, new_tokens: int, served: Runtime) ->
     run_generate(prompts, tmp / "greedy-served.jsonl", model=SERVED, params=params, runtime=served)
     local, remote = lines(tmp / "greedy-local.jsonl"), lines(tmp / "greedy-served.jsonl")
     differing = [(a, b) for a, b in zip(local, remote, strict=True) if a["responses"] != b["responses"]]
-    print(
-        f"greedy generation: {len(local) - len(differing)}/{len(local)} answers identical ({new_tokens} tokens)"
-    )
+    same = len(local) - len(differing)
+    print(f"greedy generation: {same}/{len(local)} answers identical ({new_tokens} new tokens at most)")
     if differing:
         backend = TransformersBackend.load("default")
         for a, b in differing:
