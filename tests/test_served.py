@@ -69,6 +69,8 @@ def test_generate_sends_sampling_options_and_records_the_server(stub, tmp_path):
     policy = json.loads(manifest_path(out).read_text())["models"]["policy"]
     assert policy["backend"] == "openai" and policy["base_urls"] == [stub.url]
     assert policy["served_model"] == "stub" and policy["server"] == "vllm"
+    shown = runner.invoke(app, ["inspect", str(out), "-n", "0"], terminal_width=200).output
+    assert f"model policy: openai:stub served at {stub.url}" in shown
 
 
 def test_same_seed_same_requests(stub, tmp_path):

@@ -103,7 +103,10 @@ def show_manifest(path: Path, console: Console) -> None:
         f"ran: {manifest.get('started_at')} -> {manifest.get('finished_at')}",
     ]
     for role, info in (manifest.get("models") or {}).items():
-        if isinstance(info, dict):
+        if isinstance(info, dict) and info.get("backend") == "openai":
+            where = ", ".join(info.get("base_urls") or [])
+            lines.append(f"model {role}: {info.get('spec')} served at {where} (root {info.get('root')})")
+        elif isinstance(info, dict):
             lines.append(f"model {role}: {info.get('path')} (sha256 {str(info.get('sha256', ''))[:12]})")
         else:
             lines.append(f"model {role}: {info}")
