@@ -4,10 +4,12 @@ import pytest
 from typer.testing import CliRunner
 
 from caitool.cli import app
+from caitool.errors import CaitoolError
 from caitool.ppo import PPOConfig, build_trainer, gae, masked_whiten, per_token_rewards, prompt_batches
 from caitool.records import Message, PromptRecord
 from caitool.reward import load_reward_model
 from caitool.training import TRAINING_LOG, staging_dir
+from tests.usage_errors import unboxed
 
 runner = CliRunner()
 PROMPTS = [
@@ -78,11 +80,11 @@ def test_masked_whiten_ignores_padding():
 
 def test_prompt_batches_cycle_through_a_seeded_order():
     records = [PromptRecord(id=str(i), prompt=[Message(role="user", content=str(i))]) for i in range(3)]
-    batches = list(prompt_batches(records, PPOConfig(steps=3, batch_size=2, seed=4)))
+    batches = list(prompt_batches(records, PPOConfig(steps=3, batch_size=2), seed=4))
     assert [len(b) for b in batches] == [2, 2, 2]
     ids = [r.id for b in batches for r in b]
     assert sorted(ids[:3]) == ["0", "1", "2"]
-    assert ids == [r.id for b in prompt_batches(records, PPOConfig(steps=3, batch_size=2, seed=4)) for r in b]
+    assert ids == [r.id for b in prompt_batches(records, PPOConfig(steps=3, batch_size=2), seed=4) for r in b]
 
 
 def test_kl_is_zero_before_the_first_update(tiny_model_dir, tiny_rm_dir):
@@ -368,3 +370,11 @@ def test_ppo_starts_from_a_lora_adapter_policy(tiny_model_dir, tiny_rm_dir, prom
     assert (out / "model.safetensors").exists() and not (out / "adapter_config.json").exists()
     manifest = json.loads((out / "caitool_manifest.json").read_text())
     assert manifest["models"]["policy"]["path"] == str(adapter.resolve())
+
+
+def test_the_value_model_starts_from_the_reward_model_or_the_policy_only(tmp_path):
+    with pytest.raises(CaitoolError, match='--value-from must be one of rm, policy, got "ref"'):
+        PPOConfig(value_from="ref")  # type: ignore[arg-type]
+    args = ["ppo", "p.jsonl", "--policy", "x", "--rm", "y", "-o", str(tmp_path / "p"), "--value-from", "ref"]
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "'ref' is not one of 'rm', 'policy'" in unboxed(refused.output)
