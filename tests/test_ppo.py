@@ -4,10 +4,12 @@ import pytest
 from typer.testing import CliRunner
 
 from caitool.cli import app
+from caitool.errors import CaitoolError
 from caitool.ppo import PPOConfig, build_trainer, gae, masked_whiten, per_token_rewards, prompt_batches
 from caitool.records import Message, PromptRecord
 from caitool.reward import load_reward_model
 from caitool.training import TRAINING_LOG, staging_dir
+from tests.usage_errors import unboxed
 
 runner = CliRunner()
 PROMPTS = [
@@ -78,11 +80,11 @@ def test_masked_whiten_ignores_padding():
 
 def test_prompt_batches_cycle_through_a_seeded_order():
     records = [PromptRecord(id=str(i), prompt=[Message(role="user", content=str(i))]) for i in range(3)]
-    batches = list(prompt_batches(records, PPOConfig(steps=3, batch_size=2, seed=4)))
+    batches = list(prompt_batches(records, PPOConfig(steps=3, batch_size=2), seed=4))
     assert [len(b) for b in batches] == [2, 2, 2]
     ids = [r.id for b in batches for r in b]
     assert sorted(ids[:3]) == ["0", "1", "2"]
-    assert ids == [r.id for b in prompt_batches(records, PPOConfig(steps=3, batch_size=2, seed=4)) for r in b]
+    assert ids == [r.id for b in prompt_batches(records, PPOConfig(steps=3, batch_size=2), seed=4) for r in b]
 
 
 def test_kl_is_zero_before_the_first_update(tiny_model_dir, tiny_rm_dir):
@@ -201,7 +203,9 @@ def test_cli_refuses_a_bad_value_source_and_bad_prompts(tmp_path, prompts_file):
             "ref",
         ],
     )
-    assert result.exit_code == 2 and "--value-from must be rm or policy" in result.output
+    assert result.exit_code == 2 and "'ref' is not one of 'rm', 'policy'" in unboxed(result.output)
+    with pytest.raises(CaitoolError, match='--value-from must be one of rm, policy, got "ref"'):
+        PPOConfig(value_from="ref")  # type: ignore[arg-type]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"text": "no prompt"}\n')
     result = runner.invoke(app, ["ppo", str(bad), "--policy", "x", "--rm", "y", "-o", str(tmp_path / "p")])

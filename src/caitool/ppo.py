@@ -36,9 +36,10 @@ from pathlib import Path
 from typing import Any
 
 from caitool.backends import derive_seed
+from caitool.choices import ValueFrom, check_choice
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records
-from caitool.pipeline import validate_input
+from caitool.pipeline import Runtime, validate_input
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import Conversation, PromptRecord, parse_prompt_input
@@ -61,24 +62,28 @@ SAMPLES_FILE = "samples.jsonl"
 
 @dataclass(frozen=True)
 class PPOConfig:
-    kl_coef: float = 0.05
-    steps: int = 20
-    batch_size: int = 8
-    mini_batches: int = 2
-    ppo_epochs: int = 2
-    response_length: int = 64
+    """What ppo trains and how; the seed and checkpointing come with the shared Runtime."""
+
+    kl_coef: float = 0.05  # weight of the per-token KL penalty to the reference
+    steps: int = 20  # one rollout batch each
+    batch_size: int = 8  # prompts per rollout
+    mini_batches: int = 2  # per PPO epoch
+    ppo_epochs: int = 2  # passes over each rollout
+    response_length: int = 64  # tokens per response at most
     lr: float = 1e-6
-    temperature: float = 0.7
-    value_from: str = "rm"
-    missing_eot_penalty: float = 1.0
-    sample_every: int = 5
-    seed: int = 0
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
+    temperature: float = 0.7  # rollout sampling (the log-probabilities are read at it too)
+    value_from: ValueFrom = "rm"  # the value model starts from the reward model or the policy
+    missing_eot_penalty: float = 1.0  # taken from the score of a response cut off before end-of-turn
+    sample_every: int = 5  # steps between saved sample rollouts
+    gamma: float = 1.0  # GAE discount
+    lam: float = 0.95  # GAE lambda
+    clip_range: float = 0.2  # of the policy ratio
+    clip_range_value: float = 0.2  # of the value update
+    vf_coef: float = 0.1  # weight of the value loss
     max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("--value-from", self.value_from, ValueFrom)
 
 
 # ---------------------------------------------------------------------------
@@ -462,30 +467,27 @@ def build_trainer(
     def causal_lm(path: str) -> Any:
         return load_full_causal_lm(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
 
-    policy_model = causal_lm(infos["policy"].path)
-    ref_model = causal_lm(infos["ref"].path) if ref is not None else copy.deepcopy(policy_model)
-    tokenizer = load_tokenizer(infos["policy"].path, trust_remote_code=trust_remote_code)
-    scorer = load_reward_model(infos["reward"].path, device="cpu", trust_remote_code=trust_remote_code)
-    value_model = load_value_model(
-        config,
-        policy_path=infos["policy"].path,
-        reward_path=infos["reward"].path,
-        trust_remote_code=trust_remote_code,
-    )
+    paths = {role: info.path for role, info in infos.items()}
+    policy_model = causal_lm(paths["policy"])
     trainer = PPOTrainer(
         policy=policy_model,
-        ref=ref_model,
-        value_model=value_model,
-        reward_model=scorer,
-        tokenizer=tokenizer,
+        ref=causal_lm(paths["ref"]) if ref is not None else copy.deepcopy(policy_model),
+        tokenizer=load_tokenizer(paths["policy"], trust_remote_code=trust_remote_code),
+        reward_model=load_reward_model(paths["reward"], device="cpu", trust_remote_code=trust_remote_code),
+        value_model=load_value_model(
+            config,
+            policy_path=paths["policy"],
+            reward_path=paths["reward"],
+            trust_remote_code=trust_remote_code,
+        ),
         config=config,
     )
     return trainer, infos
 
 
-def prompt_batches(records: list[PromptRecord], config: PPOConfig):
+def prompt_batches(records: list[PromptRecord], config: PPOConfig, seed: int):
     """``steps`` batches of prompts: the file shuffled (seeded), cycled as often as needed."""
-    rng = random.Random(derive_seed(config.seed, "prompt-order"))
+    rng = random.Random(derive_seed(seed, "prompt-order"))
     order: list[PromptRecord] = []
     for _ in range(config.steps):
         while len(order) < config.batch_size:
@@ -540,7 +542,9 @@ def save_checkpoint(trainer: PPOTrainer, staging: Path, step: int) -> Path:
     return final
 
 
-def ppo_run_key(input_path: str | Path, infos: dict[str, Any], config: PPOConfig) -> dict[str, Any]:
+def ppo_run_key(
+    input_path: str | Path, infos: dict[str, Any], config: PPOConfig, seed: int
+) -> dict[str, Any]:
     """What a run trains on and with: a checkpoint is reused only by a run with the same key.
 
     The number of steps is left out: step k's prompts and randomness do not depend on it, so
@@ -551,6 +555,7 @@ def ppo_run_key(input_path: str | Path, infos: dict[str, Any], config: PPOConfig
         "input": file_sha256(input_path),
         **{f"{role}_sha256": info.sha256 for role, info in sorted(infos.items())},
         **settings,
+        "seed": seed,
     }
 
 
@@ -562,30 +567,32 @@ def run_ppo(
     reward_model: str,
     ref: str | None = None,
     config: PPOConfig | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = True,
-    trust_remote_code: bool = False,
+    runtime: Runtime | None = None,
 ) -> list[dict[str, float]]:
     """Train and save the policy (HF directory: tokenizer, manifest, log, samples); return step metrics.
 
-    With ``checkpoint_every`` the run saves its state every N steps; the same command run
-    again after a kill continues from the last one (``resume``). Every step's randomness is
-    derived from the seed and the step number, so a resumed run takes the same steps as an
-    uninterrupted one.
+    With ``runtime.checkpoint_every`` the run saves its state every N steps; the same command
+    run again after a kill continues from the last one (``runtime.resume``). Every step's
+    randomness is derived from the seed and the step number, so a resumed run takes the same
+    steps as an uninterrupted one.
     """
     config = config or PPOConfig()
-    if config.value_from not in ("rm", "policy"):
-        raise CaitoolError(f'value_from must be "rm" or "policy", got "{config.value_from}"')
+    runtime = runtime or Runtime()
+    seed, checkpoint_every = runtime.seed, runtime.checkpoint_every
     started = now_iso()
     source = validate_input(input_path, parse_prompt_input)
     records = list(read_records(source.path, parse_prompt_input))
     check_output_dir(output)
     trainer, infos = build_trainer(
-        policy=policy, reward_model=reward_model, ref=ref, config=config, trust_remote_code=trust_remote_code
+        policy=policy,
+        reward_model=reward_model,
+        ref=ref,
+        config=config,
+        trust_remote_code=runtime.trust_remote_code,
     )
     with atomic_model_dir(output) as staging:
-        run_key = ppo_run_key(input_path, infos, config)
-        checkpoint = resume_checkpoint(staging, run_key, resume)
+        run_key = ppo_run_key(input_path, infos, config, seed)
+        checkpoint = resume_checkpoint(staging, run_key, runtime.resume)
         if checkpoint and checkpoint_step(checkpoint) >= config.steps:
             raise CaitoolError(
                 f"{checkpoint} holds a killed run already past step {config.steps}; rerun with "
@@ -602,10 +609,10 @@ def run_ppo(
             print_summary(f"ppo: resuming after step {done} from {checkpoint}")
         log = JsonlLog(staging / TRAINING_LOG, append=True)
         samples = JsonlLog(staging / SAMPLES_FILE, append=True)
-        for step, batch in enumerate(prompt_batches(records, config), start=1):
+        for step, batch in enumerate(prompt_batches(records, config, seed), start=1):
             if step <= done:
                 continue
-            rollout, metrics = trainer.step([r.prompt for r in batch], derive_seed(config.seed, "step", step))
+            rollout, metrics = trainer.step([r.prompt for r in batch], derive_seed(seed, "step", step))
             history.append(metrics)
             log.write({"step": step, **metrics})
             print_summary(step_line(step, config.steps, metrics))
@@ -625,6 +632,7 @@ def run_ppo(
                 phase="ppo",
                 params={
                     **asdict(config),
+                    "seed": seed,
                     "ref": ref or "the starting policy",
                     "device": str(trainer.device),
                     "checkpoint_every": checkpoint_every,

@@ -26,7 +26,7 @@ from typing import Any
 
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records, write_json_atomic
-from caitool.pipeline import validate_input
+from caitool.pipeline import Runtime, validate_input
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import Conversation, Message, PreferenceRecord, parse_record
@@ -212,6 +212,8 @@ def evaluate_pairs(reward_model: RewardModel, pairs: Sequence[PreferenceRecord])
 
 @dataclass(frozen=True)
 class RewardTrainingConfig:
+    """What train-rm trains on and how; the seed and checkpointing come with the shared Runtime."""
+
     soft: bool = True
     eval_fraction: float = 0.1
     epochs: float = 1.0
@@ -219,7 +221,6 @@ class RewardTrainingConfig:
     lora: bool = False
     batch_size: int = 4
     max_length: int = 1024
-    seed: int = 0
 
 
 def parse_preference(raw: dict[str, Any]) -> PreferenceRecord:
@@ -346,21 +347,21 @@ def run_train_rm(
     *,
     model: str = "default",
     config: RewardTrainingConfig | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = True,
-    trust_remote_code: bool = False,
+    runtime: Runtime | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Train, save atomically (model, tokenizer, manifest, log, metrics.json) and return the metrics.
 
-    With ``checkpoint_every`` the Trainer saves every N steps, and the same command run again
-    after a kill continues from the last checkpoint (``resume``).
+    With ``runtime.checkpoint_every`` the Trainer saves every N steps, and the same command run
+    again after a kill continues from the last checkpoint (``runtime.resume``).
     """
     config = config or RewardTrainingConfig()
+    runtime = runtime or Runtime()
+    seed, checkpoint_every = runtime.seed, runtime.checkpoint_every
     started, clock = now_iso(), time.perf_counter()
     source = validate_input(input_path, parse_preference)
     records = list(read_records(source.path, parse_preference))
-    train_records, held_out = split_held_out(records, config.eval_fraction, config.seed)
+    train_records, held_out = split_held_out(records, config.eval_fraction, seed)
 
     from caitool.models import pick_device
     from caitool.training import check_output_dir, cpu_training_kwargs
@@ -368,7 +369,7 @@ def run_train_rm(
     check_output_dir(output)
     device = pick_device(device)
     reward_init, tokenizer, info, peft_config = load_reward_init(
-        model, lora=config.lora, seed=config.seed, trust_remote_code=trust_remote_code
+        model, lora=config.lora, seed=seed, trust_remote_code=runtime.trust_remote_code
     )
     rows = tokenized_rows(tokenizer, train_records, config.soft, config.max_length)
     if not rows:
@@ -379,9 +380,9 @@ def run_train_rm(
     from trl import RewardConfig
 
     trainer_class, collator_class = soft_label_trainer_class()
-    run_key = {"input": file_sha256(input_path), "model": info.sha256, **asdict(config)}
+    run_key = {"input": file_sha256(input_path), "model": info.sha256, **asdict(config), "seed": seed}
     with atomic_model_dir(output) as staging:
-        checkpoint = resume_checkpoint(staging, run_key, resume)
+        checkpoint = resume_checkpoint(staging, run_key, runtime.resume)
         if checkpoint is not None:
             keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint))
         args = RewardConfig(
@@ -395,8 +396,8 @@ def run_train_rm(
             save_total_limit=1,
             eval_strategy="no",
             report_to=[],
-            seed=config.seed,
-            data_seed=config.seed,
+            seed=seed,
+            data_seed=seed,
             max_length=None,
             disable_dropout=True,
             disable_tqdm=True,
@@ -433,6 +434,7 @@ def run_train_rm(
                 phase="train-rm",
                 params={
                     **asdict(config),
+                    "seed": seed,
                     "device": device,
                     "checkpoint_every": checkpoint_every,
                     "resumed_from": checkpoint,

@@ -21,6 +21,7 @@ from typing import Any
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import write_json_atomic
 from caitool.provenance import MODEL_MANIFEST
+from caitool.run_key import KeyFile, differing_settings
 
 TRAINING_LOG = "training_log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -71,12 +72,12 @@ def resume_checkpoint(staging: Path, run_key: dict[str, Any], resume: bool) -> s
     """
     from transformers.trainer_utils import get_last_checkpoint
 
-    key_file = staging / RUN_KEY
+    key_file = KeyFile(staging / RUN_KEY)
     checkpoints = staging / CHECKPOINTS
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
     if last is not None and resume:
-        killed_key = json.loads(key_file.read_text()) if key_file.exists() else {}
-        differing = sorted(k for k in {*killed_key, *run_key} if killed_key.get(k) != run_key.get(k))
+        # A checkpoint without a key cannot be told apart from another command's: refused too.
+        differing = differing_settings(key_file.read() or {}, run_key)
         if differing:
             raise CaitoolError(
                 f"{staging} holds {Path(last).name} of a killed run with other settings "
@@ -86,7 +87,7 @@ def resume_checkpoint(staging: Path, run_key: dict[str, Any], resume: bool) -> s
     if not resume and checkpoints.exists():
         shutil.rmtree(checkpoints)
         last = None
-    write_json_atomic(key_file, run_key)
+    key_file.write(run_key)
     return last
 
 
