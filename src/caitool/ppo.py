@@ -420,6 +420,8 @@ class PPOTrainer:
             "missing_eot": sum(not f for f in rollout.finished) / len(rollout.finished),
             "seconds": time.perf_counter() - started,
         }
+        if self.device.type == "cuda":
+            metrics["gpu_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return rollout, metrics
 
     def update(self, rollout: Rollout, advantages: Any, returns: Any, indices: Any) -> dict[str, float]:
@@ -533,6 +535,7 @@ def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
         f"value loss {metrics['value_loss']:.4f}  clip {metrics['clip_fraction']:.3f}  "
         f"length {metrics['response_length']:.1f}  no-eot {metrics['missing_eot']:.2f}  "
         f"{metrics['seconds']:.1f}s"
+        + (f"  gpu peak {metrics['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in metrics else "")
     )
 
 
