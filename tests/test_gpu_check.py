@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.sh refuses to run without a GPU, in one clear line (its --tiny mode is run by hand)."""
+"""benchmarks/gpu_check.sh refuses to run without a GPU, in one clear line (--tiny is run by hand)."""
 
 import os
 import subprocess
