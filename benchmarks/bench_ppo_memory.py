@@ -111,6 +111,7 @@ def run_one(settings: dict, dtype: str, rm_dir: str, steps: int) -> dict:
     state = model_state(trainer)
     return {
         "policy_parameters": count,
+        "trained_parameters": sum(p.numel() for p in trainer.trainable),
         "state_per_parameter": {k: v / count for k, v in state.items()},
         "peak_rss_gb": peak / 1e9,
         "rss_per_parameter": (peak - baseline) / count,
@@ -183,7 +184,8 @@ def main() -> None:
                 r = results[(name, dtype)]
                 print(
                     f"{name} ({dtype}): state {sum(r['state_per_parameter'].values()):.1f} B/param, "
-                    f"peak RSS {r['peak_rss_gb']:.2f} GB, {r['seconds_per_step']} s/step",
+                    f"peak RSS {r['peak_rss_gb']:.2f} GB, {r['trained_parameters'] / 1e6:.1f}M trained "
+                    f"parameters, {[round(s, 1) for s in r['seconds_per_step']]} s/step",
                     flush=True,
                 )
     print_tables(results)

@@ -672,3 +672,12 @@ def test_a_killed_lora_run_resumes_from_a_checkpoint_of_trained_weights_only(
     expected = weights(straight)
     for name, tensor in weights(out).items():
         assert torch.allclose(tensor, expected[name], atol=1e-6), name
+
+
+def test_a_reference_given_with_ref_is_loaded_apart(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):
+    out = tmp_path / "p"
+    result = ppo_cli(prompts_file, tiny_model_dir, tiny_rm_dir, out, "--ref", tiny_model_dir, "--steps", 1)
+    assert result.exit_code == 0, result.output
+    log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
+    assert log[0]["kl"] == 0.0  # the reference is the starting policy's weights
+    assert json.loads((out / "caitool_manifest.json").read_text())["models"]["ref"]["sha256"]
