@@ -229,7 +229,10 @@ def test_cli_refuses_a_bad_value_source_and_bad_prompts(tmp_path, prompts_file):
 
 
 @pytest.mark.slow
-def test_one_ppo_step_on_the_real_default_model(tmp_path):
+@pytest.mark.parametrize(
+    "holding", [{"value_model": "separate"}, {"lora": True}], ids=["full+separate", "lora+shared"]
+)
+def test_one_ppo_step_on_the_real_default_model(tmp_path, holding):
     """The default policy against a reward model with an untrained head: runs, KL starts at zero."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -248,7 +251,7 @@ def test_one_ppo_step_on_the_real_default_model(tmp_path):
         policy="default",
         reward_model=str(rm_dir),
         ref=None,
-        config=PPOConfig(batch_size=2, mini_batches=1, ppo_epochs=1, response_length=8, lr=1e-6),
+        config=PPOConfig(batch_size=2, mini_batches=1, ppo_epochs=1, response_length=8, lr=1e-6, **holding),
     )
     _, metrics = trainer.step(PROMPTS, seed=0)
     assert metrics["kl"] == 0.0 and metrics["response_length"] > 0
