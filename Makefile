@@ -151,10 +151,13 @@ $(RUN)/rm/caitool_manifest.json: $(RUN)/prefs.jsonl $(call vars,MODEL SEED)
 	$(call step,train-rm) $(CAITOOL) train-rm $< -o $(RUN)/rm -m $(MODEL) --eval-fraction 0.25 --epochs 1 \
 		--lr 2e-5 --max-length 384 --seed $(SEED)
 
+# LoRA adapters on the policy (the reference is the same weights with them off) and the shared value
+# model (adapters on the reward model, which also gives the reward): no model is held twice.
 $(RUN)/ppo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(RUN)/rm/caitool_manifest.json \
 		$(call vars,MAX_NEW PPO_STEPS PPO_BATCH SEED)
 	$(call step,ppo) $(CAITOOL) ppo $< --policy $(RUN)/sft --rm $(RUN)/rm -o $(RUN)/ppo --steps $(PPO_STEPS) \
-		-b $(PPO_BATCH) --mini-batches 1 --response-length $(MAX_NEW) --seed $(SEED)
+		-b $(PPO_BATCH) --mini-batches 1 --response-length $(MAX_NEW) --seed $(SEED) \
+		--lora --value-model shared --lr 1e-5
 
 $(RUN)/eval/summary.json: $(EVAL_SETS) $(RUN)/sft/caitool_manifest.json $(RUN)/ppo/caitool_manifest.json \
 		$(RUN)/rm/caitool_manifest.json $(call vars,GEN_MODEL FEEDBACK CONSTITUTION EVAL_PROMPTS MAX_NEW BATCH \

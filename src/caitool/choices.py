@@ -14,6 +14,7 @@ Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 LabelMode = Literal["logprob", "cot"]
 SftRounds = Literal["final", "all"]
 ValueFrom = Literal["rm", "policy"]
+ValueModel = Literal["shared", "separate"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:

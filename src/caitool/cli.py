@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from caitool.choices import Dtype, LabelMode, SftRounds, ValueFrom
+from caitool.choices import Dtype, LabelMode, SftRounds, ValueFrom, ValueModel
 from caitool.errors import CaitoolError
 
 app = typer.Typer(
@@ -565,12 +565,61 @@ def ppo(
     temperature: Annotated[
         float, typer.Option("--temperature", min=0.01, help="Rollout sampling temperature.")
     ] = 0.7,
+    lora: Annotated[
+        bool,
+        typer.Option(
+            "--lora",
+            help="Train LoRA adapters; the reference is the same model with them switched off (no copy).",
+        ),
+    ] = False,
+    lora_rank: Annotated[
+        int,
+        typer.Option("--lora-rank", min=1, help="Rank of the policy's and the shared value model's LoRA."),
+    ] = 16,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge", help="With --lora: save the merged model (default) or the adapter alone."
+        ),
+    ] = True,
+    value_model: Annotated[
+        ValueModel,
+        typer.Option(
+            "--value-model",
+            help="shared: LoRA adapters and a value head on the frozen reward model, which also gives the "
+            "reward; separate: a whole backbone of its own, every weight trained.",
+        ),
+    ] = "shared",
     value_from: Annotated[
         ValueFrom,
         typer.Option(
-            "--value-from", help="Initialise the value model from the reward model (rm) or the policy."
+            "--value-from",
+            help="Initialise the separate value model from the reward model (rm) or the policy.",
         ),
     ] = "rm",
+    dtype: Annotated[
+        Dtype,
+        typer.Option(
+            "--dtype",
+            help="Precision of the frozen weights and of autocast: auto (bf16 on GPUs that have it, fp32 on "
+            "CPUs), float32, bfloat16. Trained weights stay fp32.",
+        ),
+    ] = "auto",
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory)."
+        ),
+    ] = False,
+    forward_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--forward-batch-size",
+            min=0,
+            help="Sequences per forward pass in rollouts and updates (gradients are accumulated); "
+            "0: a whole batch or mini-batch at once.",
+        ),
+    ] = 0,
     missing_eot_penalty: Annotated[
         float,
         typer.Option(
@@ -589,9 +638,10 @@ def ppo(
     step (POLICY_DIR/training_log.jsonl and one line on stderr), saves sample rollouts every
     N steps (POLICY_DIR/samples.jsonl) and the policy as a Hugging Face model directory.
     With --checkpoint-every N, a killed run continues from its last checkpoint when the
-    same command is run again, taking the same steps an uninterrupted run would.
+    same command is run again, taking the same steps an uninterrupted run would. --lora with
+    the shared value model (the default) trains adapters only and copies no model.
 
-    Example: caitool ppo examples/red_team.jsonl --policy runs/sft --rm runs/rm -o runs/ppo --steps 4
+    Example: caitool ppo examples/red_team.jsonl --policy runs/sft --rm runs/rm -o runs/ppo --steps 4 --lora
     """
     from caitool.ppo import PPOConfig, run_ppo
 

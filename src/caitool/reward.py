@@ -123,9 +123,15 @@ class RewardModel:
 
 
 def load_reward_model(
-    directory: str | Path, *, device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False
+    directory: str | Path,
+    *,
+    device: str | None = None,
+    batch_size: int = 8,
+    trust_remote_code: bool = False,
+    dtype: Any = None,
 ) -> RewardModel:
-    """Load a reward model written by ``train-rm`` (or any one-output sequence classifier)."""
+    """Load a reward model written by ``train-rm`` (or any one-output sequence classifier);
+    ``dtype`` None keeps the precision it was saved in."""
     from caitool.models import (
         force_offline,
         load_tokenizer,
@@ -144,7 +150,7 @@ def load_reward_model(
     device = pick_device(device)
     tokenizer = load_tokenizer(info.path, trust_remote_code=trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
-        info.path, local_files_only=True, trust_remote_code=trust_remote_code
+        info.path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype or "auto"
     )
     if model.config.num_labels != 1:
         raise CaitoolError(
