@@ -29,6 +29,15 @@ constitution_app = typer.Typer(help="Validate and display constitution files.", 
 app.add_typer(constitution_app, name="constitution")
 
 
+def _echo_once(line: str) -> None:
+    """On stderr, from the main process only: every process of a multi-process run checks the same
+    input and options, so the others would repeat the line."""
+    from caitool.processes import launched_rank
+
+    if launched_rank() == 0:
+        typer.echo(line, err=True)
+
+
 def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn CaitoolError into one line on stderr and exit code 2; Ctrl-C into a resume hint."""
 
@@ -37,10 +46,10 @@ def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except CaitoolError as err:
-            typer.echo(f"error: {err}", err=True)
+            _echo_once(f"error: {err}")
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
+            _echo_once("interrupted: rerun the same command to resume where it stopped")
             raise typer.Exit(130) from None
 
     return wrapper
