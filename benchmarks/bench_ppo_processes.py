@@ -106,14 +106,12 @@ def main() -> None:
         run(launcher, args, work / f"{out.name}.log")
         seconds = step_seconds(out)
         means[name] = statistics.mean(seconds[1:] or seconds)
-        print(
-            f"{name}: seconds per step {', '.join(f'{s:.1f}' for s in seconds)}; mean after step 1 {means[name]:.1f}"
-        )
+        listed = ", ".join(f"{s:.1f}" for s in seconds)
+        print(f"{name}: seconds per step {listed}; mean after step 1 {means[name]:.1f}")
     print(f"global batch {2 * b} prompts, {options.response_length} tokens, {os.cpu_count()} CPUs")
     print(f"2 processes / 1 process, seconds per step: {means['2 processes'] / means['1 process']:.2f}")
-    print(
-        f"largest weight difference between the two final policies: {largest_difference(work / 'one', work / 'two'):.2e}"
-    )
+    difference = largest_difference(work / "one", work / "two")
+    print(f"largest weight difference between the two final policies: {difference:.2e}")
 
 
 if __name__ == "__main__":
