@@ -414,7 +414,12 @@ def sft(
     ] = True,
     epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per batch.")] = 4,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", "-b", min=1, help="Examples per batch (per process when launched on several)."
+        ),
+    ] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
     max_length: Annotated[int, typer.Option("--max-length", min=8, help="Truncate at N tokens.")] = 1024,
     *,
@@ -524,7 +529,13 @@ def train_rm(
         bool, typer.Option("--lora", help="Train LoRA adapters (merged into the saved model).")
     ] = False,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Pairs per optimiser step.")
+        int,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            help="Pairs per optimiser step (per process when launched on several).",
+        ),
     ] = 4,
     max_length: Annotated[
         int, typer.Option("--max-length", min=8, help="Drop pairs longer than this (tokens).")
