@@ -29,6 +29,15 @@ constitution_app = typer.Typer(help="Validate and display constitution files.", 
 app.add_typer(constitution_app, name="constitution")
 
 
+def _echo_once(line: str) -> None:
+    """On stderr, from the main process only: every process of a multi-process run checks the same
+    input and options, so the others would repeat the line."""
+    from caitool.processes import launched_rank
+
+    if launched_rank() == 0:
+        typer.echo(line, err=True)
+
+
 def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn CaitoolError into one line on stderr and exit code 2; Ctrl-C into a resume hint."""
 
@@ -37,10 +46,10 @@ def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except CaitoolError as err:
-            typer.echo(f"error: {err}", err=True)
+            _echo_once(f"error: {err}")
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
+            _echo_once("interrupted: rerun the same command to resume where it stopped")
             raise typer.Exit(130) from None
 
     return wrapper
@@ -405,7 +414,12 @@ def sft(
     ] = True,
     epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per batch.")] = 4,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", "-b", min=1, help="Examples per batch (per process when launched on several)."
+        ),
+    ] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
     max_length: Annotated[int, typer.Option("--max-length", min=8, help="Truncate at N tokens.")] = 1024,
     *,
@@ -515,7 +529,13 @@ def train_rm(
         bool, typer.Option("--lora", help="Train LoRA adapters (merged into the saved model).")
     ] = False,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Pairs per optimiser step.")
+        int,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            help="Pairs per optimiser step (per process when launched on several).",
+        ),
     ] = 4,
     max_length: Annotated[
         int, typer.Option("--max-length", min=8, help="Drop pairs longer than this (tokens).")

@@ -24,6 +24,7 @@ from caitool.hygiene import REVISION_EMPTY
 from caitool.jsonl_io import read_records
 from caitool.models import model_info, require_full_model
 from caitool.pipeline import Runtime, validate_input
+from caitool.processes import Processes, current_processes, launch_sharding
 from caitool.progress import phase_progress, print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import (
@@ -41,6 +42,7 @@ from caitool.training import (
     check_output_dir,
     checkpoint_step,
     cpu_training_kwargs,
+    gathered_state_dict,
     jsonl_log_callback,
     keep_log_until,
     resume_checkpoint,
@@ -242,6 +244,7 @@ def build_trainer(
     staging: Path,
     device: str,
     resuming: bool,
+    processes: Processes,
 ) -> Any:
     """SFTTrainer logging to ``training_log.jsonl``; caitool's progress replaces the Trainer's printers."""
     from datasets import Dataset, disable_progress_bars
@@ -258,17 +261,39 @@ def build_trainer(
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(jsonl_log_callback(staging / TRAINING_LOG, append=resuming))
+    trainer.add_callback(jsonl_log_callback(staging / TRAINING_LOG, append=resuming, processes=processes))
     return trainer
 
 
-def train(trainer: Any, settings: SftConfig, examples: int, checkpoint: str | None) -> tuple[Any, float]:
-    steps = math.ceil(examples / (settings.batch_size * settings.grad_accum)) * math.ceil(settings.epochs)
+def train(
+    trainer: Any, settings: SftConfig, examples: int, checkpoint: str | None, processes: Processes
+) -> tuple[Any, float]:
+    per_step = settings.batch_size * settings.grad_accum * processes.count
+    steps = math.ceil(examples / per_step) * math.ceil(settings.epochs)
     started = time.perf_counter()
     with phase_progress("sft", steps) as tracker:
         trainer.add_callback(progress_callback(tracker))
         result = trainer.train(resume_from_checkpoint=checkpoint)
     return result, time.perf_counter() - started
+
+
+def save_trained(
+    trainer: Any, settings: SftConfig, staging: Path, base_dir: str, processes: Processes
+) -> str:
+    """Save the trained model (or, with --no-merge, the adapter) and return the dtype saved.
+
+    Every process takes part in gathering the weights; the main process writes them.
+    """
+    state = gathered_state_dict(trainer.accelerator, trainer.model_wrapped)
+    if not processes.is_main:
+        return ""
+    if settings.lora and not settings.merge:
+        # A PeftModel saves only its adapter, which names the base directory it was trained on.
+        trainer.model.save_pretrained(staging, state_dict=state)
+        return "adapter"
+    if settings.lora:
+        return save_like_base(trainer.model.merge_and_unload(), staging, base_dir)
+    return save_like_base(trainer.model, staging, base_dir, state)
 
 
 def run_sft(
@@ -280,7 +305,11 @@ def run_sft(
     config: SftConfig | None = None,
     runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune and publish ``output_dir``; returns the manifest written inside it."""
+    """Fine-tune and publish ``output_dir``; returns the manifest written inside it.
+
+    Under ``torchrun`` or ``accelerate launch`` every process runs this: the Trainer gives each
+    its share of every batch (``batch_size`` examples per process), and the main process writes.
+    """
     settings = config or SftConfig()
     runtime = runtime or Runtime()
     started = now_iso()
@@ -296,30 +325,34 @@ def run_sft(
     if settings.lora and not settings.merge:
         # A new adapter names one base directory; on top of another adapter that base would be wrong.
         require_full_model(model_info(model), "sft --lora --no-merge")
+    sharding = launch_sharding()
+    if sharding and settings.lora and settings.merge:
+        raise CaitoolError(
+            f"sft --lora cannot merge the adapter into weights sharded by {sharding}; "
+            "pass --no-merge to save the adapter alone"
+        )
+    processes = current_processes()
     info, tokenizer, policy, device = load_policy(model, runtime.trust_remote_code)
-    # How often a run saves does not change what it trains, so checkpoint_every is not in the key.
+    # How often a run saves does not change what it trains, so checkpoint_every is not in the key;
+    # the number of processes does (each takes batch_size examples per step).
     run_key = {
         "input": file_sha256(input_path),
         "mix": file_sha256(mix) if mix is not None else None,
         "model": info.sha256,
         **settings.as_params(),
         "seed": runtime.seed,
+        "processes": processes.count,
     }
-    with atomic_model_dir(output_dir) as staging:
-        checkpoint = resume_checkpoint(staging, run_key, runtime.resume)
+    with atomic_model_dir(output_dir, processes) as staging:
+        checkpoint = resume_checkpoint(staging, run_key, runtime.resume, processes)
         if checkpoint is not None:
-            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint))
+            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint), processes)
         resuming = checkpoint is not None
-        trainer = build_trainer(policy, tokenizer, data, settings, runtime, staging, device, resuming)
-        result, seconds = train(trainer, settings, len(data.examples), checkpoint)
-        if settings.lora and not settings.merge:
-            # A PeftModel saves only its adapter, which names the base directory it was trained on.
-            trainer.model.save_pretrained(staging)
-            saved_dtype = "adapter"
-        else:
-            trained = trainer.model.merge_and_unload() if settings.lora else trainer.model
-            saved_dtype = save_like_base(trained, staging, info.path)
-        tokenizer.save_pretrained(staging)
+        trainer = build_trainer(
+            policy, tokenizer, data, settings, runtime, staging, device, resuming, processes
+        )
+        result, seconds = train(trainer, settings, len(data.examples), checkpoint, processes)
+        saved_dtype = save_trained(trainer, settings, staging, info.path, processes)
         counts = {
             **data.counts,
             "examples": len(data.examples),
@@ -334,6 +367,7 @@ def run_sft(
             params={
                 **settings.as_params(),
                 "seed": runtime.seed,
+                "processes": processes.count,
                 "checkpoint_every": runtime.checkpoint_every,
                 "resumed_from": checkpoint,
             },
@@ -343,7 +377,9 @@ def run_sft(
             constitution=data.constitution,
             counts=counts,
         )
-        write_model_manifest(staging, manifest)
+        if processes.is_main:
+            tokenizer.save_pretrained(staging)
+            write_model_manifest(staging, manifest)
     print_summary(_summary(output_dir, counts, settings))
     return manifest
 
