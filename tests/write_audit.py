@@ -52,7 +52,8 @@ def hook(event: str, args: tuple) -> None:
 def _relative_to_fd(event: str, args: tuple) -> bool:
     """A path inside a directory opened by file descriptor (shutil.rmtree's own removals)."""
     dir_fd = {"os.remove": 1, "os.mkdir": 2, "os.rename": 2}.get(event)
-    return dir_fd is not None and len(args) > dir_fd and args[dir_fd] is not None
+    # Python passes -1 when no directory descriptor was given.
+    return dir_fd is not None and len(args) > dir_fd and args[dir_fd] not in (None, -1)
 
 
 def dump() -> None:

@@ -38,7 +38,7 @@ from caitool.errors import CaitoolError
 from caitool.reward import RewardModel
 
 if TYPE_CHECKING:
-    from caitool.ppo import PPOConfig
+    from caitool.ppo_config import PPOConfig
 
 # Attributes that hold a dropout probability or training-only noise (Llama's attention_dropout,
 # GPT-2's attn_pdrop, Mixtral's router_jitter_noise); nn.Dropout modules are handled apart.
