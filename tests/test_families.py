@@ -97,7 +97,7 @@ class Pipeline:
             record["completion"] = [{"role": "assistant", "content": ANSWER}]
         taught.write_text("".join(json.dumps(r) + "\n" for r in records))
         return self._run(
-            "sft", taught, "-o", self.root / "sft", "--model", self.model, "--epochs", 10, "--lr", 3e-3,
+            "sft", taught, "-o", self.root / "sft", "--model", self.model, "--epochs", 12, "--lr", 5e-3,
             "--batch-size", 4,
         )  # fmt: skip
 
