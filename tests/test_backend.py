@@ -5,6 +5,7 @@ import torch
 
 from caitool.backends import SamplingParams
 from caitool.backends.local import TransformersBackend
+from caitool.errors import CaitoolError
 from caitool.records import Message
 from caitool.tokens import render_chat
 
@@ -65,11 +66,12 @@ def test_letter_scores_are_next_token_log_probabilities(backend):
     assert scores == pytest.approx(expected, abs=1e-5)
 
 
-def test_multi_token_continuations_sum_token_log_probabilities(backend):
+def test_a_continuation_that_is_not_one_next_token_is_refused(backend):
     prefix = conv("Say something.")
-    scores = backend.score_continuations([prefix, prefix], ["safety first", "A"])
-    assert scores[0] == pytest.approx(scores[1], abs=1e-5)
-    assert all(s < 0 and math.isfinite(s) for s in scores[0])
+    with pytest.raises(CaitoolError, match="'safety first' written after .* is not one token of its own"):
+        backend.score_continuations([prefix], ["safety first", "A"])
+    scores = backend.score_continuations([conv("Which?", "The answer is (")], ["A", "B"])[0]
+    assert all(s < 0 and math.isfinite(s) for s in scores)
 
 
 def _alone(backend, conversation):

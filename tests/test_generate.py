@@ -104,6 +104,10 @@ BAD_INPUTS = {
     "malformed": (b'{"prompt": "ok"}\n{"prompt": "broken\n', "in.jsonl:2: invalid JSON"),
     "missing": (b'{"prompt": "ok"}\n{"question": "?"}\n', 'in.jsonl:2: missing field "prompt"'),
     "wrong-type": (b'{"prompt": 42}\n', 'in.jsonl:1: field "prompt" must be a string or a list of messages'),
+    "messages-text": (
+        b'{"prompt": "ok"}\n{"messages": "hi"}\n',
+        'in.jsonl:2: field "messages" must be a list of turns',
+    ),
     "empty": (b"", "in.jsonl: no records"),
     "non-utf8": (b'{"prompt": "ok"}\n{"prompt": "\xff\xfe"}\n', "in.jsonl:2: not valid UTF-8"),
 }

@@ -56,6 +56,8 @@ def test_generation_record_is_accepted_as_a_prompt_with_its_response():
         ({"prompt": ""}, "empty string"),
         ({"prompt": "x", "id": [1]}, 'field "id" must be a string or an integer'),
         ({"messages": [{"role": "assistant", "content": "only me"}]}, "must end with a user turn"),
+        ({"messages": "hi"}, 'field "messages" must be a list of turns ({"role": ..., "content": ...})'),
+        ({"messages": {"role": "user", "content": "hi"}}, 'field "messages" must be a list of turns'),
         ({"kind": "preference", "prompt": "x"}, '"preference" record cannot be used here'),
     ],
 )

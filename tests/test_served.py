@@ -116,6 +116,20 @@ def test_a_prefilled_assistant_turn_is_continued(stub):
     assert body["messages"][-1] == {"role": "assistant", "content": "The answer is ("}
 
 
+def test_a_letter_is_only_the_token_written_as_that_exact_text():
+    """After "(" the model writes "A"; "▁A" is " A" (vLLM restores the space a SentencePiece
+    tokenizer's decode strips) and is another answer, never added to the letter's probability."""
+    top = [
+        {"token": "A", "logprob": -0.5},
+        {"token": " A", "logprob": -0.7},
+        {"token": "▁A", "logprob": -0.8},
+        {"token": "B", "logprob": -1.0},
+    ]
+    answer = {"choices": [{"logprobs": {"content": [{"token": "A", "top_logprobs": top}]}}]}
+    read = served_module._top_logprobs(answer)
+    assert (read["A"], read["B"]) == (-0.5, -1.0)
+
+
 def test_letters_are_read_from_the_top_logprobs(stub):
     backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
     prefill = [Message(role="user", content="Pick."), Message(role="assistant", content="The answer is (")]

@@ -16,6 +16,7 @@ from caitool.training import (
     save_like_base,
     staging_dir,
 )
+from tests.test_reward import separable_prefs  # noqa: F401 (fixture)
 from tests.test_sft import revised_file, sft_cli  # noqa: F401 (fixture)
 
 
@@ -51,6 +52,44 @@ def test_sft_on_a_bf16_base_trains_in_fp32_and_saves_bf16(bf16_model_dir, revise
     base = load_file(bf16_model_dir / "model.safetensors")
     assert any(not saved[k].equal(base[k]) for k in base)
     assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["saved_dtype"] == "bfloat16"
+
+
+def test_train_rm_on_a_bf16_base_trains_in_fp32_and_saves_bf16(
+    bf16_model_dir,
+    separable_prefs,  # noqa: F811
+    tmp_path,
+    monkeypatch,
+):
+    """Adam's updates round away in bf16 weights: the optimiser must hold fp32 master weights."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from caitool import reward
+    from caitool.cli import app
+
+    optimised_dtypes: set[torch.dtype] = set()
+    trainer_class = reward.soft_label_trainer_class
+
+    def recording_trainer_class():
+        trainer, collator = trainer_class()
+
+        class RecordingTrainer(trainer):
+            def create_optimizer(self, *args, **kwargs):
+                optimizer = super().create_optimizer(*args, **kwargs)
+                optimised_dtypes.update(p.dtype for g in optimizer.param_groups for p in g["params"])
+                return optimizer
+
+        return RecordingTrainer, collator
+
+    monkeypatch.setattr(reward, "soft_label_trainer_class", recording_trainer_class)
+    out = tmp_path / "rm"
+    args = ["train-rm", separable_prefs, "-o", out, "--model", bf16_model_dir, "--epochs", 1, "--lr", 1e-3]
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    assert optimised_dtypes == {torch.float32}
+    saved = load_file(out / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}
+    assert json.loads((out / reward.METRICS_FILE).read_text())["saved_dtype"] == "bfloat16"
 
 
 def test_resume_checkpoint_resumes_only_the_same_run_and_never_discards_silently(tmp_path):

@@ -154,7 +154,12 @@ def stable_id(prompt: Conversation) -> str:
     return "p-" + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
 
 
-def _as_messages(value: Any, field: str) -> Conversation:
+def _as_messages(value: Any, field: str, *, text_allowed: bool = True) -> Conversation:
+    if not text_allowed and not isinstance(value, list):
+        raise CaitoolError(
+            f'field "{field}" must be a list of turns ({{"role": ..., "content": ...}}), '
+            f"got {type(value).__name__}"
+        )
     if isinstance(value, str):
         if not value.strip():
             raise CaitoolError(f'field "{field}" is an empty string')
@@ -182,7 +187,9 @@ def parse_prompt_input(raw: dict[str, Any]) -> PromptRecord:
     if "prompt" in raw:
         prompt = _as_messages(raw.pop("prompt"), "prompt")
     elif "messages" in raw:
-        prompt = _as_messages(raw.pop("messages"), "messages")
+        # A chat dataset's "messages" is a list of turns by definition: text there is a malformed
+        # record, not a one-turn prompt (that is spelled "prompt").
+        prompt = _as_messages(raw.pop("messages"), "messages", text_allowed=False)
     else:
         raise CaitoolError('missing field "prompt" (or "messages")')
     if not prompt:

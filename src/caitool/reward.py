@@ -333,8 +333,14 @@ def load_reward_init(spec: str, *, lora: bool, seed: int, trust_remote_code: boo
     tokenizer = load_tokenizer(info.path, trust_remote_code=trust_remote_code)
     torch.manual_seed(seed)
     with suppress_seqcls_warning():
+        # fp32 master weights whatever the base's precision (transformers 5 would load a bf16 base in
+        # bf16, where Adam's updates round away); save_like_base writes the base's precision back.
         model = AutoModelForSequenceClassification.from_pretrained(
-            info.path, num_labels=1, local_files_only=True, trust_remote_code=trust_remote_code
+            info.path,
+            num_labels=1,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
         )
     prepare_reward_tokenizer(tokenizer, model)
     peft_config = None

@@ -30,11 +30,13 @@ from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import (
     ConstitutionRef,
     Conversation,
+    Message,
     PromptRecord,
     RevisionRecord,
     parse_prompt_input,
     parse_record,
 )
+from caitool.tokens import template_turns
 from caitool.training import (
     CHECKPOINTS,
     TRAINING_LOG,
@@ -65,6 +67,12 @@ def _example(prompt: Conversation, response: str) -> dict[str, Any]:
         "prompt": [m.model_dump() for m in prompt],
         "completion": [{"role": "assistant", "content": response}],
     }
+
+
+def fitted_to_template(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """The example with its prompt as the chat template takes it (TRL renders it as given)."""
+    prompt = template_turns(tokenizer, [Message.model_validate(m) for m in example["prompt"]])
+    return {**example, "prompt": [m.model_dump() for m in prompt]}
 
 
 def _parse_revision(raw: dict[str, Any]) -> RevisionRecord:
@@ -333,6 +341,7 @@ def run_sft(
         )
     processes = current_processes()
     info, tokenizer, policy, device = load_policy(model, runtime.trust_remote_code)
+    data.examples = [fitted_to_template(e, tokenizer) for e in data.examples]
     # How often a run saves does not change what it trains, so checkpoint_every is not in the key;
     # the number of processes does (each takes batch_size examples per step).
     run_key = {

@@ -9,21 +9,81 @@ time sees the same tokens.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
+from caitool.errors import CaitoolError
 from caitool.records import Conversation, Message
+
+SYSTEM_PROBE = "caitool-system-probe"
+# Whether each tokenizer's chat template has a system role, probed once per tokenizer.
+_takes_system: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
 
 
 def as_dicts(conversation: Sequence[Message]) -> list[dict[str, str]]:
     return [{"role": m.role, "content": m.content} for m in conversation]
 
 
+def takes_system_turns(tokenizer: Any) -> bool:
+    """Whether the chat template writes a system turn (Gemma's raises on one; some drop it silently)."""
+    from jinja2.exceptions import TemplateError
+
+    if tokenizer not in _takes_system:
+        probe = [{"role": "system", "content": SYSTEM_PROBE}, {"role": "user", "content": "hi"}]
+        try:
+            text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            _takes_system[tokenizer] = SYSTEM_PROBE in text
+        except TemplateError:
+            _takes_system[tokenizer] = False
+    return _takes_system[tokenizer]
+
+
+def template_turns(tokenizer: Any, conversation: Sequence[Message]) -> Conversation:
+    """The turns as the chat template can take them: for a template without a system role, the
+    leading system turns are written at the start of the first user turn (what such model
+    families advise), and a note says so once per model."""
+    if not any(m.role == "system" for m in conversation) or takes_system_turns(tokenizer):
+        return list(conversation)
+    head = 0
+    while head < len(conversation) and conversation[head].role == "system":
+        head += 1
+    rest = list(conversation[head:])
+    if not rest or rest[0].role != "user" or any(m.role == "system" for m in rest):
+        raise CaitoolError(
+            f"the chat template of {_model_name(tokenizer)} has no system role, and a system turn "
+            "that is not followed by a user turn cannot be folded into one"
+        )
+    system = "\n\n".join(m.content for m in conversation[:head])
+    rest[0] = Message(role="user", content=f"{system}\n\n{rest[0].content}")
+    _note_folding(tokenizer)
+    return rest
+
+
+_noted: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _note_folding(tokenizer: Any) -> None:
+    if tokenizer in _noted:
+        return
+    _noted.add(tokenizer)
+    from caitool.progress import print_summary
+
+    print_summary(
+        f"note: the chat template of {_model_name(tokenizer)} has no system role; "
+        "system turns are written at the start of the first user turn"
+    )
+
+
+def _model_name(tokenizer: Any) -> str:
+    return str(getattr(tokenizer, "name_or_path", "") or "this model")
+
+
 def render_chat(tokenizer: Any, conversation: Sequence[Message]) -> str:
     """The chat-template text after which the model writes (or continues) the assistant turn."""
     continuing = bool(conversation) and conversation[-1].role == "assistant"
     return tokenizer.apply_chat_template(
-        as_dicts(conversation),
+        as_dicts(template_turns(tokenizer, conversation)),
         tokenize=False,
         add_generation_prompt=not continuing,
         continue_final_message=continuing,
@@ -35,9 +95,29 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def next_token_id(tokenizer: Any, text: str, text_ids: Sequence[int], continuation: str) -> int:
+    """The one token ``continuation`` adds when written right after ``text`` (whose ids are ``text_ids``).
+
+    Taken from the encoding of text + continuation minus that of text, never from the continuation
+    encoded alone: a SentencePiece tokenizer with a dummy prefix encodes "A" alone as "▁A", while
+    after "(" the model writes "A". A continuation that is several tokens there, or that merges
+    with the end of ``text`` (so its tokens change), cannot be read as one next token: refused.
+    """
+    full = encode(tokenizer, text + continuation)
+    added = full[len(text_ids) :]
+    if list(full[: len(text_ids)]) != list(text_ids) or len(added) != 1:
+        ending = tokenizer.convert_ids_to_tokens(full[-3:])
+        raise CaitoolError(
+            f"{continuation!r} written after {text[-24:]!r} is not one token of its own for this "
+            f"tokenizer (the text then ends in the tokens {ending}); caitool reads an option letter "
+            "as the one next token, so it cannot score with this model"
+        )
+    return added[0]
+
+
 def encode_conversation(tokenizer: Any, prompt: Conversation, response: str) -> list[int]:
     """Token ids of the full conversation, the response as a finished assistant turn."""
-    messages = as_dicts([*prompt, Message(role="assistant", content=response)])
+    messages = as_dicts(template_turns(tokenizer, [*prompt, Message(role="assistant", content=response)]))
     return encode(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
 
 

@@ -4,7 +4,8 @@ Two calls do all the work:
 
 * ``generate(conversations, params, seed)``: sample ``params.n`` completions per conversation.
 * ``score_continuations(conversations, continuations)``: the log-probability of each candidate
-  continuation after each conversation (the preference labeller reads option letters this way).
+  one-token continuation after each conversation, the token being the one it is when written
+  there (the preference labeller reads option letters this way).
 
 A conversation whose last turn is an assistant turn is *continued* (the turn is a prefill,
 e.g. "The answer is ("); otherwise a fresh assistant turn is opened.

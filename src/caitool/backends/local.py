@@ -4,8 +4,9 @@ Batches are formed from conversations of similar length (fewer pad tokens), padd
 left, and each batch is seeded from the call's seed and the batch position, so the same
 inputs and seed give the same outputs. Samples are drawn from softmax(logits / T) within
 ``top_p`` and nothing else, whatever the model's generation config sets (:mod:`caitool.sampling`).
-Letter scoring reads the next-token distribution at the end of each prompt, sharing one
-key/value cache for the prompts' common opening (the labeller's few-shot turns) across calls.
+Letter scoring reads the next-token distribution at the end of each prompt (each letter's
+token taken in context, as the model would write it there), sharing one key/value cache for
+the prompts' common opening (the labeller's few-shot turns) across calls.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 from caitool.backends.base import Completion, SamplingParams, derive_seed
 from caitool.records import Conversation
 from caitool.sampling import plain_generation_config, sample
-from caitool.tokens import cut_at_stop, decode, encode, left_padded, render_chat, right_padded
+from caitool.tokens import cut_at_stop, decode, encode, left_padded, next_token_id, render_chat
 
 # Below this many shared tokens a prefix cache saves less than copying it costs.
 MIN_SHARED_PREFIX = 32
@@ -138,29 +139,31 @@ class TransformersBackend:
     def score_continuations(
         self, conversations: Sequence[Conversation], continuations: Sequence[str]
     ) -> list[list[float]]:
-        """Log-probability of each continuation after each conversation.
+        """Log-probability of each one-token continuation (an option letter) after each conversation.
 
-        Single-token continuations (option letters) cost one forward pass per batch of
-        prompts: the next-token distribution at the end of each prompt is read directly.
+        One forward pass per batch of prompts: the next-token distribution at the end of each
+        prompt is read directly. Each continuation's token is the one it adds after that prompt's
+        text (:func:`caitool.tokens.next_token_id`); one that is not a single token there is refused.
         """
         texts = [render_chat(self.tokenizer, c) for c in conversations]
-        cont_ids = [encode(self.tokenizer, c) for c in continuations]
-        if all(len(ids) == 1 for ids in cont_ids):
-            return self._score_next_tokens(texts, [ids[0] for ids in cont_ids])
-        return self._score_sequences(texts, cont_ids)
+        rows = [encode(self.tokenizer, t) for t in texts]
+        token_ids = [
+            [next_token_id(self.tokenizer, text, row, c) for c in continuations]
+            for text, row in zip(texts, rows, strict=True)
+        ]
+        return self._score_next_tokens(rows, token_ids)
 
-    def _score_next_tokens(self, texts: list[str], token_ids: list[int]) -> list[list[float]]:
-        """Next-token log-probs at the end of each text.
+    def _score_next_tokens(self, rows: list[list[int]], token_ids: list[list[int]]) -> list[list[float]]:
+        """Next-token log-probs of ``token_ids[i]`` at the end of ``rows[i]``.
 
-        Texts that open alike (the labeller's few-shot turns) share one forward pass over their
+        Rows that open alike (the labeller's few-shot turns) share one forward pass over their
         common token prefix: its key/value cache is computed once and reused by every batch.
         The rest is left-padded, so only the last position needs the vocabulary-sized output layer.
         """
         import torch
 
-        rows = [encode(self.tokenizer, t) for t in texts]
         prefix_cache, shared = self._shared_prefix_cache(rows[0][: shared_prefix_length(rows)])
-        scores: list[list[float]] = [[] for _ in texts]
+        scores: list[list[float]] = [[] for _ in rows]
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         for start in range(0, len(order), self.batch_size):
             indices = order[start : start + self.batch_size]
@@ -181,9 +184,9 @@ class TransformersBackend:
                 inputs[self._cache_argument] = cache
             with torch.inference_mode():
                 final_logits = self.model(**inputs).logits[:, -1].float()
-            logprobs = torch.log_softmax(final_logits, dim=-1)[:, token_ids]
+            logprobs = torch.log_softmax(final_logits, dim=-1)
             for row, i in enumerate(indices):
-                scores[i] = logprobs[row].tolist()
+                scores[i] = logprobs[row, token_ids[i]].tolist()
         return scores
 
     @property
@@ -215,25 +218,3 @@ class TransformersBackend:
         with torch.inference_mode():
             output = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True)
         return output.past_key_values
-
-    def _score_sequences(self, texts: list[str], cont_ids: list[list[int]]) -> list[list[float]]:
-        import torch
-
-        scores: list[list[float]] = []
-        for text in texts:
-            prefix = encode(self.tokenizer, text)
-            input_ids, mask = right_padded(
-                [prefix + ids for ids in cont_ids], self.tokenizer.pad_token_id, self.device
-            )
-            with torch.inference_mode():
-                logprobs = torch.log_softmax(
-                    self.model(input_ids=input_ids, attention_mask=mask).logits.float(), -1
-                )
-            row_scores = []
-            for row, ids in enumerate(cont_ids):
-                positions = range(len(prefix) - 1, len(prefix) - 1 + len(ids))
-                row_scores.append(
-                    sum(logprobs[row, p, t].item() for p, t in zip(positions, ids, strict=True))
-                )
-            scores.append(row_scores)
-        return scores

@@ -4,7 +4,11 @@ Generation goes through ``/v1/chat/completions`` (``n``, ``temperature``, ``top_
 ``max_tokens``, ``seed``); ``finished`` comes from ``finish_reason`` and token counts from
 the response (vLLM's ``token_ids``) or ``usage``. Letter scoring asks for one token with
 ``logprobs``/``top_logprobs`` and reads each candidate letter's log-probability from the
-returned top tokens; a letter the server did not return is an error, never a guess.
+returned top tokens; a letter the server did not return is an error, never a guess. A letter
+is the token whose text is exactly the letter, which is what a model writes right after "(";
+vLLM 0.32 reports a SentencePiece "▁A" (the letter after a space) as " A", another answer that
+is not counted. (A server that stripped that space would report it as "A", and the two would
+be added: see :func:`_top_logprobs`.)
 
 A conversation ending in an assistant turn is a *prefill* (the labeller's "The answer is (").
 Servers continue it in one of two ways:
