@@ -639,6 +639,54 @@ def ppo(
 
 
 # ---------------------------------------------------------------------------
+# pairs-from-revisions, dpo, rloo (offline and critic-free alternatives to train-rm + ppo)
+
+
+@app.command("pairs-from-revisions")
+@reports_errors
+def pairs_from_revisions(
+    input_file: InputFile,
+    output: OutputFile = "-",
+    round_: Annotated[
+        str,
+        typer.Option(
+            "--round", help="final: the last usable revision of each record; all: one pair per revised round."
+        ),
+    ] = "final",
+    exclude_flag: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-flag", help="Skip revisions with this hygiene flag (repeatable)."),
+    ] = None,
+    p_chosen: Annotated[
+        float,
+        typer.Option(
+            "--p-chosen",
+            min=0.5,
+            max=1.0,
+            help="The label every pair gets (1: the revision is surely better).",
+        ),
+    ] = 1.0,
+) -> None:
+    """Turn revise output into preference pairs: the revision chosen, the initial response rejected.
+
+    Each pair keeps the record's id (with /rN for --round all), the round, its principle and
+    every earlier round's, its flags, the model and the constitution. Empty revisions, revisions
+    with an --exclude-flag and revisions identical to the initial response are skipped and
+    counted. The output feeds dpo and train-rm as it is.
+
+    Example: caitool pairs-from-revisions runs/r2.revise.jsonl -o runs/revision-pairs.jsonl --round all
+    """
+    from caitool.pairs import PairSettings, run_pairs_from_revisions
+
+    settings = PairSettings(
+        round=round_,  # type: ignore[arg-type]
+        exclude_flags=tuple(exclude_flag or ()),
+        p_chosen=p_chosen,
+    )
+    run_pairs_from_revisions(input_file, output, settings=settings)
+
+
+# ---------------------------------------------------------------------------
 # eval, report, inspect
 
 

@@ -30,6 +30,7 @@ from caitool.records import (
     Conversation,
     PromptRecord,
     RevisionRecord,
+    Round,
     parse_prompt_input,
     parse_record,
 )
@@ -64,7 +65,7 @@ def _example(prompt: Conversation, response: str) -> dict[str, Any]:
     }
 
 
-def _parse_revision(raw: dict[str, Any]) -> RevisionRecord:
+def parse_revision(raw: dict[str, Any]) -> RevisionRecord:
     if raw.get("kind") != "revision":
         raise CaitoolError('expected a "revision" record (the output of caitool revise)')
     record = parse_record(RevisionRecord, raw)
@@ -81,24 +82,32 @@ def _parse_helpful(raw: dict[str, Any]) -> PromptRecord:
     return record
 
 
-def revision_examples(
-    records: Sequence[RevisionRecord], rounds: RoundsMode, exclude_flags: Sequence[str] = ()
-) -> SftData:
-    """``final``: one example per record (its last usable revision); ``all``: one per usable round.
+def usable_revisions(
+    record: RevisionRecord, exclude_flags: Sequence[str] = ()
+) -> tuple[list[tuple[int, Round]], int]:
+    """(round number from 1, round) of every revision fit to train on, and how many revisions were not.
 
     A revision is usable unless it is empty or carries one of ``exclude_flags``.
     """
     excluded = {REVISION_EMPTY, *exclude_flags}
+    revised = [(number, r) for number, r in enumerate(record.rounds, start=1) if r.revision is not None]
+    usable = [(number, r) for number, r in revised if not excluded.intersection(r.flags)]
+    return usable, len(revised) - len(usable)
+
+
+def revision_examples(
+    records: Sequence[RevisionRecord], rounds: RoundsMode, exclude_flags: Sequence[str] = ()
+) -> SftData:
+    """``final``: one example per record (its last usable revision); ``all``: one per usable round."""
     data = SftData(examples=[], counts={"records_without_revision": 0, "flagged_revisions_skipped": 0})
     for record in records:
-        revised = [r for r in record.rounds if r.revision is not None]
-        usable = [r for r in revised if not excluded.intersection(r.flags)]
-        data.counts["flagged_revisions_skipped"] += len(revised) - len(usable)
+        usable, skipped = usable_revisions(record, exclude_flags)
+        data.counts["flagged_revisions_skipped"] += skipped
         if not usable:
             data.counts["records_without_revision"] += 1
             continue
         targets = usable[-1:] if rounds == "final" else usable
-        data.examples.extend(_example(record.prompt, r.revision or "") for r in targets)
+        data.examples.extend(_example(record.prompt, r.revision or "") for _, r in targets)
     return data
 
 
@@ -120,7 +129,7 @@ def load_sft_data(
     """Read and check every input before anything is written."""
     if rounds not in ("final", "all"):
         raise CaitoolError(f'--rounds must be "final" or "all", not "{rounds}"')
-    source = validate_input(input_path, _parse_revision)
+    source = validate_input(input_path, parse_revision)
     records = list(read_records(source.path, source.parse))
     data = revision_examples(records, rounds, exclude_flags)
     data.constitution = records[0].constitution
