@@ -43,8 +43,9 @@ from caitool.training import (
     cpu_training_kwargs,
     jsonl_log_callback,
     keep_log_until,
+    lora_config,
     resume_checkpoint,
-    save_like_base,
+    save_policy,
     write_model_manifest,
 )
 
@@ -191,18 +192,6 @@ def sft_config(settings: SftSettings, output_dir: Path, device: str) -> Any:
     )
 
 
-def lora_config(settings: SftSettings) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=settings.lora_rank,
-        lora_alpha=2 * settings.lora_rank,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-
-
 def progress_callback(tracker: Any) -> Any:
     """Advance caitool's stderr progress once per optimizer step (the Trainer's own printers are removed)."""
     from transformers import TrainerCallback
@@ -254,7 +243,7 @@ def build_trainer(
         args=sft_config(settings, staging / CHECKPOINTS, device),
         train_dataset=Dataset.from_list(data.examples),
         processing_class=tokenizer,
-        peft_config=lora_config(settings) if settings.lora else None,
+        peft_config=lora_config(settings.lora_rank) if settings.lora else None,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -262,10 +251,14 @@ def build_trainer(
     return trainer
 
 
-def train(trainer: Any, settings: SftSettings, examples: int, checkpoint: str | None) -> tuple[Any, float]:
+def train(
+    trainer: Any, settings: Any, examples: int, checkpoint: str | None, phase: str = "sft"
+) -> tuple[Any, float]:
+    """Run ``trainer`` (from ``checkpoint`` when resuming) with caitool's progress; ``settings``
+    gives ``batch_size``, ``grad_accum`` and ``epochs``. Returns the Trainer's result and the seconds."""
     steps = math.ceil(examples / (settings.batch_size * settings.grad_accum)) * math.ceil(settings.epochs)
     started = time.perf_counter()
-    with phase_progress("sft", steps) as tracker:
+    with phase_progress(phase, steps) as tracker:
         trainer.add_callback(progress_callback(tracker))
         result = trainer.train(resume_from_checkpoint=checkpoint)
     return result, time.perf_counter() - started
@@ -310,13 +303,7 @@ def run_sft(
             keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint))
         trainer = build_trainer(policy, tokenizer, data, settings, staging, device, checkpoint is not None)
         result, seconds = train(trainer, settings, len(data.examples), checkpoint)
-        if settings.lora and not settings.merge:
-            # A PeftModel saves only its adapter, which names the base directory it was trained on.
-            trainer.model.save_pretrained(staging)
-            saved_dtype = "adapter"
-        else:
-            trained = trainer.model.merge_and_unload() if settings.lora else trainer.model
-            saved_dtype = save_like_base(trained, staging, info.path)
+        saved_dtype = save_policy(trainer.model, staging, info.path, lora=settings.lora, merge=settings.merge)
         tokenizer.save_pretrained(staging)
         counts = {
             **data.counts,

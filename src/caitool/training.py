@@ -133,6 +133,33 @@ def save_like_base(model: Any, directory: Path, base_dir: str | Path) -> str:
     return str(model.dtype).removeprefix("torch.")
 
 
+def lora_config(rank: int) -> Any:
+    """LoRA on every linear layer of a causal LM (the output layer excepted), alpha twice the rank."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type="CAUSAL_LM",
+    )
+
+
+def save_policy(model: Any, directory: Path, base_dir: str | Path, *, lora: bool, merge: bool) -> str:
+    """Save a trained policy and return what was saved: its dtype, or "adapter".
+
+    A full fine-tune is saved in its base's precision; a LoRA run merged into full weights, or
+    with ``merge=False`` as the adapter alone (a PeftModel saves only its adapter, which names
+    the base directory it was trained on).
+    """
+    if lora and not merge:
+        model.save_pretrained(directory)
+        return "adapter"
+    trained = model.merge_and_unload() if lora else model
+    return save_like_base(trained, directory, base_dir)
+
+
 def write_model_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     write_json_atomic(directory / MODEL_MANIFEST, manifest)
 
