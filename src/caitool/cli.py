@@ -686,6 +686,95 @@ def pairs_from_revisions(
     run_pairs_from_revisions(input_file, output, settings=settings)
 
 
+@app.command()
+@reports_errors
+def dpo(
+    input_file: InputFile,
+    policy: Annotated[str, typer.Option("--policy", help="Starting policy: model directory or 'default'.")],
+    output: ModelDirOut,
+    ref: Annotated[
+        str | None,
+        typer.Option("--ref", help="Frozen reference model (default: the starting policy)."),
+    ] = None,
+    soft: Annotated[
+        bool,
+        typer.Option(
+            "--soft/--hard",
+            help="Take each pair's p_chosen as its target (default; a pair at 0.5 teaches nothing) or "
+            "train every pair as surely preferred (plain DPO).",
+        ),
+    ] = True,
+    beta: Annotated[
+        float, typer.Option("--beta", min=0.0, help="Strength of the pull towards the reference.")
+    ] = 0.1,
+    loss: Annotated[
+        str,
+        typer.Option(
+            "--loss", help="TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, ... (others need --hard)."
+        ),
+    ] = "sigmoid",
+    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters, merged when saved.")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge",
+            help="With --lora: save the merged model (default) or only the adapter, which every "
+            "caitool command loads onto its base.",
+        ),
+    ] = True,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-6,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Pairs per batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
+    max_length: Annotated[
+        int, typer.Option("--max-length", min=8, help="Truncate prompt + response at N tokens.")
+    ] = 1024,
+    checkpoint_every: CheckpointEveryOpt = 0,
+    seed: SeedOpt = 0,
+    resume: ResumeTrainingOpt = True,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Optimise a policy directly on preference pairs with TRL's DPOTrainer: no reward model, no sampling.
+
+    Input: label-preferences or pairs-from-revisions output. With --soft (default) every pair's
+    p_chosen is the target of its loss (conservative DPO with a per-pair label), so pairs the
+    labeller could not decide pull the policy nowhere. Saves a Hugging Face model directory
+    (or an adapter with --lora --no-merge) with caitool_manifest.json and training_log.jsonl
+    (loss, reward margins and accuracies per step).
+
+    Example: caitool dpo runs/prefs.jsonl --policy runs/sft -o runs/dpo --epochs 2 --lr 5e-6
+    """
+    from caitool.dpo import DpoSettings, run_dpo
+
+    if not merge and not lora:
+        raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
+    settings = DpoSettings(
+        soft=soft,
+        beta=beta,
+        loss=loss,
+        lora=lora,
+        lora_rank=lora_rank,
+        merge=merge,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        max_length=max_length,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+    )
+    run_dpo(
+        input_file,
+        output,
+        policy=policy,
+        ref=ref,
+        settings=settings,
+        resume=resume,
+        trust_remote_code=trust_remote_code,
+    )
+
+
 # ---------------------------------------------------------------------------
 # eval, report, inspect
 
