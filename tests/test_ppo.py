@@ -16,25 +16,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tiny_model_dir, tmp_path_factory):
-    """A reward model with a random head on the tiny backbone, saved the way train-rm saves one."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from caitool.models import load_tokenizer
-    from caitool.reward import prepare_reward_tokenizer
-
-    torch.manual_seed(1)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tokenizer = load_tokenizer(tiny_model_dir)
-    prepare_reward_tokenizer(tokenizer, model)
-    directory = tmp_path_factory.mktemp("tiny-rm")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def make_trainer(tiny_model_dir, tiny_rm_dir, **overrides):
     settings = {
         "batch_size": 2,

@@ -775,6 +775,100 @@ def dpo(
     )
 
 
+@app.command()
+@reports_errors
+def rloo(
+    input_file: InputFile,
+    policy: Annotated[str, typer.Option("--policy", help="Starting policy: model directory or 'default'.")],
+    rm: Annotated[str, typer.Option("--rm", help="Reward model directory (from train-rm).")],
+    output: ModelDirOut,
+    ref: Annotated[
+        str | None,
+        typer.Option("--ref", help="Frozen reference for the KL penalty (default: the starting policy)."),
+    ] = None,
+    k: Annotated[
+        int, typer.Option("--k", min=2, help="Samples per prompt; each one's baseline is the others' mean.")
+    ] = 2,
+    kl_coef: Annotated[
+        float, typer.Option("--kl-coef", min=0.0, help="Weight of the KL to the reference in the reward.")
+    ] = 0.05,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Optimiser steps (one rollout batch each).")
+    ] = 20,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Prompts per step (each sampled --k times).")
+    ] = 4,
+    response_length: Annotated[
+        int, typer.Option("--response-length", min=1, help="Tokens per response at most.")
+    ] = 64,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-6,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.01, help="Rollout sampling temperature.")
+    ] = 0.7,
+    missing_eot_penalty: Annotated[
+        float,
+        typer.Option(
+            "--missing-eot-penalty", min=0.0, help="Subtracted from the reward of a cut-off response."
+        ),
+    ] = 1.0,
+    sample_every: Annotated[
+        int, typer.Option("--sample-every", min=1, help="Save sample rollouts every N steps.")
+    ] = 5,
+    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters, merged when saved.")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge", help="With --lora: save the merged model (default) or the adapter."
+        ),
+    ] = True,
+    checkpoint_every: CheckpointEveryOpt = 0,
+    seed: SeedOpt = 0,
+    resume: ResumeTrainingOpt = True,
+    trust_remote_code: TrustOpt = False,
+) -> None:
+    """Optimise a policy against a reward model with RLOO (TRL's RLOOTrainer): no value model.
+
+    Samples --k responses per prompt and uses the mean reward of the others as each one's
+    baseline. The reward is the reward model's score less the missing-end-of-turn penalty and
+    the KL to the reference, as in ppo. Logs reward, KL, entropy and response length per step
+    (POLICY_DIR/training_log.jsonl, one line on stderr), sample rollouts (samples.jsonl) and
+    saves the policy as a Hugging Face model directory, so eval and report read it like ppo's.
+
+    Example: caitool rloo runs/prompts.jsonl --policy runs/sft --rm runs/rm -o runs/rloo --steps 10 --k 4
+    """
+    from caitool.rloo import RlooConfig, run_rloo
+
+    if not merge and not lora:
+        raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
+    config = RlooConfig(
+        kl_coef=kl_coef,
+        steps=steps,
+        batch_size=batch_size,
+        k=k,
+        response_length=response_length,
+        lr=lr,
+        temperature=temperature,
+        missing_eot_penalty=missing_eot_penalty,
+        sample_every=sample_every,
+        seed=seed,
+        lora=lora,
+        lora_rank=lora_rank,
+        merge=merge,
+    )
+    run_rloo(
+        input_file,
+        output,
+        policy=policy,
+        reward_model=rm,
+        ref=ref,
+        config=config,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        trust_remote_code=trust_remote_code,
+    )
+
+
 # ---------------------------------------------------------------------------
 # eval, report, inspect
 
