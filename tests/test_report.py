@@ -231,3 +231,29 @@ def test_timings_keep_the_last_run_of_a_step(tmp_path):
     path = tmp_path / "timings.tsv"
     path.write_text("sft\t10\t2048\nsft\t20\t4096\ngarbage\n")
     assert read_timings(path) == {"sft": (20.0, 4.0)}
+
+
+def test_the_rl_stage_is_labelled_by_what_ran(run_dir, tmp_path):
+    # rloo writes ppo's figures under ppo's names, so its section reads like ppo's.
+    (run_dir / "ppo").rename(run_dir / "rloo")
+    result = runner.invoke(app, ["report", str(run_dir), "-o", str(tmp_path / "rloo.html")])
+    assert result.exit_code == 0, result.output
+    page = re.sub(r'src="data:[^"]*"', "", (tmp_path / "rloo.html").read_text())  # base64 spells anything
+    assert "RLOO (RL-CAI)" in page and "RLOO: reward, RM score and KL per step" in page
+    assert "Rollouts at step 4" in page and "PPO" not in page
+    assert "RLOO reward -0.400 -> -0.100 over 4 steps" in result.stdout
+
+    shutil.rmtree(run_dir / "rloo")
+    dpo_log = [
+        {"step": s, "loss": 0.69 - 0.05 * s, "rewards/margins": 0.02 * s, "rewards/accuracies": 0.5 + 0.1 * s}
+        for s in range(1, 4)
+    ] + [{"step": 3, "train_runtime": 12.0, "train_loss": 0.6}]  # the Trainer's closing summary
+    write_training_dir(run_dir / "dpo", "dpo", dpo_log)
+    (run_dir / "timings.tsv").write_text("dpo\t42.0\t3145728\n")
+    result = runner.invoke(app, ["report", str(run_dir), "-o", str(tmp_path / "dpo.html")])
+    assert result.exit_code == 0, result.output
+    page = re.sub(r'src="data:[^"]*"', "", (tmp_path / "dpo.html").read_text())
+    assert "DPO (RL-CAI without a reward model)" in page and 'href="#dpo"' in page
+    assert "3 steps; loss 0.6400" in page and "PPO" not in page and "RLOO" not in page
+    assert "3,072 MB" in page  # the dpo step's peak memory from timings.tsv
+    assert "DPO loss 0.6400 -> 0.5400 over 3 steps (reward margin +0.0600)" in result.stdout

@@ -3,10 +3,10 @@
 The page reads the layout ``make demo`` writes (``RUN_LAYOUT`` below) and shows, step by
 step: what each step produced and how long it took, the constitution, revisions before and
 after with their principles, the preference labels and how often the two option orders
-disagreed, the reward model's held-out accuracy and calibration, the PPO curves and the
-eval tables. A step whose artifact is missing gets a "not run" note instead of a section
-that breaks. Plots are matplotlib PNGs embedded as data URIs and the CSS is inline, so the
-file stands alone (mail it, attach it to an issue).
+disagreed, the reward model's held-out accuracy and calibration, the curves of the RL stage
+that ran (PPO, RLOO or DPO) and the eval tables. A step whose artifact is missing gets a
+"not run" note instead of a section that breaks. Plots are matplotlib PNGs embedded as data
+URIs and the CSS is inline, so the file stands alone (mail it, attach it to an issue).
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ RM_DIR = "rm"
 RM_METRICS = "metrics.json"
 PPO_DIR = "ppo"
 PPO_SAMPLES = "samples.jsonl"
+REVISION_PAIRS = "revision-pairs.jsonl"
+# The RL stage a run took (make demo ALGO=...): its directory and its label. rloo logs ppo's figures.
+RL_STAGES = {"ppo": "PPO", "rloo": "RLOO", "dpo": "DPO"}
 EVAL_DIR = "eval"
 EVAL_SUMMARY = "summary.json"
 TRAINING_LOG = "training_log.jsonl"
@@ -83,6 +86,10 @@ class Run:
     def last_revise(self) -> Path | None:
         revised = [path for _, kind, path in self.rounds() if kind == "revise"]
         return revised[-1] if revised else None
+
+    def rl_stages(self) -> list[str]:
+        """The RL stages that ran here; ppo (shown as not run) when none did."""
+        return [stage for stage in RL_STAGES if self.path(stage).exists()] or [PPO_DIR]
 
 
 def read_timings(path: Path) -> dict[str, tuple[float, float]]:
@@ -150,7 +157,12 @@ def collect_steps(run: Run) -> list[StepInfo]:
     add("generate-pairs", run.path(PAIRS), records(run.path(PAIRS)), manifest_path(run.path(PAIRS)))
     add("label-preferences", run.path(PREFS), records(run.path(PREFS)), manifest_path(run.path(PREFS)))
     add("train-rm", run.path(RM_DIR), lambda: _log_steps(run.path(RM_DIR)), run.path(RM_DIR, MODEL_MANIFEST))
-    add("ppo", run.path(PPO_DIR), lambda: _log_steps(run.path(PPO_DIR)), run.path(PPO_DIR, MODEL_MANIFEST))
+    if run.path(REVISION_PAIRS).exists():
+        pairs = run.path(REVISION_PAIRS)
+        add("pairs-from-revisions", pairs, records(pairs), manifest_path(pairs))
+    for stage in run.rl_stages():
+        directory = run.path(stage)
+        add(stage, directory, lambda d=directory: _log_steps(d), directory / MODEL_MANIFEST)
     add(
         "eval", run.path(EVAL_DIR, EVAL_SUMMARY), lambda: _eval_count(run), run.path(EVAL_DIR, MODEL_MANIFEST)
     )
@@ -595,24 +607,30 @@ def _calibration_plot(rows: Sequence[dict[str, Any]]) -> str:
 PPO_CURVES = ("reward", "score", "kl", "entropy", "response_length")
 
 
-def ppo_section(run: Run) -> str:
-    directory = run.path(PPO_DIR)
-    log = read_lines(directory / TRAINING_LOG)
+DPO_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
+
+
+def rl_section(run: Run, stage: str) -> str:
+    """The RL stage's curves: ppo and rloo log the same figures; dpo its loss and implicit reward margins."""
+    label, directory = RL_STAGES[stage], run.path(stage)
+    log = [entry for entry in read_lines(directory / TRAINING_LOG) if "loss" in entry or "reward" in entry]
     if not (directory / MODEL_MANIFEST).exists() or not log:
-        return section("ppo", "PPO", not_run("ppo", f"{PPO_DIR}/{TRAINING_LOG}"))
+        return section(stage, label, not_run(stage, f"{stage}/{TRAINING_LOG}"))
     manifest = read_json(directory / MODEL_MANIFEST) or {}
+    if stage == "dpo":
+        return section(stage, "DPO (RL-CAI without a reward model)", _dpo_body(manifest, log))
     series = log_series(log, PPO_CURVES)
     first, last = log[0], log[-1]
     body = _params_line(manifest) + (
         f"<p>{len(log)} steps; mean reward {first.get('reward', 0):+.3f} → "
         f"<strong>{last.get('reward', 0):+.3f}</strong>, "
-        f"KL to the reference {first.get('kl', 0):.4f} → {last.get('kl', 0):.4f}.</p>"
+        f"KL to the reference {first.get('kl') or 0:.4f} → {last.get('kl') or 0:.4f}.</p>"
     )
     body += curves_figure(
-        {k: series[k] for k in ("reward", "score", "kl")}, "PPO: reward, RM score and KL per step"
+        {k: series[k] for k in ("reward", "score", "kl")}, f"{label}: reward, RM score and KL per step"
     )
     body += curves_figure(
-        {k: series[k] for k in ("entropy", "response_length")}, "PPO: entropy and response length"
+        {k: series[k] for k in ("entropy", "response_length")}, f"{label}: entropy and response length"
     )
     samples = read_lines(directory / PPO_SAMPLES)
     if samples:
@@ -629,7 +647,18 @@ def ppo_section(run: Run) -> str:
         body += f"<h3>Rollouts at step {last_step}</h3>" + table(
             ["prompt", "response", "reward"], rows, numeric=(2,)
         )
-    return section("ppo", "PPO (RL-CAI)", body)
+    return section(stage, f"{label} (RL-CAI)", body)
+
+
+def _dpo_body(manifest: dict[str, Any], log: Sequence[dict[str, Any]]) -> str:
+    first, last = log[0], log[-1]
+    body = _params_line(manifest) + _counts_line(manifest)
+    body += (
+        f"<p>{len(log)} steps; loss {first.get('loss', 0):.4f} → <strong>{last.get('loss', 0):.4f}</strong>, "
+        f"implicit reward margin (beta times the chosen-minus-rejected log-ratio to the reference) "
+        f"{first.get('rewards/margins', 0):+.4f} → {last.get('rewards/margins', 0):+.4f}.</p>"
+    )
+    return body + curves_figure(log_series(log, DPO_CURVES), "DPO: loss, reward margin and accuracy per step")
 
 
 def _last_user(prompt: Any) -> str:
@@ -797,12 +826,18 @@ def headline_numbers(run: Run) -> list[str]:
     held = metrics.get("held_out") or {}
     if held.get("pairs"):
         lines.append(f"reward model held-out accuracy {percent(held['accuracy'])} on {held['pairs']} pairs")
-    log = read_lines(run.path(PPO_DIR, TRAINING_LOG))
-    if log:
-        lines.append(
-            f"PPO reward {log[0].get('reward', 0):+.3f} -> {log[-1].get('reward', 0):+.3f} "
-            f"over {len(log)} steps (KL {log[-1].get('kl', 0):.4f})"
-        )
+    for stage in run.rl_stages():
+        log = [e for e in read_lines(run.path(stage, TRAINING_LOG)) if "loss" in e or "reward" in e]
+        if log and stage == "dpo":
+            lines.append(
+                f"DPO loss {log[0].get('loss', 0):.4f} -> {log[-1].get('loss', 0):.4f} over {len(log)} steps "
+                f"(reward margin {log[-1].get('rewards/margins', 0):+.4f})"
+            )
+        elif log:
+            lines.append(
+                f"{RL_STAGES[stage]} reward {log[0].get('reward', 0):+.3f} -> "
+                f"{log[-1].get('reward', 0):+.3f} over {len(log)} steps (KL {log[-1].get('kl') or 0:.4f})"
+            )
     summary = read_json(run.path(EVAL_DIR, EVAL_SUMMARY)) or {}
     for prompt_set in summary.get("prompt_sets", []):
         rates = ", ".join(
@@ -874,7 +909,7 @@ def render_page(run: Run, constitution: str | None) -> str:
         sft_section(run),
         preference_section(run),
         reward_section(run),
-        ppo_section(run),
+        *(rl_section(run, stage) for stage in run.rl_stages()),
         eval_section(run),
     ]
     nav = "".join(
@@ -886,7 +921,7 @@ def render_page(run: Run, constitution: str | None) -> str:
             ("sft", "SFT"),
             ("labels", "Labels"),
             ("rm", "Reward model"),
-            ("ppo", "PPO"),
+            *((stage, RL_STAGES[stage]) for stage in run.rl_stages()),
             ("eval", "Eval"),
         ]
     )
