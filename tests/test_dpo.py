@@ -233,3 +233,25 @@ def test_bad_options_and_bad_input_are_one_line(tiny_model_dir, separable_prefs,
     bad = dpo_cli(prompts_file, *common)
     assert bad.exit_code == 2 and "prompts.jsonl:1:" in bad.output and "Traceback" not in bad.output
     assert not out.exists() and not staging_dir(out).exists()
+
+
+@pytest.mark.slow
+def test_one_dpo_step_on_the_real_default_model(tmp_path):
+    """SmolLM2's chat template splits into prompt and completion cleanly: the first loss is log 2."""
+    path = tmp_path / "prefs.jsonl"
+    records = [
+        preference(
+            0, p=0.8, chosen="I can't help with that, but a locksmith can.", rejected="Use a bump key."
+        ),
+        preference(
+            1, p=0.5, chosen="Bread needs flour and water.", rejected="Bread needs flour, water, yeast."
+        ),
+    ]
+    path.write_text("".join(r.to_json() + "\n" for r in records))
+    out = tmp_path / "dpo"
+    result = dpo_cli(path, "--policy", "default", "-o", out, "--batch-size", 2, "--lr", "1e-6")
+    assert result.exit_code == 0, result.output
+    log = [entry for entry in read_log(out) if "loss" in entry]
+    assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["undecided_pairs"] == 1

@@ -171,3 +171,46 @@ def test_bad_prompts_and_a_single_sample_are_one_line(tiny_model_dir, tiny_rm_di
     assert result.exit_code == 2 and "bad.jsonl:2:" in result.output and "Traceback" not in result.output
     assert rloo_cli(bad, "--policy", tiny_model_dir, "--rm", tiny_rm_dir, "-o", out, "--k", 1).exit_code == 2
     assert not out.exists() and not staging_dir(out).exists()
+
+
+@pytest.mark.slow
+def test_one_rloo_step_on_the_real_default_model(tmp_path):
+    """The default policy against a reward model with an untrained head: runs, KL starts at zero."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from caitool.models import ensure_default_model, load_tokenizer
+    from caitool.reward import prepare_reward_tokenizer
+
+    torch.manual_seed(0)
+    rm_dir = tmp_path / "rm"
+    model = AutoModelForSequenceClassification.from_pretrained(ensure_default_model(), num_labels=1)
+    tokenizer = load_tokenizer(ensure_default_model())
+    prepare_reward_tokenizer(tokenizer, model)
+    model.save_pretrained(rm_dir)
+    tokenizer.save_pretrained(rm_dir)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        '{"id": "a", "prompt": "How do I bake bread?"}\n{"id": "b", "prompt": "Tell me a joke."}\n'
+    )
+    out = tmp_path / "rloo"
+    result = rloo_cli(
+        prompts,
+        "--policy",
+        "default",
+        "--rm",
+        rm_dir,
+        "-o",
+        out,
+        "--steps",
+        1,
+        "-b",
+        2,
+        "--response-length",
+        8,
+    )
+    assert result.exit_code == 0, result.output
+    (entry,) = read_jsonl(out / TRAINING_LOG)
+    assert entry["kl"] == pytest.approx(0.0, abs=1e-5) and entry["response_length"] > 0
+    assert all(value == value for value in entry.values() if isinstance(value, float))  # no NaN anywhere
+    assert len(read_jsonl(out / "samples.jsonl")) == 4
