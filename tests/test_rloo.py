@@ -163,6 +163,26 @@ def test_lora_trains_an_adapter_against_the_policy_with_it_off(
     assert refused.exit_code == 2 and "--ref cannot be used with --lora" in refused.output
 
 
+def test_a_given_reference_is_the_one_used_and_recorded(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(other / "model.safetensors"))
+    save_file(
+        {k: v * 1.5 if v.dim() == 2 else v for k, v in tensors.items()}, str(other / "model.safetensors")
+    )
+    out = tmp_path / "rloo"
+    result = small_run(tiny_model_dir, tiny_rm_dir, prompts_file, out, "--steps", 1, "--ref", other)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / MODEL_MANIFEST).read_text())
+    assert manifest["models"]["ref"]["path"] == str(other.resolve())
+    # Another reference: the KL is no longer zero before the first update.
+    assert abs(read_jsonl(out / TRAINING_LOG)[0]["kl"]) > 1e-3
+
+
 def test_bad_prompts_and_a_single_sample_are_one_line(tiny_model_dir, tiny_rm_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "hi"}\n{"nothing": 1}\n')

@@ -294,7 +294,6 @@ def build_trainer(
     config: RlooConfig,
     staging: Path,
     checkpoint_every: int,
-    resuming: bool,
     trust_remote_code: bool,
 ) -> tuple[Any, dict[str, Any], RewardFunction]:
     """The policy, its reference, the reward function and TRL's trainer around them."""
@@ -377,7 +376,6 @@ def run_rloo(
             config=config,
             staging=staging,
             checkpoint_every=checkpoint_every,
-            resuming=False,
             trust_remote_code=trust_remote_code,
         )
         checkpoint = resume_checkpoint(staging, rloo_run_key(input_path, infos, config), resume)
