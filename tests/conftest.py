@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_model import build_tiny_model
+from tests.tiny_model import build_tiny_model, save_reward_model, variant_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,23 +22,29 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"))
 
 
+# Sampling settings a model may ship in generation_config.json; caitool must ignore every one.
+SAMPLING_DISTORTIONS = {
+    "repetition_penalty": 1e4,
+    "no_repeat_ngram_size": 1,
+    "min_p": 0.3,
+    "typical_p": 0.5,
+    "top_k": 3,
+    "min_new_tokens": 4,
+}
+
+
+@pytest.fixture(scope="session")
+def penalised_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a generation config that distorts sampling (like Qwen2.5's repetition_penalty)."""
+    return variant_of(
+        tiny_model_dir, tmp_path_factory.mktemp("penalised") / "model", generation_config=SAMPLING_DISTORTIONS
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_rm_dir(tiny_model_dir, tmp_path_factory):
     """A reward model with a random head on the tiny backbone, saved the way train-rm saves one."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from caitool.models import load_tokenizer
-    from caitool.reward import prepare_reward_tokenizer
-
-    torch.manual_seed(1)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    tokenizer = load_tokenizer(tiny_model_dir)
-    prepare_reward_tokenizer(tokenizer, model)
-    directory = tmp_path_factory.mktemp("tiny-rm")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    return save_reward_model(tiny_model_dir, tmp_path_factory.mktemp("tiny-rm"))
 
 
 @pytest.fixture(scope="session")

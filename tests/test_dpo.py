@@ -5,7 +5,9 @@ import pytest
 from typer.testing import CliRunner
 
 from caitool.cli import app
-from caitool.dpo import DpoData, DpoSettings, build_trainer, dpo_example
+from caitool.dpo import DpoConfig, DpoData, build_trainer, dpo_example
+from caitool.pipeline import Runtime
+from caitool.processes import Processes
 from caitool.provenance import MODEL_MANIFEST
 from caitool.records import Message, PreferenceRecord, RevisionPairRecord
 from caitool.reward import soft_preference_loss
@@ -97,7 +99,16 @@ def test_a_pair_labelled_one_half_contributes_no_preference_gradient(tiny_model_
     decided, undecided = preference(0, p=1.0), preference(1, p=0.5, chosen=FOX, rejected=SAFE)
     data = DpoData(examples=[dpo_example(decided), dpo_example(undecided)])
     trainer = build_trainer(
-        policy, copy.deepcopy(policy), tokenizer, data, DpoSettings(soft=soft), tmp_path, "cpu", False
+        policy,
+        copy.deepcopy(policy),
+        tokenizer,
+        data,
+        DpoConfig(soft=soft),
+        Runtime(),
+        tmp_path,
+        "cpu",
+        False,
+        Processes(),
     )
     rows = {r["p_chosen"]: i for i, r in enumerate(trainer.train_dataset)}
     alone = batch_gradient(trainer, [rows[1.0]])

@@ -1,6 +1,8 @@
 import json
 import re
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -12,6 +14,8 @@ from caitool.jsonl_io import manifest_path, write_json_atomic, write_jsonl_atomi
 from caitool.provenance import MODEL_MANIFEST, build_manifest, now_iso
 from caitool.records import GenerationRecord, Message, PreferenceRecord, RevisionRecord, Round
 from caitool.report import read_timings, run_report
+from caitool.report.layout import PROMPTS as PROMPTS_FILE
+from caitool.report.layout import TIMINGS, pipeline_steps
 from tests.fakes import ScriptedBackend
 
 runner = CliRunner()
@@ -257,3 +261,32 @@ def test_the_rl_stage_is_labelled_by_what_ran(run_dir, tmp_path):
     assert "3 steps; loss 0.6400" in page and "PPO" not in page and "RLOO" not in page
     assert "3,072 MB" in page  # the dpo step's peak memory from timings.tsv
     assert "DPO loss 0.6400 -> 0.5400 over 3 steps (reward margin +0.0600)" in result.stdout
+
+
+def test_the_report_reads_the_run_layout_the_makefile_writes(tmp_path):
+    """Every step `make demo` times, with the output its command writes, is a step of the report's
+    layout in the same order; prompts and timings are where the report looks for them."""
+    run, venv = tmp_path / "run", tmp_path / "venv"
+    venv.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    plan = subprocess.run(
+        [
+            "make",
+            "-C",
+            str(root),
+            "-n",
+            "demo",
+            f"RUN={run}",
+            f"VENV={venv}",
+            "GNU_TIME=/usr/bin/time",
+            "ROUNDS=3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.replace("\\\n", " ")
+    timed = re.findall(r'-a -o (\S+) -f "([a-z0-9-]+)\\t%e\\t%M" \S+/caitool [a-z-]+ .*? -o (\S+)', plan)
+    rounds = [(number, kind) for number in (1, 2, 3) for kind in ("critique", "revise")]
+    expected = [(str(run / TIMINGS), step.name, str(run / step.output)) for step in pipeline_steps(rounds)]
+    assert timed == expected
+    assert re.search(rf"mv \S+ {re.escape(str(run / PROMPTS_FILE))}\n", plan)

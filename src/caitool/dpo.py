@@ -28,14 +28,16 @@ from __future__ import annotations
 import copy
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from caitool.choices import DpoLoss, check_choice
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records
 from caitool.models import model_info, require_full_model
-from caitool.pipeline import validate_input
+from caitool.pipeline import Runtime, validate_input
+from caitool.processes import Processes, current_processes, launch_sharding
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import ConstitutionRef, PairRecord, parse_pair
@@ -51,57 +53,41 @@ from caitool.training import (
     keep_log_until,
     lora_config,
     resume_checkpoint,
-    save_policy,
+    save_trained,
     write_model_manifest,
 )
 
-# TRL 1.16's DPO losses (DPOConfig.loss_type); the soft labels apply to the first.
-LOSSES = (
-    "sigmoid",
-    "ipo",
-    "hinge",
-    "robust",
-    "exo_pair",
-    "nca_pair",
-    "bco_pair",
-    "sppo_hard",
-    "aot",
-    "aot_unpaired",
-    "apo_zero",
-    "apo_down",
-    "discopop",
-    "sigmoid_norm",
-)
 # A label this close to 0.5 says the labeller could not choose: such a pair carries no preference.
 UNDECIDED = 0.005
 
 
 @dataclass(frozen=True)
-class DpoSettings:
-    soft: bool = True
-    beta: float = 0.1
-    loss: str = "sigmoid"
+class DpoConfig:
+    """What dpo trains and how; the seed and checkpointing come with the shared Runtime."""
+
+    soft: bool = True  # each pair's p_chosen is its target (False: every pair surely preferred)
+    beta: float = 0.1  # strength of the pull towards the reference
+    loss: DpoLoss = "sigmoid"
     lora: bool = False
     lora_rank: int = 16
     merge: bool = True  # with lora: save the merged model (False: the adapter alone)
     epochs: float = 1.0
     lr: float = 1e-6
-    batch_size: int = 4
+    batch_size: int = 4  # pairs per batch (per process when launched on several)
     grad_accum: int = 1
     max_length: int = 1024
-    seed: int = 0
-    checkpoint_every: int = 0
 
-    def as_params(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-    def check(self) -> None:
-        if self.loss not in LOSSES:
-            raise CaitoolError(f'--loss must be one of {", ".join(LOSSES)}; got "{self.loss}"')
+    def __post_init__(self) -> None:
+        check_choice("--loss", self.loss, DpoLoss)
         if self.soft and self.loss != "sigmoid":
             raise CaitoolError(
                 f"soft labels are defined for the sigmoid (DPO) loss; train --loss {self.loss} with --hard"
             )
+        if not self.merge and not self.lora:
+            raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
+
+    def as_params(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
@@ -202,7 +188,7 @@ def soft_label_dpo_trainer_class() -> tuple[type, type]:
     return SoftLabelDPOTrainer, SoftLabelCollator
 
 
-def dpo_config(settings: DpoSettings, output_dir: Path, device: str) -> Any:
+def dpo_config(settings: DpoConfig, runtime: Runtime, output_dir: Path, device: str) -> Any:
     from trl import DPOConfig
 
     return DPOConfig(
@@ -214,11 +200,11 @@ def dpo_config(settings: DpoSettings, output_dir: Path, device: str) -> Any:
         max_length=settings.max_length,
         beta=settings.beta,
         loss_type=[settings.loss],
-        seed=settings.seed,
-        data_seed=settings.seed,
+        seed=runtime.seed,
+        data_seed=runtime.seed,
         logging_steps=1,
-        save_strategy="steps" if settings.checkpoint_every else "no",
-        save_steps=settings.checkpoint_every or 500,
+        save_strategy="steps" if runtime.checkpoint_every else "no",
+        save_steps=runtime.checkpoint_every or 500,
         save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
@@ -226,7 +212,7 @@ def dpo_config(settings: DpoSettings, output_dir: Path, device: str) -> Any:
     )
 
 
-def load_reference(spec: str | None, policy: Any, settings: DpoSettings, trust_remote_code: bool):
+def load_reference(spec: str | None, policy: Any, settings: DpoConfig, trust_remote_code: bool):
     """The frozen reference and its info: ``spec``, else a copy of the starting policy.
 
     Under LoRA without ``spec`` there is no second model: TRL reads the reference by switching
@@ -253,10 +239,12 @@ def build_trainer(
     ref: Any,
     tokenizer: Any,
     data: DpoData,
-    settings: DpoSettings,
+    settings: DpoConfig,
+    runtime: Runtime,
     staging: Path,
     device: str,
     resuming: bool,
+    processes: Processes,
 ) -> Any:
     """DPOTrainer logging to ``training_log.jsonl``; caitool's progress replaces the Trainer's printers."""
     from datasets import Dataset, disable_progress_bars
@@ -264,7 +252,7 @@ def build_trainer(
 
     disable_progress_bars()  # TRL's dataset preparation bars would drown caitool's one-line progress
     trainer_class, collator_class = soft_label_dpo_trainer_class()
-    args = dpo_config(settings, staging / CHECKPOINTS, device)
+    args = dpo_config(settings, runtime, staging / CHECKPOINTS, device)
     trainer = trainer_class(
         model=policy,
         ref_model=ref,
@@ -277,7 +265,7 @@ def build_trainer(
     trainer.soft = settings.soft
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(jsonl_log_callback(staging / TRAINING_LOG, append=resuming))
+    trainer.add_callback(jsonl_log_callback(staging / TRAINING_LOG, append=resuming, processes=processes))
     return trainer
 
 
@@ -287,38 +275,62 @@ def run_dpo(
     *,
     policy: str = "default",
     ref: str | None = None,
-    settings: DpoSettings | None = None,
-    resume: bool = True,
-    trust_remote_code: bool = False,
+    config: DpoConfig | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Train on the pairs and publish ``output_dir``; returns the manifest written inside it."""
-    settings = settings or DpoSettings()
-    settings.check()
+    """Train on the pairs and publish ``output_dir``; returns the manifest written inside it.
+
+    Under ``torchrun`` or ``accelerate launch`` every process runs this, as in sft: each takes
+    ``batch_size`` pairs of every step, and the main process writes.
+    """
+    settings = config or DpoConfig()
+    runtime = runtime or Runtime()
     started = now_iso()
-    data = load_dpo_data(input_path, settings.seed)
+    data = load_dpo_data(input_path, runtime.seed)
     check_output_dir(output_dir)
     if settings.lora and not settings.merge:
         # A new adapter names one base directory; on top of another adapter that base would be wrong.
         require_full_model(model_info(policy), "dpo --lora --no-merge")
-    info, tokenizer, policy_model, device = load_policy(policy, trust_remote_code)
-    ref_info, ref_model = load_reference(ref, policy_model, settings, trust_remote_code)
+    sharding = launch_sharding()
+    if sharding and settings.lora and settings.merge:
+        raise CaitoolError(
+            f"dpo --lora cannot merge the adapter into weights sharded by {sharding}; "
+            "pass --no-merge to save the adapter alone"
+        )
+    processes = current_processes()
+    info, tokenizer, policy_model, device = load_policy(policy, runtime.trust_remote_code)
+    ref_info, ref_model = load_reference(ref, policy_model, settings, runtime.trust_remote_code)
     models = {"policy": info, **({"ref": ref_info} if ref_info is not None else {})}
+    # How often a run saves does not change what it trains, so checkpoint_every is not in the key.
     run_key = {
         "input": file_sha256(input_path),
         **{f"{role}_sha256": model.sha256 for role, model in models.items()},
         **settings.as_params(),
-        "checkpoint_every": None,  # how often a run saves does not change what it trains
+        "seed": runtime.seed,
+        "processes": processes.count,
     }
-    with atomic_model_dir(output_dir) as staging:
-        checkpoint = resume_checkpoint(staging, run_key, resume)
+    with atomic_model_dir(output_dir, processes) as staging:
+        checkpoint = resume_checkpoint(staging, run_key, runtime.resume, processes)
         if checkpoint is not None:
-            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint))
+            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint), processes)
         trainer = build_trainer(
-            policy_model, ref_model, tokenizer, data, settings, staging, device, checkpoint is not None
+            policy_model,
+            ref_model,
+            tokenizer,
+            data,
+            settings,
+            runtime,
+            staging,
+            device,
+            checkpoint is not None,
+            processes,
         )
-        result, seconds = train(trainer, settings, len(trainer.train_dataset), checkpoint, phase="dpo")
-        saved_dtype = save_policy(trainer.model, staging, info.path, lora=settings.lora, merge=settings.merge)
-        tokenizer.save_pretrained(staging)
+        result, seconds = train(
+            trainer, settings, len(trainer.train_dataset), checkpoint, processes, phase="dpo"
+        )
+        saved_dtype = save_trained(
+            trainer, staging, info.path, processes, lora=settings.lora, merge=settings.merge
+        )
         log = trainer.state.log_history
         counts = {
             **data.counts,
@@ -335,6 +347,9 @@ def run_dpo(
             phase="dpo",
             params={
                 **settings.as_params(),
+                "seed": runtime.seed,
+                "processes": processes.count,
+                "checkpoint_every": runtime.checkpoint_every,
                 "ref": ref or "the starting policy",
                 "device": device,
                 "resumed_from": checkpoint,
@@ -345,12 +360,14 @@ def run_dpo(
             constitution=data.constitution,
             counts=counts,
         )
-        write_model_manifest(staging, manifest)
+        if processes.is_main:
+            tokenizer.save_pretrained(staging)
+            write_model_manifest(staging, manifest)
     print_summary(_summary(output_dir, counts, settings))
     return manifest
 
 
-def _summary(output_dir: str | Path, counts: dict[str, Any], settings: DpoSettings) -> str:
+def _summary(output_dir: str | Path, counts: dict[str, Any], settings: DpoConfig) -> str:
     margin = counts["last_margin"]
     return (
         f"dpo: {counts['trained_pairs']} pairs ({'soft' if settings.soft else 'hard'} labels, mean p_chosen "

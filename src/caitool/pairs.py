@@ -14,8 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from caitool.choices import SftRounds, check_choice
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import ResumableWriter, read_records
 from caitool.pipeline import validate_input
@@ -24,14 +25,20 @@ from caitool.provenance import build_manifest, now_iso
 from caitool.records import Message, RevisionPairRecord, RevisionRecord
 from caitool.sft import parse_revision, usable_revisions
 
-RoundMode = Literal["final", "all"]
-
 
 @dataclass(frozen=True)
-class PairSettings:
-    round: RoundMode = "final"
+class PairsConfig:
+    """Which revisions become pairs, and the label each pair gets."""
+
+    rounds: SftRounds = "final"  # final: the last usable revision of a record; all: every usable one
     exclude_flags: tuple[str, ...] = ()
     p_chosen: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_choice("--round", self.rounds, SftRounds)
+        if not 0.5 <= self.p_chosen <= 1.0:
+            raise CaitoolError(f"--p-chosen must be between 0.5 and 1, got {self.p_chosen}")
+        object.__setattr__(self, "exclude_flags", tuple(self.exclude_flags or ()))
 
     def as_params(self) -> dict[str, Any]:
         return {**asdict(self), "exclude_flags": list(self.exclude_flags)}
@@ -48,7 +55,7 @@ class PairCounts:
 
 
 def revision_pairs(
-    record: RevisionRecord, settings: PairSettings, counts: PairCounts
+    record: RevisionRecord, settings: PairsConfig, counts: PairCounts
 ) -> list[RevisionPairRecord]:
     """``final``: the last usable revision against the initial response; ``all``: every usable one.
 
@@ -59,7 +66,7 @@ def revision_pairs(
     if not usable:
         counts.records_without_revision += 1
         return []
-    chosen = usable[-1:] if settings.round == "final" else usable
+    chosen = usable[-1:] if settings.rounds == "final" else usable
     pairs = []
     for number, round_ in chosen:
         revision = round_.revision or ""
@@ -68,7 +75,7 @@ def revision_pairs(
             continue
         pairs.append(
             RevisionPairRecord(
-                id=record.id if settings.round == "final" else f"{record.id}/r{number}",
+                id=record.id if settings.rounds == "final" else f"{record.id}/r{number}",
                 prompt=record.prompt,
                 chosen=[Message(role="assistant", content=revision)],
                 rejected=[Message(role="assistant", content=record.initial_response)],
@@ -88,12 +95,10 @@ def revision_pairs(
 
 
 def run_pairs_from_revisions(
-    input_path: str | Path, output: str | Path, *, settings: PairSettings | None = None
+    input_path: str | Path, output: str | Path, *, config: PairsConfig | None = None
 ) -> PairCounts:
     """Write one pair per record (``final``) or per usable round (``all``), with a manifest."""
-    settings = settings or PairSettings()
-    if settings.round not in ("final", "all"):
-        raise CaitoolError(f'--round must be "final" or "all", not "{settings.round}"')
+    settings = config or PairsConfig()
     started = now_iso()
     source = validate_input(input_path, parse_revision)
     counts = PairCounts()

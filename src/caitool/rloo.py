@@ -30,7 +30,8 @@ from typing import Any
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records
 from caitool.models import is_adapter_dir, model_info, require_full_model
-from caitool.pipeline import validate_input
+from caitool.pipeline import Runtime, validate_input
+from caitool.processes import Processes, launched_world_size
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import Message, parse_prompt_input
@@ -46,7 +47,7 @@ from caitool.training import (
     keep_log_until,
     lora_config,
     resume_checkpoint,
-    save_policy,
+    save_trained,
     write_model_manifest,
 )
 
@@ -66,23 +67,26 @@ PPO_NAMES = {
 
 @dataclass(frozen=True)
 class RlooConfig:
-    kl_coef: float = 0.05
-    steps: int = 20
-    batch_size: int = 4  # prompts per step; each is sampled k times
-    k: int = 2
-    response_length: int = 64
-    lr: float = 1e-6
-    temperature: float = 0.7
-    missing_eot_penalty: float = 1.0
-    sample_every: int = 5
-    seed: int = 0
-    lora: bool = False
-    lora_rank: int = 16
-    merge: bool = True
+    """What rloo trains and how; the seed and checkpointing come with the shared Runtime."""
 
-    def check(self) -> None:
+    kl_coef: float = 0.05  # weight of the KL to the reference, taken from the reward
+    steps: int = 20  # one rollout batch each
+    batch_size: int = 4  # prompts per step; each is sampled k times
+    k: int = 2  # samples per prompt; each one's baseline is the others' mean
+    response_length: int = 64  # tokens per response at most
+    lr: float = 1e-6
+    temperature: float = 0.7  # rollout sampling
+    missing_eot_penalty: float = 1.0  # taken from the score of a response cut off before end-of-turn
+    sample_every: int = 5  # steps between saved sample rollouts
+    lora: bool = False  # the policy trains LoRA adapters; the reference is the policy with them off
+    lora_rank: int = 16
+    merge: bool = True  # with lora: save the merged model (False: the adapter alone)
+
+    def __post_init__(self) -> None:
         if self.k < 2:
             raise CaitoolError("--k must be at least 2: each response's baseline is the mean of the others")
+        if not self.merge and not self.lora:
+            raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
 
 
 # ---------------------------------------------------------------------------
@@ -180,7 +184,7 @@ def rloo_trainer_class() -> type:
     return CaitoolRLOOTrainer
 
 
-def rloo_config(config: RlooConfig, output_dir: Path, device: str, checkpoint_every: int) -> Any:
+def rloo_config(config: RlooConfig, runtime: Runtime, output_dir: Path, device: str) -> Any:
     from trl import RLOOConfig
 
     return RLOOConfig(
@@ -198,11 +202,11 @@ def rloo_config(config: RlooConfig, output_dir: Path, device: str, checkpoint_ev
         beta=config.kl_coef,
         num_iterations=1,
         disable_dropout=True,
-        seed=config.seed,
-        data_seed=config.seed,
+        seed=runtime.seed,
+        data_seed=runtime.seed,
         logging_steps=1,
-        save_strategy="steps" if checkpoint_every else "no",
-        save_steps=checkpoint_every or 500,
+        save_strategy="steps" if runtime.checkpoint_every else "no",
+        save_steps=runtime.checkpoint_every or 500,
         save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
@@ -292,9 +296,8 @@ def build_trainer(
     reward_model: str,
     ref: str | None,
     config: RlooConfig,
+    runtime: Runtime,
     staging: Path,
-    checkpoint_every: int,
-    trust_remote_code: bool,
 ) -> tuple[Any, dict[str, Any], RewardFunction]:
     """The policy, its reference, the reward function and TRL's trainer around them."""
     from datasets import Dataset, disable_progress_bars
@@ -311,6 +314,7 @@ def build_trainer(
             "rloo from a LoRA adapter policy needs --lora (the reference is then the policy with the new "
             "adapter off) or --ref with a merged copy of it"
         )
+    trust_remote_code = runtime.trust_remote_code
     info, tokenizer, policy_model, device = load_policy(policy, trust_remote_code)
     infos.update(reference_source(policy_model, ref, config))
     scorer = load_reward_model(infos["reward"].path, device=device, trust_remote_code=trust_remote_code)
@@ -322,7 +326,7 @@ def build_trainer(
     trainer = rloo_trainer_class()(
         model=policy_model,
         reward_funcs=reward,
-        args=rloo_config(config, staging / CHECKPOINTS, device, checkpoint_every),
+        args=rloo_config(config, runtime, staging / CHECKPOINTS, device),
         train_dataset=Dataset.from_list(
             [{"prompt": [m.model_dump() for m in r.prompt], "id": r.id} for r in records]
         ),
@@ -338,13 +342,16 @@ def build_trainer(
     return trainer, infos, reward
 
 
-def rloo_run_key(input_path: str | Path, infos: dict[str, Any], config: RlooConfig) -> dict[str, Any]:
+def rloo_run_key(
+    input_path: str | Path, infos: dict[str, Any], config: RlooConfig, seed: int
+) -> dict[str, Any]:
     """What a run trains on and with; how often it saves samples does not change what it trains."""
     settings = {k: v for k, v in asdict(config).items() if k != "sample_every"}
     return {
         "input": file_sha256(input_path),
         **{f"{role}_sha256": info.sha256 for role, info in sorted(infos.items())},
         **settings,
+        "seed": seed,
     }
 
 
@@ -356,13 +363,18 @@ def run_rloo(
     reward_model: str,
     ref: str | None = None,
     config: RlooConfig | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = True,
-    trust_remote_code: bool = False,
+    runtime: Runtime | None = None,
 ) -> list[dict[str, Any]]:
-    """Train and save the policy (model directory, manifest, log, samples); return the logged steps."""
+    """Train and save the policy (model directory, manifest, log, samples); return the logged steps.
+
+    One process, as ppo: the samples, the log and the reward are written as the rollouts come.
+    """
     config = config or RlooConfig()
-    config.check()
+    runtime = runtime or Runtime()
+    if launched_world_size() > 1:
+        raise CaitoolError(
+            "rloo runs as one process, like ppo; start it without torchrun or accelerate launch"
+        )
     started, clock = now_iso(), time.perf_counter()
     source = validate_input(input_path, parse_prompt_input)
     records = list(read_records(source.path, parse_prompt_input))
@@ -374,11 +386,11 @@ def run_rloo(
             reward_model=reward_model,
             ref=ref,
             config=config,
+            runtime=runtime,
             staging=staging,
-            checkpoint_every=checkpoint_every,
-            trust_remote_code=trust_remote_code,
         )
-        checkpoint = resume_checkpoint(staging, rloo_run_key(input_path, infos, config), resume)
+        run_key = rloo_run_key(input_path, infos, config, runtime.seed)
+        checkpoint = resume_checkpoint(staging, run_key, runtime.resume)
         done = checkpoint_step(checkpoint) if checkpoint else 0
         keep_log_until(staging / TRAINING_LOG, done)
         keep_log_until(staging / SAMPLES_FILE, done)
@@ -386,8 +398,8 @@ def run_rloo(
             print_summary(f"rloo: resuming after step {done} from {checkpoint}")
         result = trainer.train(resume_from_checkpoint=checkpoint)
         history = [json.loads(line) for line in (staging / TRAINING_LOG).read_text().splitlines()]
-        saved_dtype = save_policy(
-            trainer.model, staging, infos["policy"].path, lora=config.lora, merge=config.merge
+        saved_dtype = save_trained(
+            trainer, staging, infos["policy"].path, Processes(), lora=config.lora, merge=config.merge
         )
         trainer.processing_class.save_pretrained(staging)
         write_model_manifest(
@@ -396,9 +408,10 @@ def run_rloo(
                 phase="rloo",
                 params={
                     **asdict(config),
+                    "seed": runtime.seed,
                     "ref": ref or "the starting policy",
                     "device": str(trainer.accelerator.device),
-                    "checkpoint_every": checkpoint_every,
+                    "checkpoint_every": runtime.checkpoint_every,
                     "resumed_from": checkpoint,
                 },
                 started_at=started,
