@@ -263,9 +263,19 @@ def test_the_rl_stage_is_labelled_by_what_ran(run_dir, tmp_path):
     assert "DPO loss 0.6400 -> 0.5400 over 3 steps (reward margin +0.0600)" in result.stdout
 
 
-def test_the_report_reads_the_run_layout_the_makefile_writes(tmp_path):
+@pytest.mark.parametrize(
+    ("variables", "rl_stage", "revision_pairs"),
+    [
+        ((), "ppo", False),
+        (("ALGO=rloo",), "rloo", False),
+        (("ALGO=dpo",), "dpo", False),
+        (("ALGO=dpo", "DPO_PAIRS=revisions"), "dpo", True),
+    ],
+)
+def test_the_report_reads_the_run_layout_the_makefile_writes(tmp_path, variables, rl_stage, revision_pairs):
     """Every step `make demo` times, with the output its command writes, is a step of the report's
-    layout in the same order; prompts and timings are where the report looks for them."""
+    layout in the same order, whichever RL stage runs; prompts and timings are where the report
+    looks for them."""
     run, venv = tmp_path / "run", tmp_path / "venv"
     venv.mkdir()
     root = Path(__file__).resolve().parents[1]
@@ -280,6 +290,7 @@ def test_the_report_reads_the_run_layout_the_makefile_writes(tmp_path):
             f"VENV={venv}",
             "GNU_TIME=/usr/bin/time",
             "ROUNDS=3",
+            *variables,
         ],
         capture_output=True,
         text=True,
@@ -287,6 +298,9 @@ def test_the_report_reads_the_run_layout_the_makefile_writes(tmp_path):
     ).stdout.replace("\\\n", " ")
     timed = re.findall(r'-a -o (\S+) -f "([a-z0-9-]+)\\t%e\\t%M" \S+/caitool [a-z-]+ .*? -o (\S+)', plan)
     rounds = [(number, kind) for number in (1, 2, 3) for kind in ("critique", "revise")]
-    expected = [(str(run / TIMINGS), step.name, str(run / step.output)) for step in pipeline_steps(rounds)]
+    steps = pipeline_steps(rounds, [rl_stage], revision_pairs)
+    if revision_pairs:  # dpo on the revision pairs needs no labels (the report shows those steps not run)
+        steps = [step for step in steps if step.name not in ("generate-pairs", "label-preferences")]
+    expected = [(str(run / TIMINGS), step.name, str(run / step.output)) for step in steps]
     assert timed == expected
     assert re.search(rf"mv \S+ {re.escape(str(run / PROMPTS_FILE))}\n", plan)
