@@ -79,8 +79,16 @@ ROUNDS ?= 2
 N ?= 24
 EVAL_N ?= 16
 MAX_NEW ?= 64
+# The RL stage: ppo (reward model + PPO), rloo (reward model + RLOO, no value model) or dpo (no reward
+# model: DPO on the preference pairs). PPO_STEPS and PPO_BATCH size ppo and rloo alike.
+ALGO ?= ppo
 PPO_STEPS ?= 10
 PPO_BATCH ?= 4
+RLOO_K ?= 2
+# dpo trains on the AI-labelled pairs (labels) or on the revisions against the initial responses (revisions).
+DPO_PAIRS ?= labels
+DPO_EPOCHS ?= 2
+DPO_LR ?= 5e-6
 BATCH ?= 8
 SEED ?= 0
 # Precision for the steps that generate or score: auto (fp32 on CPU), or bfloat16 on CPUs with AVX512-BF16.
@@ -93,7 +101,7 @@ COMMON := -c $(CONSTITUTION) -b $(BATCH) --seed $(SEED) --dtype $(DTYPE) $(SERVE
 # (the `+` runs it even under make -n/-t). A step lists the stamps of the variables it reads,
 # so `make demo PPO_STEPS=20` redoes ppo, eval and report and keeps everything before them.
 STAMPED := MODEL GEN_MODEL FEEDBACK CONSTITUTION PROMPTS HELPFUL EVAL_PROMPTS N EVAL_N MAX_NEW PPO_STEPS PPO_BATCH BATCH SEED \
-	DTYPE
+	DTYPE ALGO RLOO_K DPO_PAIRS DPO_EPOCHS DPO_LR
 vars = $(foreach v,$(1),$(RUN)/.vars/$(v))
 define VAR_STAMP
 $(RUN)/.vars/$(1): FORCE
@@ -101,6 +109,16 @@ $(RUN)/.vars/$(1): FORCE
 endef
 $(foreach v,$(STAMPED),$(eval $(call VAR_STAMP,$(v))))
 LAST_ROUND := $(RUN)/round$(ROUNDS).revise.jsonl
+ifeq ($(filter $(ALGO),ppo rloo dpo),)
+$(error ALGO must be ppo, rloo or dpo, not "$(ALGO)")
+endif
+ifeq ($(filter $(DPO_PAIRS),labels revisions),)
+$(error DPO_PAIRS must be labels or revisions, not "$(DPO_PAIRS)")
+endif
+# The RL stage's model directory, and the reward model eval scores with (none under dpo, which trains none).
+RL_MODEL := $(RUN)/$(ALGO)/caitool_manifest.json
+EVAL_RM := $(if $(filter dpo,$(ALGO)),,$(RUN)/rm/caitool_manifest.json)
+DPO_INPUT := $(if $(filter revisions,$(DPO_PAIRS)),$(RUN)/revision-pairs.jsonl,$(RUN)/prefs.jsonl)
 EVAL_SETS := $(foreach f,$(EVAL_PROMPTS),$(RUN)/eval-prompts/$(notdir $(f)))
 # Each step appends "step<TAB>seconds<TAB>peak RSS in KB" to timings.tsv (the report shows it).
 GNU_TIME := $(wildcard /usr/bin/time)
@@ -159,12 +177,27 @@ $(RUN)/ppo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manife
 		-b $(PPO_BATCH) --mini-batches 1 --response-length $(MAX_NEW) --seed $(SEED) \
 		--lora --value-model shared --lr 1e-5
 
-$(RUN)/eval/summary.json: $(EVAL_SETS) $(RUN)/sft/caitool_manifest.json $(RUN)/ppo/caitool_manifest.json \
-		$(RUN)/rm/caitool_manifest.json $(call vars,GEN_MODEL FEEDBACK CONSTITUTION EVAL_PROMPTS MAX_NEW BATCH \
-		SEED DTYPE)
-	$(call step,eval) $(CAITOOL) eval $(EVAL_SETS) -m base=$(GEN_MODEL) -m sft=$(RUN)/sft -m ppo=$(RUN)/ppo \
-		--rm $(RUN)/rm --judge $(FEEDBACK) -c $(CONSTITUTION) --max-new-tokens $(MAX_NEW) -b $(BATCH) \
-		--seed $(SEED) --dtype $(DTYPE) $(SERVE) -o $(RUN)/eval
+# rloo as the demo's ppo: LoRA adapters on the policy (the reference is the same weights with them off);
+# the group of --k samples per prompt is the baseline, so there is no value model at all.
+$(RUN)/rloo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(RUN)/rm/caitool_manifest.json \
+		$(call vars,MAX_NEW PPO_STEPS PPO_BATCH RLOO_K SEED)
+	$(call step,rloo) $(CAITOOL) rloo $< --policy $(RUN)/sft --rm $(RUN)/rm -o $(RUN)/rloo --steps $(PPO_STEPS) \
+		-b $(PPO_BATCH) --k $(RLOO_K) --response-length $(MAX_NEW) --seed $(SEED) --lora --lr 1e-5
+
+$(RUN)/revision-pairs.jsonl: $(LAST_ROUND)
+	$(call step,pairs-from-revisions) $(CAITOOL) pairs-from-revisions $< -o $@ --round all
+
+$(RUN)/dpo/caitool_manifest.json: $(DPO_INPUT) $(RUN)/sft/caitool_manifest.json \
+		$(call vars,DPO_PAIRS DPO_EPOCHS DPO_LR SEED)
+	$(call step,dpo) $(CAITOOL) dpo $< --policy $(RUN)/sft -o $(RUN)/dpo --epochs $(DPO_EPOCHS) --lr $(DPO_LR) \
+		--max-length 384 --seed $(SEED)
+
+# eval compares the base model, the SL-CAI model and whichever RL stage ran (named after ALGO).
+$(RUN)/eval/summary.json: $(EVAL_SETS) $(RUN)/sft/caitool_manifest.json $(RL_MODEL) $(EVAL_RM) \
+		$(call vars,ALGO GEN_MODEL FEEDBACK CONSTITUTION EVAL_PROMPTS MAX_NEW BATCH SEED DTYPE)
+	$(call step,eval) $(CAITOOL) eval $(EVAL_SETS) -m base=$(GEN_MODEL) -m sft=$(RUN)/sft -m $(ALGO)=$(RUN)/$(ALGO) \
+		$(if $(EVAL_RM),--rm $(RUN)/rm) --judge $(FEEDBACK) -c $(CONSTITUTION) --max-new-tokens $(MAX_NEW) \
+		-b $(BATCH) --seed $(SEED) --dtype $(DTYPE) $(SERVE) -o $(RUN)/eval
 
 $(RUN)/report.html: $(RUN)/eval/summary.json $(call vars,CONSTITUTION)
 	$(CAITOOL) report $(RUN) -c $(CONSTITUTION) -o $@

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_model import build_tiny_model, variant_of
+from tests.tiny_model import build_tiny_model, save_reward_model, variant_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +39,12 @@ def penalised_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return variant_of(
         tiny_model_dir, tmp_path_factory.mktemp("penalised") / "model", generation_config=SAMPLING_DISTORTIONS
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tiny_model_dir, tmp_path_factory):
+    """A reward model with a random head on the tiny backbone, saved the way train-rm saves one."""
+    return save_reward_model(tiny_model_dir, tmp_path_factory.mktemp("tiny-rm"))
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ from caitool.cli import app
 from caitool.evaluate import run_eval
 from caitool.jsonl_io import manifest_path, write_json_atomic, write_jsonl_atomic
 from caitool.provenance import MODEL_MANIFEST, build_manifest, now_iso
-from caitool.records import Message, PreferenceRecord, RevisionRecord, Round
+from caitool.records import Message, PreferenceRecord, RevisionPairRecord, RevisionRecord, Round
 from tests.fakes import ScriptedBackend
 from tests.test_report import HARMLESS
 
@@ -131,3 +131,28 @@ def test_bad_artifacts_are_one_line(tmp_path):
     plain_dir.mkdir()
     result = inspect(plain_dir)
     assert result.exit_code == 2 and "not a caitool model or eval directory" in result.output
+
+
+def test_revision_pairs_show_the_round_and_its_principles(tmp_path):
+    path = tmp_path / "revision-pairs.jsonl"
+    write_jsonl_atomic(
+        path,
+        [
+            RevisionPairRecord(
+                id="q1/r2",
+                prompt=[Message(role="user", content="Insult my boss")],
+                chosen=[Message(role="assistant", content="Let's talk about what upset you.")],
+                rejected=[Message(role="assistant", content="Your boss is a clown.")],
+                source_id="q1",
+                round=2,
+                principle_id="illegal-activity",
+                principle_ids=["harmful-content", "illegal-activity"],
+                model="m@1",
+                constitution=HARMLESS.ref,
+            )
+        ],
+    )
+    result = inspect(path)
+    assert result.exit_code == 0, result.output
+    assert "revision of round 2" in result.stdout and "Your boss is a clown." in result.stdout
+    assert "harmful-content, illegal-activity" in result.stdout and "from record q1" in result.stdout

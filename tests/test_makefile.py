@@ -9,15 +9,19 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture()
-def finished_run(tmp_path):
+def finish(tmp_path, *assignments):
     """A run directory whose every step make considers done (make -t), with a stand-in venv."""
     run, venv = tmp_path / "run", tmp_path / "venv"
-    for sub in ("eval-prompts", "sft", "rm", "ppo", "eval"):
+    for sub in ("eval-prompts", "sft", "rm", "ppo", "rloo", "dpo", "eval"):
         (run / sub).mkdir(parents=True)
     venv.mkdir()
-    make(run, venv, "-t")
+    make(run, venv, "-t", *assignments)
     return run, venv
+
+
+@pytest.fixture()
+def finished_run(tmp_path):
+    return finish(tmp_path)
 
 
 def make(run, venv, *args):
@@ -58,6 +62,44 @@ def test_changing_the_precision_redoes_what_generates_or_scores(finished_run):
     redo = steps_to_redo(*finished_run, "DTYPE=bfloat16")
     assert redo[:3] == ["generate", "critique", "revise"]
     assert "--dtype bfloat16" in make(*finished_run, "-n", "DTYPE=bfloat16")
+
+
+def test_choosing_another_rl_stage_keeps_the_supervised_phase_and_the_labels(finished_run):
+    assert steps_to_redo(*finished_run, "ALGO=rloo") == ["rloo", "eval", "report"]
+    assert steps_to_redo(*finished_run, "ALGO=dpo") == ["dpo", "eval", "report"]
+    redo = steps_to_redo(*finished_run, "ALGO=dpo", "DPO_PAIRS=revisions")
+    assert redo == ["pairs-from-revisions", "dpo", "eval", "report"]
+
+
+def test_eval_compares_the_stage_that_ran(finished_run):
+    commands = make(*finished_run, "-n", "ALGO=dpo")
+    eval_line = next(line for line in commands.splitlines() if "caitool eval" in line)
+    assert "-m dpo=" in eval_line and "-m ppo=" not in eval_line
+    assert "--rm" not in commands.split("caitool eval", 1)[1]  # dpo trains no reward model to score with
+
+
+@pytest.mark.parametrize(
+    ("algo", "change", "redo"),
+    [
+        ("dpo", None, []),
+        ("dpo", "DPO_LR=1e-5", ["dpo", "eval", "report"]),
+        # dpo trains no reward model, so new labels redo dpo and nothing else
+        ("dpo", "FEEDBACK=some/judge", ["label-preferences", "dpo", "eval", "report"]),
+        ("dpo", "PPO_STEPS=3", []),
+        ("rloo", "RLOO_K=4", ["rloo", "eval", "report"]),
+        ("rloo", "PPO_STEPS=3", ["rloo", "eval", "report"]),
+        ("rloo", "DPO_LR=1e-5", []),
+    ],
+)
+def test_each_rl_stage_follows_its_own_variables(tmp_path, algo, change, redo):
+    run = finish(tmp_path, f"ALGO={algo}")
+    assert steps_to_redo(*run, f"ALGO={algo}", *([change] if change else [])) == redo
+
+
+def test_an_unknown_rl_stage_is_refused(finished_run):
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        make(*finished_run, "-n", "ALGO=grpo")
+    assert "ALGO must be ppo, rloo or dpo" in failure.value.stderr
 
 
 def test_a_served_generation_model_reaches_the_steps_that_generate(finished_run):

@@ -9,7 +9,7 @@ from caitool.ppo import PPOConfig, build_trainer, gae, masked_whiten, per_token_
 from caitool.records import Message, PromptRecord
 from caitool.reward import load_reward_model
 from caitool.training import TRAINING_LOG, staging_dir
-from tests.tiny_model import CORPUS, build_tiny_model, variant_of
+from tests.tiny_model import CORPUS, build_tiny_model, save_reward_model, variant_of
 from tests.usage_errors import unboxed
 
 runner = CliRunner()
@@ -17,28 +17,6 @@ PROMPTS = [
     [Message(role="user", content="How do I bake bread?")],
     [Message(role="user", content="Tell me a joke.")],
 ]
-
-
-def save_reward_model(model_dir, directory):
-    """A reward model with a random head on ``model_dir``'s backbone, saved the way train-rm saves one."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from caitool.models import load_tokenizer
-    from caitool.reward import prepare_reward_tokenizer
-
-    torch.manual_seed(1)
-    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
-    tokenizer = load_tokenizer(model_dir)
-    prepare_reward_tokenizer(tokenizer, model)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_rm_dir(tiny_model_dir, tmp_path_factory):
-    return save_reward_model(tiny_model_dir, tmp_path_factory.mktemp("tiny-rm"))
 
 
 @pytest.fixture(scope="module")

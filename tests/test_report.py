@@ -237,9 +237,45 @@ def test_timings_keep_the_last_run_of_a_step(tmp_path):
     assert read_timings(path) == {"sft": (20.0, 4.0)}
 
 
-def test_the_report_reads_the_run_layout_the_makefile_writes(tmp_path):
+def test_the_rl_stage_is_labelled_by_what_ran(run_dir, tmp_path):
+    # rloo writes ppo's figures under ppo's names, so its section reads like ppo's.
+    (run_dir / "ppo").rename(run_dir / "rloo")
+    result = runner.invoke(app, ["report", str(run_dir), "-o", str(tmp_path / "rloo.html")])
+    assert result.exit_code == 0, result.output
+    page = re.sub(r'src="data:[^"]*"', "", (tmp_path / "rloo.html").read_text())  # base64 spells anything
+    assert "RLOO (RL-CAI)" in page and "RLOO: reward, RM score and KL per step" in page
+    assert "Rollouts at step 4" in page and "PPO" not in page
+    assert "RLOO reward -0.400 -> -0.100 over 4 steps" in result.stdout
+
+    shutil.rmtree(run_dir / "rloo")
+    dpo_log = [
+        {"step": s, "loss": 0.69 - 0.05 * s, "rewards/margins": 0.02 * s, "rewards/accuracies": 0.5 + 0.1 * s}
+        for s in range(1, 4)
+    ] + [{"step": 3, "train_runtime": 12.0, "train_loss": 0.6}]  # the Trainer's closing summary
+    write_training_dir(run_dir / "dpo", "dpo", dpo_log)
+    (run_dir / "timings.tsv").write_text("dpo\t42.0\t3145728\n")
+    result = runner.invoke(app, ["report", str(run_dir), "-o", str(tmp_path / "dpo.html")])
+    assert result.exit_code == 0, result.output
+    page = re.sub(r'src="data:[^"]*"', "", (tmp_path / "dpo.html").read_text())
+    assert "DPO (RL-CAI without a reward model)" in page and 'href="#dpo"' in page
+    assert "3 steps; loss 0.6400" in page and "PPO" not in page and "RLOO" not in page
+    assert "3,072 MB" in page  # the dpo step's peak memory from timings.tsv
+    assert "DPO loss 0.6400 -> 0.5400 over 3 steps (reward margin +0.0600)" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("variables", "rl_stage", "revision_pairs"),
+    [
+        ((), "ppo", False),
+        (("ALGO=rloo",), "rloo", False),
+        (("ALGO=dpo",), "dpo", False),
+        (("ALGO=dpo", "DPO_PAIRS=revisions"), "dpo", True),
+    ],
+)
+def test_the_report_reads_the_run_layout_the_makefile_writes(tmp_path, variables, rl_stage, revision_pairs):
     """Every step `make demo` times, with the output its command writes, is a step of the report's
-    layout in the same order; prompts and timings are where the report looks for them."""
+    layout in the same order, whichever RL stage runs; prompts and timings are where the report
+    looks for them."""
     run, venv = tmp_path / "run", tmp_path / "venv"
     venv.mkdir()
     root = Path(__file__).resolve().parents[1]
@@ -254,6 +290,7 @@ def test_the_report_reads_the_run_layout_the_makefile_writes(tmp_path):
             f"VENV={venv}",
             "GNU_TIME=/usr/bin/time",
             "ROUNDS=3",
+            *variables,
         ],
         capture_output=True,
         text=True,
@@ -261,6 +298,9 @@ def test_the_report_reads_the_run_layout_the_makefile_writes(tmp_path):
     ).stdout.replace("\\\n", " ")
     timed = re.findall(r'-a -o (\S+) -f "([a-z0-9-]+)\\t%e\\t%M" \S+/caitool [a-z-]+ .*? -o (\S+)', plan)
     rounds = [(number, kind) for number in (1, 2, 3) for kind in ("critique", "revise")]
-    expected = [(str(run / TIMINGS), step.name, str(run / step.output)) for step in pipeline_steps(rounds)]
+    steps = pipeline_steps(rounds, [rl_stage], revision_pairs)
+    if revision_pairs:  # dpo on the revision pairs needs no labels (the report shows those steps not run)
+        steps = [step for step in steps if step.name not in ("generate-pairs", "label-preferences")]
+    expected = [(str(run / TIMINGS), step.name, str(run / step.output)) for step in steps]
     assert timed == expected
     assert re.search(rf"mv \S+ {re.escape(str(run / PROMPTS_FILE))}\n", plan)

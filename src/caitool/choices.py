@@ -11,8 +11,25 @@ from typing import Any, Literal, get_args
 from caitool.errors import CaitoolError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# TRL's DPO losses (DPOConfig.loss_type); caitool's soft labels apply to the first.
+DpoLoss = Literal[
+    "sigmoid",
+    "ipo",
+    "hinge",
+    "robust",
+    "exo_pair",
+    "nca_pair",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sigmoid_norm",
+]
 LabelMode = Literal["logprob", "cot"]
-SftRounds = Literal["final", "all"]
+SftRounds = Literal["final", "all"]  # also pairs-from-revisions' --round
 ValueFrom = Literal["rm", "policy"]
 ValueModel = Literal["shared", "separate"]
 

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from caitool.choices import Dtype, LabelMode, SftRounds, ValueFrom, ValueModel
+from caitool.choices import DpoLoss, Dtype, LabelMode, SftRounds, ValueFrom, ValueModel
 from caitool.errors import CaitoolError
 
 app = typer.Typer(
@@ -667,6 +667,189 @@ def ppo(
 
     config = config_from(PPOConfig, locals())
     run_ppo(input_file, output, policy=policy, reward_model=rm, ref=ref, config=config, runtime=runtime)
+
+
+# ---------------------------------------------------------------------------
+# pairs-from-revisions, dpo, rloo (offline and critic-free alternatives to train-rm + ppo)
+
+
+@app.command("pairs-from-revisions")
+@reports_errors
+def pairs_from_revisions(
+    input_file: InputFile,
+    output: OutputFile = "-",
+    rounds: Annotated[
+        SftRounds,
+        typer.Option(
+            "--round", help="final: the last usable revision of each record; all: one pair per revised round."
+        ),
+    ] = "final",
+    exclude_flags: Annotated[
+        list[str] | None,
+        typer.Option("--exclude-flag", help="Skip revisions with this hygiene flag (repeatable)."),
+    ] = None,
+    p_chosen: Annotated[
+        float,
+        typer.Option(
+            "--p-chosen",
+            min=0.5,
+            max=1.0,
+            help="The label every pair gets (1: the revision is surely better).",
+        ),
+    ] = 1.0,
+) -> None:
+    """Turn revise output into preference pairs: the revision chosen, the initial response rejected.
+
+    Each pair keeps the record's id (with /rN for --round all), the round, its principle and
+    every earlier round's, its flags, the model and the constitution. Empty revisions, revisions
+    with an --exclude-flag and revisions identical to the initial response are skipped and
+    counted. The output feeds dpo and train-rm as it is.
+
+    Example: caitool pairs-from-revisions runs/r2.revise.jsonl -o runs/revision-pairs.jsonl --round all
+    """
+    from caitool.pairs import PairsConfig, run_pairs_from_revisions
+
+    run_pairs_from_revisions(input_file, output, config=config_from(PairsConfig, locals()))
+
+
+@app.command()
+@reports_errors
+@with_training_runtime
+def dpo(
+    input_file: InputFile,
+    policy: Annotated[str, typer.Option("--policy", help="Starting policy: model directory or 'default'.")],
+    output: ModelDirOut,
+    ref: Annotated[
+        str | None,
+        typer.Option("--ref", help="Frozen reference model (default: the starting policy)."),
+    ] = None,
+    soft: Annotated[
+        bool,
+        typer.Option(
+            "--soft/--hard",
+            help="Take each pair's p_chosen as its target (default; a pair at 0.5 teaches nothing) or "
+            "train every pair as surely preferred (plain DPO).",
+        ),
+    ] = True,
+    beta: Annotated[
+        float, typer.Option("--beta", min=0.0, help="Strength of the pull towards the reference.")
+    ] = 0.1,
+    loss: Annotated[
+        DpoLoss,
+        typer.Option("--loss", help="TRL's DPO loss: sigmoid is DPO; the others need --hard."),
+    ] = "sigmoid",
+    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters, merged when saved.")] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge",
+            help="With --lora: save the merged model (default) or only the adapter, which every "
+            "caitool command loads onto its base.",
+        ),
+    ] = True,
+    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-6,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", "-b", min=1, help="Pairs per batch (per process when launched on several)."
+        ),
+    ] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
+    max_length: Annotated[
+        int, typer.Option("--max-length", min=8, help="Truncate prompt + response at N tokens.")
+    ] = 1024,
+    *,
+    runtime: Any,
+) -> None:
+    """Optimise a policy directly on preference pairs with TRL's DPOTrainer: no reward model, no sampling.
+
+    Input: label-preferences or pairs-from-revisions output. With --soft (default) every pair's
+    p_chosen is the target of its loss (conservative DPO with a per-pair label), so pairs the
+    labeller could not decide pull the policy nowhere. Saves a Hugging Face model directory
+    (or an adapter with --lora --no-merge) with caitool_manifest.json and training_log.jsonl
+    (loss, reward margins and accuracies per step).
+
+    Example: caitool dpo runs/prefs.jsonl --policy runs/sft -o runs/dpo --epochs 2 --lr 5e-6
+    """
+    from caitool.dpo import DpoConfig, run_dpo
+
+    config = config_from(DpoConfig, locals())
+    run_dpo(input_file, output, policy=policy, ref=ref, config=config, runtime=runtime)
+
+
+@app.command()
+@reports_errors
+@with_training_runtime
+def rloo(
+    input_file: InputFile,
+    policy: Annotated[str, typer.Option("--policy", help="Starting policy: model directory or 'default'.")],
+    rm: Annotated[str, typer.Option("--rm", help="Reward model directory (from train-rm).")],
+    output: ModelDirOut,
+    ref: Annotated[
+        str | None,
+        typer.Option("--ref", help="Frozen reference for the KL penalty (default: the starting policy)."),
+    ] = None,
+    k: Annotated[
+        int, typer.Option("--k", min=2, help="Samples per prompt; each one's baseline is the others' mean.")
+    ] = 2,
+    kl_coef: Annotated[
+        float, typer.Option("--kl-coef", min=0.0, help="Weight of the KL to the reference in the reward.")
+    ] = 0.05,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Optimiser steps (one rollout batch each).")
+    ] = 20,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", "-b", min=1, help="Prompts per step (each sampled --k times).")
+    ] = 4,
+    response_length: Annotated[
+        int, typer.Option("--response-length", min=1, help="Tokens per response at most.")
+    ] = 64,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-6,
+    temperature: Annotated[
+        float, typer.Option("--temperature", min=0.01, help="Rollout sampling temperature.")
+    ] = 0.7,
+    missing_eot_penalty: Annotated[
+        float,
+        typer.Option(
+            "--missing-eot-penalty", min=0.0, help="Subtracted from the reward of a cut-off response."
+        ),
+    ] = 1.0,
+    sample_every: Annotated[
+        int, typer.Option("--sample-every", min=1, help="Save sample rollouts every N steps.")
+    ] = 5,
+    lora: Annotated[
+        bool,
+        typer.Option(
+            "--lora",
+            help="Train LoRA adapters; the reference is the same model with them switched off (no copy).",
+        ),
+    ] = False,
+    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge", help="With --lora: save the merged model (default) or the adapter alone."
+        ),
+    ] = True,
+    *,
+    runtime: Any,
+) -> None:
+    """Optimise a policy against a reward model with RLOO (TRL's RLOOTrainer): no value model.
+
+    Samples --k responses per prompt and uses the mean reward of the others as each one's
+    baseline. The reward is the reward model's score less the missing-end-of-turn penalty and
+    the KL to the reference, as in ppo. Logs reward, KL, entropy and response length per step
+    (POLICY_DIR/training_log.jsonl, one line on stderr), sample rollouts (samples.jsonl) and
+    saves the policy as a Hugging Face model directory, so eval and report read it like ppo's.
+
+    Example: caitool rloo runs/prompts.jsonl --policy runs/sft --rm runs/rm -o runs/rloo --steps 10 --k 4
+    """
+    from caitool.rloo import RlooConfig, run_rloo
+
+    config = config_from(RlooConfig, locals())
+    run_rloo(input_file, output, policy=policy, reward_model=rm, ref=ref, config=config, runtime=runtime)
 
 
 # ---------------------------------------------------------------------------

@@ -155,7 +155,12 @@ def last_content(messages: Any) -> str:
 
 
 def render_record(record: dict[str, Any]) -> Panel:
-    renderers = {"revision": _revision, "preference": _preference, "generation": _generation}
+    renderers = {
+        "revision": _revision,
+        "preference": _preference,
+        "revision_pair": _revision_pair,
+        "generation": _generation,
+    }
     renderer = renderers.get(str(record.get("kind")))
     body = renderer(record) if renderer is not None else JSON(json.dumps(record, ensure_ascii=False))
     return Panel(body, title=f"{record.get('kind', 'record')} {record.get('id', '')}", title_align="left")
@@ -191,6 +196,23 @@ def _preference(record: dict[str, Any]) -> Group:
     facts = Text(
         f"principle: {record.get('principle_id')}   P(first better) as (A): {record.get('p_first', 0):.2f}, "
         f"as (B): {shown_second}   labeller: {record.get('feedback_model')}",
+        style="dim",
+    )
+    return Group(conversation_text(record.get("prompt")), table, facts)
+
+
+def _revision_pair(record: dict[str, Any]) -> Group:
+    table = Table(show_lines=True, expand=True)
+    table.add_column(
+        f"chosen: revision of round {record.get('round')} (p = {record.get('p_chosen', 0):.2f})",
+        style="green",
+    )
+    table.add_column("rejected: initial response", style="red")
+    table.add_row(clip(last_content(record.get("chosen"))), clip(last_content(record.get("rejected"))))
+    principles = ", ".join(record.get("principle_ids") or [])
+    facts = Text(
+        f"from record {record.get('source_id')}   principles: {principles}   "
+        f"flags: {', '.join(record.get('flags') or []) or '-'}   model: {record.get('model')}",
         style="dim",
     )
     return Group(conversation_text(record.get("prompt")), table, facts)

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from caitool.backends import derive_seed
 from caitool.errors import CaitoolError
 from caitool.reward import RewardModel
+from caitool.training import lora_config
 
 if TYPE_CHECKING:
     from caitool.ppo_config import PPOConfig
@@ -256,19 +257,6 @@ def classifier_of(value_model: Any) -> Any:
     """The sequence classifier (backbone and ``score`` head) inside a value model, peft or not."""
     get_base_model = getattr(value_model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else value_model
-
-
-def lora_config(rank: int, task_type: str, modules_to_save: list[str] | None = None) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=rank,
-        lora_alpha=2 * rank,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        task_type=task_type,
-        modules_to_save=modules_to_save,
-    )
 
 
 def half_linear_weights(model: Any, dtype: Any) -> None:

@@ -124,14 +124,23 @@ class RevisionRecord(Record):
         return None
 
 
-class PreferenceRecord(Record):
-    """Output of ``label-preferences``: TRL's preference layout plus the soft label and its evidence."""
+class PairRecord(Record):
+    """What every preference pair shares, whoever made it: TRL's prompt/chosen/rejected layout and
+    ``p_chosen``, the probability that ``chosen`` is the better response (1 for a hard label).
 
-    kind: Literal["preference"] = "preference"
+    ``train-rm`` and ``dpo`` read any pair record (:func:`parse_pair`)."""
+
+    kind: str
     prompt: Conversation
     chosen: Conversation
     rejected: Conversation
     p_chosen: float = Field(ge=0.5, le=1.0)
+
+
+class PreferenceRecord(PairRecord):
+    """Output of ``label-preferences``: TRL's preference layout plus the soft label and its evidence."""
+
+    kind: Literal["preference"] = "preference"
     principle_id: str
     pair: tuple[int, int] = Field(description="indices of the two responses in the input record")
     p_first: float = Field(description="P(response pair[0] is better) when it is shown as option (A)")
@@ -142,6 +151,39 @@ class PreferenceRecord(Record):
     reasoning: list[str] = Field(default_factory=list, description="chain-of-thought texts (cot mode)")
     feedback_model: str
     constitution: ConstitutionRef
+
+
+class RevisionPairRecord(PairRecord):
+    """Output of ``pairs-from-revisions``: a revision (chosen) against the initial response it
+    grew from (rejected), the pairs the supervised phase already holds."""
+
+    kind: Literal["revision_pair"] = "revision_pair"
+    p_chosen: float = Field(default=1.0, ge=0.5, le=1.0)
+    source_id: str = Field(description="the id of the revision record the pair comes from")
+    round: int = Field(ge=1, description="the round whose revision is chosen (1 = the first)")
+    principle_id: str = Field(description="the principle of that round")
+    principle_ids: list[str] = Field(
+        description="every round's principle from the initial response up to the chosen revision"
+    )
+    flags: list[str] = Field(default_factory=list, description="the chosen round's hygiene flags")
+    model: str = Field(description="the model that wrote the chosen revision")
+    constitution: ConstitutionRef
+
+
+PAIR_KINDS: dict[str, type[PairRecord]] = {
+    "preference": PreferenceRecord,
+    "revision_pair": RevisionPairRecord,
+}
+
+
+def parse_pair(raw: dict[str, Any]) -> PairRecord:
+    """A preference pair of any kind caitool writes (``label-preferences``, ``pairs-from-revisions``)."""
+    model = PAIR_KINDS.get(raw.get("kind", "preference"))
+    if model is None:
+        raise CaitoolError(
+            f'expected a preference pair ("preference" or "revision_pair"), got a "{raw.get("kind")}" record'
+        )
+    return parse_record(model, raw)  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from caitool.pipeline import Runtime, validate_input
 from caitool.processes import current_processes, launch_sharding
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
-from caitool.records import Conversation, Message, PreferenceRecord, parse_record
+from caitool.records import Conversation, Message, PairRecord, parse_pair
 from caitool.tokens import encode, encode_conversation, right_padded
 from caitool.training import (
     CHECKPOINTS,
@@ -191,7 +191,7 @@ def calibration_table(predicted: Sequence[float], labelled: Sequence[float], bin
     return table
 
 
-def evaluate_pairs(reward_model: RewardModel, pairs: Sequence[PreferenceRecord]) -> dict[str, Any]:
+def evaluate_pairs(reward_model: RewardModel, pairs: Sequence[PairRecord]) -> dict[str, Any]:
     """Held-out accuracy (reward of chosen above rejected), log-loss against the labels, calibration."""
     if not pairs:
         return {"pairs": 0, "accuracy": None, "log_loss": None, "calibration": []}
@@ -231,11 +231,12 @@ class RewardTrainingConfig:
     max_length: int = 1024
 
 
-def parse_preference(raw: dict[str, Any]) -> PreferenceRecord:
-    return parse_record(PreferenceRecord, raw)  # type: ignore[return-value]
+def parse_preference(raw: dict[str, Any]) -> PairRecord:
+    """Labelled pairs (``label-preferences``) and revision pairs (``pairs-from-revisions``) alike."""
+    return parse_pair(raw)
 
 
-def split_held_out(records: list[PreferenceRecord], fraction: float, seed: int):
+def split_held_out(records: list[PairRecord], fraction: float, seed: int):
     """A fixed-seed split; at least one pair on each side whenever a fraction is asked for."""
     if fraction <= 0.0:
         return records, []
@@ -249,7 +250,7 @@ def split_held_out(records: list[PreferenceRecord], fraction: float, seed: int):
     return train, [r for i, r in enumerate(records) if i in held_ids]
 
 
-def tokenized_rows(tokenizer: Any, records: Sequence[PreferenceRecord], soft: bool, max_length: int):
+def tokenized_rows(tokenizer: Any, records: Sequence[PairRecord], soft: bool, max_length: int):
     rows = []
     for record in records:
         chosen = encode_conversation(tokenizer, record.prompt, record.chosen[-1].content)

@@ -33,6 +33,7 @@ from caitool.records import (
     Message,
     PromptRecord,
     RevisionRecord,
+    Round,
     parse_prompt_input,
     parse_record,
 )
@@ -44,11 +45,11 @@ from caitool.training import (
     check_output_dir,
     checkpoint_step,
     cpu_training_kwargs,
-    gathered_state_dict,
     jsonl_log_callback,
     keep_log_until,
+    lora_config,
     resume_checkpoint,
-    save_like_base,
+    save_trained,
     write_model_manifest,
 )
 
@@ -75,7 +76,7 @@ def fitted_to_template(example: dict[str, Any], tokenizer: Any) -> dict[str, Any
     return {**example, "prompt": [m.model_dump() for m in prompt]}
 
 
-def _parse_revision(raw: dict[str, Any]) -> RevisionRecord:
+def parse_revision(raw: dict[str, Any]) -> RevisionRecord:
     if raw.get("kind") != "revision":
         raise CaitoolError('expected a "revision" record (the output of caitool revise)')
     record = parse_record(RevisionRecord, raw)
@@ -92,24 +93,32 @@ def _parse_helpful(raw: dict[str, Any]) -> PromptRecord:
     return record
 
 
-def revision_examples(
-    records: Sequence[RevisionRecord], rounds: RoundsMode, exclude_flags: Sequence[str] = ()
-) -> SftData:
-    """``final``: one example per record (its last usable revision); ``all``: one per usable round.
+def usable_revisions(
+    record: RevisionRecord, exclude_flags: Sequence[str] = ()
+) -> tuple[list[tuple[int, Round]], int]:
+    """(round number from 1, round) of every revision fit to train on, and how many revisions were not.
 
     A revision is usable unless it is empty or carries one of ``exclude_flags``.
     """
     excluded = {REVISION_EMPTY, *exclude_flags}
+    revised = [(number, r) for number, r in enumerate(record.rounds, start=1) if r.revision is not None]
+    usable = [(number, r) for number, r in revised if not excluded.intersection(r.flags)]
+    return usable, len(revised) - len(usable)
+
+
+def revision_examples(
+    records: Sequence[RevisionRecord], rounds: RoundsMode, exclude_flags: Sequence[str] = ()
+) -> SftData:
+    """``final``: one example per record (its last usable revision); ``all``: one per usable round."""
     data = SftData(examples=[], counts={"records_without_revision": 0, "flagged_revisions_skipped": 0})
     for record in records:
-        revised = [r for r in record.rounds if r.revision is not None]
-        usable = [r for r in revised if not excluded.intersection(r.flags)]
-        data.counts["flagged_revisions_skipped"] += len(revised) - len(usable)
+        usable, skipped = usable_revisions(record, exclude_flags)
+        data.counts["flagged_revisions_skipped"] += skipped
         if not usable:
             data.counts["records_without_revision"] += 1
             continue
         targets = usable[-1:] if rounds == "final" else usable
-        data.examples.extend(_example(record.prompt, r.revision or "") for r in targets)
+        data.examples.extend(_example(record.prompt, r.revision or "") for _, r in targets)
     return data
 
 
@@ -130,7 +139,7 @@ def load_sft_data(
 ) -> SftData:
     """Read and check every input before anything is written."""
     check_choice("--rounds", rounds, SftRounds)
-    source = validate_input(input_path, _parse_revision)
+    source = validate_input(input_path, parse_revision)
     records = list(read_records(source.path, source.parse))
     data = revision_examples(records, rounds, exclude_flags)
     data.constitution = records[0].constitution
@@ -200,18 +209,6 @@ def sft_config(settings: SftConfig, runtime: Runtime, output_dir: Path, device: 
     )
 
 
-def lora_config(settings: SftConfig) -> Any:
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=settings.lora_rank,
-        lora_alpha=2 * settings.lora_rank,
-        lora_dropout=0.0,
-        target_modules="all-linear",
-        task_type="CAUSAL_LM",
-    )
-
-
 def progress_callback(tracker: Any) -> Any:
     """Advance caitool's stderr progress once per optimizer step (the Trainer's own printers are removed)."""
     from transformers import TrainerCallback
@@ -265,7 +262,7 @@ def build_trainer(
         args=sft_config(settings, runtime, staging / CHECKPOINTS, device),
         train_dataset=Dataset.from_list(data.examples),
         processing_class=tokenizer,
-        peft_config=lora_config(settings) if settings.lora else None,
+        peft_config=lora_config(settings.lora_rank) if settings.lora else None,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
@@ -274,34 +271,23 @@ def build_trainer(
 
 
 def train(
-    trainer: Any, settings: SftConfig, examples: int, checkpoint: str | None, processes: Processes
+    trainer: Any,
+    settings: Any,
+    examples: int,
+    checkpoint: str | None,
+    processes: Processes,
+    phase: str = "sft",
 ) -> tuple[Any, float]:
+    """Run ``trainer`` (from ``checkpoint`` when resuming) with caitool's progress; ``settings``
+    gives ``batch_size`` (per process), ``grad_accum`` and ``epochs``. Returns the Trainer's
+    result and the seconds it took."""
     per_step = settings.batch_size * settings.grad_accum * processes.count
     steps = math.ceil(examples / per_step) * math.ceil(settings.epochs)
     started = time.perf_counter()
-    with phase_progress("sft", steps) as tracker:
+    with phase_progress(phase, steps) as tracker:
         trainer.add_callback(progress_callback(tracker))
         result = trainer.train(resume_from_checkpoint=checkpoint)
     return result, time.perf_counter() - started
-
-
-def save_trained(
-    trainer: Any, settings: SftConfig, staging: Path, base_dir: str, processes: Processes
-) -> str:
-    """Save the trained model (or, with --no-merge, the adapter) and return the dtype saved.
-
-    Every process takes part in gathering the weights; the main process writes them.
-    """
-    state = gathered_state_dict(trainer.accelerator, trainer.model_wrapped)
-    if not processes.is_main:
-        return ""
-    if settings.lora and not settings.merge:
-        # A PeftModel saves only its adapter, which names the base directory it was trained on.
-        trainer.model.save_pretrained(staging, state_dict=state)
-        return "adapter"
-    if settings.lora:
-        return save_like_base(trainer.model.merge_and_unload(), staging, base_dir)
-    return save_like_base(trainer.model, staging, base_dir, state)
 
 
 def run_sft(
@@ -361,7 +347,9 @@ def run_sft(
             policy, tokenizer, data, settings, runtime, staging, device, resuming, processes
         )
         result, seconds = train(trainer, settings, len(data.examples), checkpoint, processes)
-        saved_dtype = save_trained(trainer, settings, staging, info.path, processes)
+        saved_dtype = save_trained(
+            trainer, staging, info.path, processes, lora=settings.lora, merge=settings.merge
+        )
         counts = {
             **data.counts,
             "examples": len(data.examples),

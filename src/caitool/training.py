@@ -1,4 +1,4 @@
-"""What every training phase (sft, train-rm, ppo) shares: an output directory that appears
+"""What every training phase (sft, train-rm, ppo, dpo, rloo) shares: an output directory that appears
 atomically, a JSONL training log, and the provenance manifest saved inside the model.
 
 A run trains into ``.NAME.partial/`` beside the target and renames it into place only when
@@ -179,6 +179,40 @@ def gathered_state_dict(accelerator: Any, prepared: Any) -> dict[str, Any]:
     """The full weights of a model prepared by ``accelerator`` (DeepSpeed ZeRO-3 and FSDP shards
     gathered). A collective: every process calls it; only the main process's copy is used."""
     return accelerator.get_state_dict(prepared)
+
+
+def lora_config(rank: int, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None) -> Any:
+    """LoRA on every linear layer (a causal LM's output layer excepted), alpha twice the rank."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        lora_dropout=0.0,
+        target_modules="all-linear",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def save_trained(
+    trainer: Any, staging: Path, base_dir: str, processes: Processes, *, lora: bool, merge: bool
+) -> str:
+    """Save a Trainer's policy (or, with ``lora`` and not ``merge``, the adapter alone) and return
+    the dtype saved, or "adapter".
+
+    Every process takes part in gathering the weights; the main process writes them.
+    """
+    state = gathered_state_dict(trainer.accelerator, trainer.model_wrapped)
+    if not processes.is_main:
+        return ""
+    if lora and not merge:
+        # A PeftModel saves only its adapter, which names the base directory it was trained on.
+        trainer.model.save_pretrained(staging, state_dict=state)
+        return "adapter"
+    if lora:
+        return save_like_base(trainer.model.merge_and_unload(), staging, base_dir)
+    return save_like_base(trainer.model, staging, base_dir, state)
 
 
 def write_model_manifest(directory: Path, manifest: dict[str, Any]) -> None:

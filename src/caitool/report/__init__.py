@@ -3,10 +3,10 @@
 The page reads the layout ``make demo`` writes (:mod:`caitool.report.layout`) and shows, step
 by step: what each step produced and how long it took, the constitution, revisions before and
 after with their principles, the preference labels and how often the two option orders
-disagreed, the reward model's held-out accuracy and calibration, the PPO curves and the eval
-tables (:mod:`caitool.report.sections`). Plots are matplotlib PNGs embedded as data URIs
-(:mod:`caitool.report.plots`) and the CSS is inline (:mod:`caitool.report.html`), so the file
-stands alone: mail it, attach it to an issue.
+disagreed, the reward model's held-out accuracy and calibration, the curves of the RL stage that
+ran (PPO, RLOO or DPO) and the eval tables (:mod:`caitool.report.sections`). Plots are matplotlib
+PNGs embedded as data URIs (:mod:`caitool.report.plots`) and the CSS is inline
+(:mod:`caitool.report.html`), so the file stands alone: mail it, attach it to an issue.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ def render_page(run: Run) -> str:
         if headlines
         else ""
     )
-    body = "".join(section(s.anchor, s.title, s.body(run)) for s in SECTIONS)
+    shown = [s for s in SECTIONS if s.shown(run)]
+    body = "".join(section(s.anchor, s.title, s.body(run)) for s in shown)
     return page(
         title=f"caitool report: {run.root.name}",
         heading=f"Constitutional AI run: {run.root.name}",
         subtitle=f"<code>{esc(run.root.resolve())}</code> · report written {esc(now_iso())}",
-        nav=[(s.anchor, s.nav) for s in SECTIONS],
+        nav=[(s.anchor, s.nav) for s in shown],
         body=headline + body,
     )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -34,6 +35,9 @@ PAIRS = "pairs.jsonl"
 PREFS = "prefs.jsonl"
 RM_DIR = "rm"
 PPO_DIR = "ppo"
+REVISION_PAIRS = "revision-pairs.jsonl"
+# The RL stages make demo can run (ALGO=...), each in the directory of its name, with its label.
+RL_STAGES = {"ppo": "PPO", "rloo": "RLOO", "dpo": "DPO"}
 EVAL_DIR = "eval"
 TIMINGS = "timings.tsv"
 
@@ -78,16 +82,20 @@ class StepLayout:
         return described or f"{count_lines(output / TRAINING_LOG)} log entries"
 
 
-def pipeline_steps(rounds: list[tuple[int, str]]) -> list[StepLayout]:
-    """Every step in pipeline order, with one critique and one revise step per round."""
+def pipeline_steps(
+    rounds: list[tuple[int, str]], rl_stages: Sequence[str] = (PPO_DIR,), revision_pairs: bool = False
+) -> list[StepLayout]:
+    """Every step in pipeline order, with one critique and one revise step per round, the
+    revision pairs when dpo trains on them, and the RL stages that ran (dpo needs no reward model)."""
     return [
         StepLayout("generate", BASE, "records"),
         *(StepLayout(f"{kind}-{number}", round_file(number, kind), "records") for number, kind in rounds),
         StepLayout("sft", SFT_DIR, "model"),
+        *([StepLayout("pairs-from-revisions", REVISION_PAIRS, "records")] if revision_pairs else []),
         StepLayout("generate-pairs", PAIRS, "records"),
         StepLayout("label-preferences", PREFS, "records"),
-        StepLayout("train-rm", RM_DIR, "model"),
-        StepLayout("ppo", PPO_DIR, "model"),
+        *([StepLayout("train-rm", RM_DIR, "model")] if set(rl_stages) - {"dpo"} else []),
+        *(StepLayout(stage, stage, "model") for stage in rl_stages),
         StepLayout("eval", EVAL_DIR, "eval"),
     ]
 
@@ -136,6 +144,15 @@ class Run:
         revised = [path for _, kind, path in self.rounds() if kind == "revise"]
         return revised[-1] if revised else None
 
+    def rl_stages(self) -> list[str]:
+        """The RL stages that ran here; ppo (shown as not run) when none did."""
+        return [stage for stage in RL_STAGES if self.path(stage).exists()] or [PPO_DIR]
+
+    def steps(self) -> list[StepLayout]:
+        """The pipeline steps of this run, as :func:`pipeline_steps` lays them out."""
+        rounds = [(number, kind) for number, kind, _ in self.rounds()]
+        return pipeline_steps(rounds, self.rl_stages(), self.path(REVISION_PAIRS).exists())
+
 
 def read_timings(path: Path) -> dict[str, tuple[float, float]]:
     """timings.tsv: "step<TAB>seconds<TAB>peak KB" lines; a rerun step's last line wins."""
@@ -181,7 +198,7 @@ def collect_steps(run: Run) -> list[StepInfo]:
     """Every step in pipeline order, done or not, with what it produced and what it cost."""
     prompts = run.path(PROMPTS)
     steps = [StepInfo("prompts", prompts, prompts.exists(), _records(prompts) if prompts.exists() else "")]
-    for layout in pipeline_steps([(number, kind) for number, kind, _ in run.rounds()]):
+    for layout in run.steps():
         artifact = run.path(layout.done_marker)
         if not artifact.exists():
             steps.append(StepInfo(layout.name, artifact, False))

@@ -33,8 +33,8 @@ from caitool.report.layout import (
     EVAL_DIR,
     METRICS_FILE,
     MODEL_MANIFEST,
-    PPO_DIR,
     PREFS,
+    RL_STAGES,
     RM_DIR,
     SAMPLES_FILE,
     SFT_DIR,
@@ -58,12 +58,17 @@ from caitool.report.plots import (
 SAMPLE_REVISIONS = 3
 
 
+def always(run: Run) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Section:
     anchor: str
     nav: str  # the link in the navigation bar
     title: str
     body: Callable[[Run], str]
+    shown: Callable[[Run], bool] = always  # whether this run has the section (the RL stage that ran)
 
 
 def overview_section(run: Run) -> str:
@@ -296,27 +301,47 @@ def reward_section(run: Run) -> str:
 
 
 # "score" is the reward model's score alone; "reward" adds the penalties PPO optimises.
+# rloo logs the same figures under the same names, so its section is ppo's.
 PPO_CURVES = ("reward", "score", "kl", "entropy", "response_length")
+DPO_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
 
 
-def ppo_section(run: Run) -> str:
-    directory = run.path(PPO_DIR)
-    log = read_lines(directory / TRAINING_LOG)
-    if not (directory / MODEL_MANIFEST).exists() or not log:
-        return not_run("ppo", f"{PPO_DIR}/{TRAINING_LOG}")
-    manifest = read_json(directory / MODEL_MANIFEST) or {}
+def _stage_log(run: Run, stage: str) -> list[dict[str, Any]]:
+    """The stage's step entries (the Trainer's closing summary left out)."""
+    return [e for e in read_lines(run.path(stage, TRAINING_LOG)) if "loss" in e or "reward" in e]
+
+
+def rl_section(stage: str) -> Callable[[Run], str]:
+    """An RL stage's section body: ppo's and rloo's rewards, KL and rollouts; dpo's loss and margins."""
+
+    def body(run: Run) -> str:
+        label, directory = RL_STAGES[stage], run.path(stage)
+        log = _stage_log(run, stage)
+        if not (directory / MODEL_MANIFEST).exists() or not log:
+            return not_run(stage, f"{stage}/{TRAINING_LOG}")
+        manifest = read_json(directory / MODEL_MANIFEST) or {}
+        if stage == "dpo":
+            return _dpo_body(manifest, log)
+        return _reward_stage_body(label, directory, manifest, log)
+
+    return body
+
+
+def _reward_stage_body(
+    label: str, directory: Path, manifest: dict[str, Any], log: Sequence[dict[str, Any]]
+) -> str:
     series = log_series(log, PPO_CURVES)
     first, last = log[0], log[-1]
     body = _params_line(manifest) + (
         f"<p>{len(log)} steps; mean reward {first.get('reward', 0):+.3f} → "
         f"<strong>{last.get('reward', 0):+.3f}</strong>, "
-        f"KL to the reference {first.get('kl', 0):.4f} → {last.get('kl', 0):.4f}.</p>"
+        f"KL to the reference {first.get('kl') or 0:.4f} → {last.get('kl') or 0:.4f}.</p>"
     )
     body += curves_figure(
-        {k: series[k] for k in ("reward", "score", "kl")}, "PPO: reward, RM score and KL per step"
+        {k: series[k] for k in ("reward", "score", "kl")}, f"{label}: reward, RM score and KL per step"
     )
     body += curves_figure(
-        {k: series[k] for k in ("entropy", "response_length")}, "PPO: entropy and response length"
+        {k: series[k] for k in ("entropy", "response_length")}, f"{label}: entropy and response length"
     )
     samples = read_lines(directory / SAMPLES_FILE)
     if samples:
@@ -334,6 +359,21 @@ def ppo_section(run: Run) -> str:
             ["prompt", "response", "reward"], rows, numeric=(2,)
         )
     return body
+
+
+def _dpo_body(manifest: dict[str, Any], log: Sequence[dict[str, Any]]) -> str:
+    first, last = log[0], log[-1]
+    body = _params_line(manifest) + _counts_line(manifest)
+    body += (
+        f"<p>{len(log)} steps; loss {first.get('loss', 0):.4f} → <strong>{last.get('loss', 0):.4f}</strong>, "
+        f"implicit reward margin (beta times the chosen-minus-rejected log-ratio to the reference) "
+        f"{first.get('rewards/margins', 0):+.4f} → {last.get('rewards/margins', 0):+.4f}.</p>"
+    )
+    return body + curves_figure(log_series(log, DPO_CURVES), "DPO: loss, reward margin and accuracy per step")
+
+
+def ran(stage: str) -> Callable[[Run], bool]:
+    return lambda run: stage in run.rl_stages()
 
 
 def _last_user(prompt: Any) -> str:
@@ -423,12 +463,18 @@ def headline_numbers(run: Run) -> list[str]:
     held = metrics.get("held_out") or {}
     if held.get("pairs"):
         lines.append(f"reward model held-out accuracy {percent(held['accuracy'])} on {held['pairs']} pairs")
-    log = read_lines(run.path(PPO_DIR, TRAINING_LOG))
-    if log:
-        lines.append(
-            f"PPO reward {log[0].get('reward', 0):+.3f} -> {log[-1].get('reward', 0):+.3f} "
-            f"over {len(log)} steps (KL {log[-1].get('kl', 0):.4f})"
-        )
+    for stage in run.rl_stages():
+        log = _stage_log(run, stage)
+        if log and stage == "dpo":
+            lines.append(
+                f"DPO loss {log[0].get('loss', 0):.4f} -> {log[-1].get('loss', 0):.4f} over {len(log)} steps "
+                f"(reward margin {log[-1].get('rewards/margins', 0):+.4f})"
+            )
+        elif log:
+            lines.append(
+                f"{RL_STAGES[stage]} reward {log[0].get('reward', 0):+.3f} -> "
+                f"{log[-1].get('reward', 0):+.3f} over {len(log)} steps (KL {log[-1].get('kl') or 0:.4f})"
+            )
     summary = read_json(run.path(EVAL_DIR, SUMMARY_FILE)) or {}
     for prompt_set in summary.get("prompt_sets", []):
         rates = ", ".join(
@@ -453,6 +499,8 @@ SECTIONS = (
     Section("sft", "SFT", "Supervised fine-tuning (SL-CAI)", sft_section),
     Section("labels", "Labels", "Preference labels (RLAIF)", preference_section),
     Section("rm", "Reward model", "Reward model", reward_section),
-    Section("ppo", "PPO", "PPO (RL-CAI)", ppo_section),
+    Section("ppo", "PPO", "PPO (RL-CAI)", rl_section("ppo"), ran("ppo")),
+    Section("rloo", "RLOO", "RLOO (RL-CAI)", rl_section("rloo"), ran("rloo")),
+    Section("dpo", "DPO", "DPO (RL-CAI without a reward model)", rl_section("dpo"), ran("dpo")),
     Section("eval", "Eval", "Evaluation", eval_section),
 )

@@ -1,0 +1,378 @@
+"""``caitool dpo``: direct preference optimisation on labelled pairs, with no reward model and no rollouts.
+
+TRL's DPOTrainer tokenises the pairs, holds the frozen reference (a copy of the starting
+policy, the base weights under a LoRA adapter, or ``--ref``) and runs the loop. caitool adds
+one thing: the soft labels. ``label-preferences`` gives every pair a probability ``p`` that
+the chosen response is better, and with ``soft`` (the default) that probability is the target
+of the loss, pair by pair:
+
+    loss = -p log sigmoid(beta h) - (1 - p) log sigmoid(-beta h)
+    h    = (log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))
+
+This is conservative DPO (Mitchell 2023) with a per-pair label smoothing ``1 - p`` instead of
+one constant for the whole set, and the same cross-entropy ``train-rm`` fits its reward
+margin to (:func:`caitool.reward.soft_preference_loss`). Its gradient in ``h`` is
+``beta (sigmoid(beta h) - p)``: a pair labelled 1 pushes the margin up without limit (plain
+DPO), a pair labelled 0.7 until the policy prefers the chosen response with probability 0.7,
+and a pair labelled 0.5 (the labeller could not tell the two apart) gives no gradient at all
+while the policy agrees with the reference. ``hard`` trains with p = 1 through TRL's own loss,
+which also offers the other DPO variants (``loss``: ipo, hinge, robust, ...).
+
+The output is what ``sft`` writes: a Hugging Face model directory (or a LoRA adapter with
+``merge=False``), ``caitool_manifest.json`` and ``training_log.jsonl``, built in
+``.DIR.partial/`` and renamed into place; a killed run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from caitool.choices import DpoLoss, check_choice
+from caitool.errors import CaitoolError
+from caitool.jsonl_io import read_records
+from caitool.models import model_info, require_full_model
+from caitool.pipeline import Runtime, validate_input
+from caitool.processes import Processes, current_processes, launch_sharding
+from caitool.progress import print_summary
+from caitool.provenance import build_manifest, file_sha256, now_iso
+from caitool.records import ConstitutionRef, PairRecord, parse_pair
+from caitool.sft import load_policy, train
+from caitool.training import (
+    CHECKPOINTS,
+    TRAINING_LOG,
+    atomic_model_dir,
+    check_output_dir,
+    checkpoint_step,
+    cpu_training_kwargs,
+    jsonl_log_callback,
+    keep_log_until,
+    lora_config,
+    resume_checkpoint,
+    save_trained,
+    write_model_manifest,
+)
+
+# A label this close to 0.5 says the labeller could not choose: such a pair carries no preference.
+UNDECIDED = 0.005
+
+
+@dataclass(frozen=True)
+class DpoConfig:
+    """What dpo trains and how; the seed and checkpointing come with the shared Runtime."""
+
+    soft: bool = True  # each pair's p_chosen is its target (False: every pair surely preferred)
+    beta: float = 0.1  # strength of the pull towards the reference
+    loss: DpoLoss = "sigmoid"
+    lora: bool = False
+    lora_rank: int = 16
+    merge: bool = True  # with lora: save the merged model (False: the adapter alone)
+    epochs: float = 1.0
+    lr: float = 1e-6
+    batch_size: int = 4  # pairs per batch (per process when launched on several)
+    grad_accum: int = 1
+    max_length: int = 1024
+
+    def __post_init__(self) -> None:
+        check_choice("--loss", self.loss, DpoLoss)
+        if self.soft and self.loss != "sigmoid":
+            raise CaitoolError(
+                f"soft labels are defined for the sigmoid (DPO) loss; train --loss {self.loss} with --hard"
+            )
+        if not self.merge and not self.lora:
+            raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
+
+    def as_params(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class DpoData:
+    examples: list[dict[str, Any]]
+    counts: dict[str, Any] = field(default_factory=dict)
+    constitution: ConstitutionRef | None = None
+
+
+def dpo_example(record: PairRecord) -> dict[str, Any]:
+    """TRL's conversational preference example, with the pair's label."""
+    return {
+        "prompt": [m.model_dump() for m in record.prompt],
+        "chosen": [m.model_dump() for m in record.chosen],
+        "rejected": [m.model_dump() for m in record.rejected],
+        "p_chosen": record.p_chosen,
+    }
+
+
+def load_dpo_data(input_path: str | Path, seed: int) -> DpoData:
+    """Read and check every pair (label-preferences or pairs-from-revisions output) before writing."""
+    source = validate_input(input_path, parse_pair)
+    records = list(read_records(source.path, source.parse))
+    labels = [r.p_chosen for r in records]
+    examples = [dpo_example(r) for r in records]
+    random.Random(seed).shuffle(examples)
+    counts = {
+        "pairs": len(records),
+        "kinds": dict(Counter(r.kind for r in records)),
+        "mean_p_chosen": sum(labels) / len(labels),
+        "undecided_pairs": sum(abs(p - 0.5) < UNDECIDED for p in labels),
+    }
+    return DpoData(examples=examples, counts=counts, constitution=getattr(records[0], "constitution", None))
+
+
+def soft_label_dpo_trainer_class() -> tuple[type, type]:
+    """TRL's DPOTrainer with each pair's p_chosen as its target (trl is imported only here)."""
+    import torch
+    from trl import DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    from caitool.reward import soft_preference_loss
+
+    class SoftLabelCollator(DataCollatorForPreference):
+        def torch_call(self, examples):
+            batch = super().torch_call(examples)
+            batch["p_chosen"] = torch.tensor([e["p_chosen"] for e in examples], dtype=torch.float)
+            return batch
+
+    class SoftLabelDPOTrainer(DPOTrainer):
+        """``soft``: the cross-entropy of sigmoid(beta h) against p_chosen; otherwise TRL's loss (p = 1)."""
+
+        soft = True
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "p_chosen" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "p_chosen"]
+
+        def _compute_loss(self, model, inputs, return_outputs):
+            p_chosen = inputs.pop("p_chosen")
+            if not self.soft:
+                return super()._compute_loss(model, inputs, return_outputs)
+            completion_mask = inputs["completion_mask"]
+            labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            outputs = model(
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
+                labels=labels,
+                use_cache=False,
+                fused_lm_head=True,
+            )
+            logps = outputs.log_probs[:, -(completion_mask.size(1) - 1) :].sum(dim=1)
+            chosen_logps, rejected_logps = logps.chunk(2, dim=0)
+            reference = self.ref_model if self.ref_model is not None else self.model
+            ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(reference, inputs)
+            chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps)
+            rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps)
+            loss = soft_preference_loss(chosen_rewards - rejected_rewards, p_chosen)
+            self._log_pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, p_chosen)
+            return (loss, outputs) if return_outputs else loss
+
+        def _log_pair_metrics(self, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, p_chosen):
+            """The implicit-reward figures TRL logs for its own losses, under the same names."""
+            mode = "train" if self.model.training else "eval"
+            gather = self.accelerator.gather
+            chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+            metrics = self._metrics[mode]
+            metrics["rewards/chosen"].append(gather(chosen_rewards).mean().item())
+            metrics["rewards/rejected"].append(gather(rejected_rewards).mean().item())
+            margins = gather(chosen_rewards - rejected_rewards)
+            metrics["rewards/margins"].append(margins.mean().item())
+            metrics["rewards/accuracies"].append((margins > 0).float().mean().item())
+            metrics["logps/chosen"].append(gather(chosen_logps.detach()).mean().item())
+            metrics["logps/rejected"].append(gather(rejected_logps.detach()).mean().item())
+            metrics["labels/p_chosen"].append(gather(p_chosen).mean().item())
+
+    return SoftLabelDPOTrainer, SoftLabelCollator
+
+
+def dpo_config(settings: DpoConfig, runtime: Runtime, output_dir: Path, device: str) -> Any:
+    from trl import DPOConfig
+
+    return DPOConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=settings.epochs,
+        learning_rate=settings.lr,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        max_length=settings.max_length,
+        beta=settings.beta,
+        loss_type=[settings.loss],
+        seed=runtime.seed,
+        data_seed=runtime.seed,
+        logging_steps=1,
+        save_strategy="steps" if runtime.checkpoint_every else "no",
+        save_steps=runtime.checkpoint_every or 500,
+        save_total_limit=1,
+        report_to="none",
+        disable_tqdm=True,
+        **cpu_training_kwargs(device),
+    )
+
+
+def load_reference(spec: str | None, policy: Any, settings: DpoConfig, trust_remote_code: bool):
+    """The frozen reference and its info: ``spec``, else a copy of the starting policy.
+
+    Under LoRA without ``spec`` there is no second model: TRL reads the reference by switching
+    the adapter off, which is the starting policy.
+    """
+    if spec is None:
+        return None, (None if settings.lora else copy.deepcopy(policy))
+    import torch
+
+    from caitool.models import load_full_causal_lm
+
+    info = model_info(spec)
+    ref = load_full_causal_lm(info.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    if ref.config.vocab_size != policy.config.vocab_size:
+        raise CaitoolError(
+            f"the reference {spec} has another vocabulary ({ref.config.vocab_size} tokens) than the policy "
+            f"({policy.config.vocab_size}); it must share the policy's tokenizer"
+        )
+    return info, ref
+
+
+def build_trainer(
+    policy: Any,
+    ref: Any,
+    tokenizer: Any,
+    data: DpoData,
+    settings: DpoConfig,
+    runtime: Runtime,
+    staging: Path,
+    device: str,
+    resuming: bool,
+    processes: Processes,
+) -> Any:
+    """DPOTrainer logging to ``training_log.jsonl``; caitool's progress replaces the Trainer's printers."""
+    from datasets import Dataset, disable_progress_bars
+    from transformers import PrinterCallback, ProgressCallback
+
+    disable_progress_bars()  # TRL's dataset preparation bars would drown caitool's one-line progress
+    trainer_class, collator_class = soft_label_dpo_trainer_class()
+    args = dpo_config(settings, runtime, staging / CHECKPOINTS, device)
+    trainer = trainer_class(
+        model=policy,
+        ref_model=ref,
+        args=args,
+        train_dataset=Dataset.from_list(data.examples),
+        processing_class=tokenizer,
+        data_collator=collator_class(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length),
+        peft_config=lora_config(settings.lora_rank) if settings.lora else None,
+    )
+    trainer.soft = settings.soft
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(jsonl_log_callback(staging / TRAINING_LOG, append=resuming, processes=processes))
+    return trainer
+
+
+def run_dpo(
+    input_path: str | Path,
+    output_dir: str | Path,
+    *,
+    policy: str = "default",
+    ref: str | None = None,
+    config: DpoConfig | None = None,
+    runtime: Runtime | None = None,
+) -> dict[str, Any]:
+    """Train on the pairs and publish ``output_dir``; returns the manifest written inside it.
+
+    Under ``torchrun`` or ``accelerate launch`` every process runs this, as in sft: each takes
+    ``batch_size`` pairs of every step, and the main process writes.
+    """
+    settings = config or DpoConfig()
+    runtime = runtime or Runtime()
+    started = now_iso()
+    data = load_dpo_data(input_path, runtime.seed)
+    check_output_dir(output_dir)
+    if settings.lora and not settings.merge:
+        # A new adapter names one base directory; on top of another adapter that base would be wrong.
+        require_full_model(model_info(policy), "dpo --lora --no-merge")
+    sharding = launch_sharding()
+    if sharding and settings.lora and settings.merge:
+        raise CaitoolError(
+            f"dpo --lora cannot merge the adapter into weights sharded by {sharding}; "
+            "pass --no-merge to save the adapter alone"
+        )
+    processes = current_processes()
+    info, tokenizer, policy_model, device = load_policy(policy, runtime.trust_remote_code)
+    ref_info, ref_model = load_reference(ref, policy_model, settings, runtime.trust_remote_code)
+    models = {"policy": info, **({"ref": ref_info} if ref_info is not None else {})}
+    # How often a run saves does not change what it trains, so checkpoint_every is not in the key.
+    run_key = {
+        "input": file_sha256(input_path),
+        **{f"{role}_sha256": model.sha256 for role, model in models.items()},
+        **settings.as_params(),
+        "seed": runtime.seed,
+        "processes": processes.count,
+    }
+    with atomic_model_dir(output_dir, processes) as staging:
+        checkpoint = resume_checkpoint(staging, run_key, runtime.resume, processes)
+        if checkpoint is not None:
+            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint), processes)
+        trainer = build_trainer(
+            policy_model,
+            ref_model,
+            tokenizer,
+            data,
+            settings,
+            runtime,
+            staging,
+            device,
+            checkpoint is not None,
+            processes,
+        )
+        result, seconds = train(
+            trainer, settings, len(trainer.train_dataset), checkpoint, processes, phase="dpo"
+        )
+        saved_dtype = save_trained(
+            trainer, staging, info.path, processes, lora=settings.lora, merge=settings.merge
+        )
+        log = trainer.state.log_history
+        counts = {
+            **data.counts,
+            "trained_pairs": len(trainer.train_dataset),
+            "steps": result.global_step,
+            "mean_train_loss": result.training_loss,
+            "last_margin": next(
+                (e["rewards/margins"] for e in reversed(log) if "rewards/margins" in e), None
+            ),
+            "train_seconds": round(seconds, 2),
+            "saved_dtype": saved_dtype,
+        }
+        manifest = build_manifest(
+            phase="dpo",
+            params={
+                **settings.as_params(),
+                "seed": runtime.seed,
+                "processes": processes.count,
+                "checkpoint_every": runtime.checkpoint_every,
+                "ref": ref or "the starting policy",
+                "device": device,
+                "resumed_from": checkpoint,
+            },
+            started_at=started,
+            models=models,
+            inputs=[input_path],
+            constitution=data.constitution,
+            counts=counts,
+        )
+        if processes.is_main:
+            tokenizer.save_pretrained(staging)
+            write_model_manifest(staging, manifest)
+    print_summary(_summary(output_dir, counts, settings))
+    return manifest
+
+
+def _summary(output_dir: str | Path, counts: dict[str, Any], settings: DpoConfig) -> str:
+    margin = counts["last_margin"]
+    return (
+        f"dpo: {counts['trained_pairs']} pairs ({'soft' if settings.soft else 'hard'} labels, mean p_chosen "
+        f"{counts['mean_p_chosen']:.3f}, {counts['undecided_pairs']} undecided) in {counts['steps']} steps, "
+        f"{counts['train_seconds']:.1f}s; mean train loss {counts['mean_train_loss']:.4f}"
+        + (f"; last reward margin {margin:+.4f}" if margin is not None else "")
+        + f"; output: {output_dir}"
+    )
