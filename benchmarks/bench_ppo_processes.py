@@ -1,8 +1,10 @@
 """Seconds per ppo step on 1 and on 2 processes, same global batch, on the default model.
 
 One process takes ``--batch-size 2b`` prompts a step; two processes (torchrun, gloo on CPU or
-NCCL on GPUs) take ``b`` each, so both runs train on the same prompts and should end with the
-same policy. Prints each run's per-step seconds (from its training log), the mean over the
+NCCL on GPUs) take ``b`` each (``--batch-size`` is per process). Both sample ``b`` prompts per
+forward pass, each piece seeded by the global index of its first prompt, so both runs sample
+the same responses, train on the same rollouts and should end with the same policy up to float
+rounding. Prints each run's per-step seconds (from its training log), the mean over the
 steps after the first (which also warms up), their ratio, and the largest weight difference
 between the two final policies as a check that both runs did the same work.
 
@@ -84,6 +86,7 @@ def main() -> None:
     common = [
         "ppo", str(prompts), "--policy", "default", "--rm", str(work / "rm"), "--steps", str(options.steps),
         "--response-length", str(options.response_length), "--mini-batches", "1", "--no-resume",
+        "--forward-batch-size", str(options.per_process_batch),
     ]  # fmt: skip
     b = options.per_process_batch
     caitool = [sys.executable, "-m", "caitool"]
