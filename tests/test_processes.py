@@ -389,3 +389,28 @@ def test_ppo_under_sharded_weights_is_refused_in_one_line(
     assert result.output.startswith("error: ppo cannot run under DeepSpeed ZeRO-3: rollouts sample")
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists() and not staging_dir(out).exists()
+
+
+def test_ppo_reads_what_it_cannot_run_from_the_accelerator_state():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from caitool.errors import CaitoolError
+    from caitool.ppo import PPOConfig, check_accelerator
+
+    def accelerator(kind, stage=None):
+        plugin = SimpleNamespace(zero_stage=stage)
+        return SimpleNamespace(state=SimpleNamespace(distributed_type=kind, deepspeed_plugin=plugin))
+
+    config = PPOConfig(batch_size=8, mini_batches=2, forward_batch_size=2)
+    check_accelerator(accelerator(DistributedType.MULTI_CPU), config)
+    zero2 = accelerator(DistributedType.DEEPSPEED, 2)
+    check_accelerator(zero2, PPOConfig(batch_size=8, mini_batches=2))
+    check_accelerator(zero2, PPOConfig(batch_size=8, mini_batches=2, forward_batch_size=4))  # whole
+    with pytest.raises(CaitoolError, match="ppo cannot run under FSDP"):
+        check_accelerator(accelerator(DistributedType.FSDP), config)
+    with pytest.raises(CaitoolError, match="ppo cannot run under DeepSpeed ZeRO-3"):
+        check_accelerator(accelerator(DistributedType.DEEPSPEED, 3), PPOConfig())
+    with pytest.raises(CaitoolError, match="--forward-batch-size below the mini-batch size"):
+        check_accelerator(zero2, config)
