@@ -18,6 +18,11 @@ One step:
    mini-batch is run ``forward_batch_size`` sequences at a time with its gradients accumulated,
    the same update as in one pass; the rollout's passes are split the same way.
 
+Under ``torchrun`` or ``accelerate launch`` (DDP) each process rolls out ``batch_size`` prompts
+of the step's global batch; whitening, the losses' normalisation and the logged metrics are
+taken over every process's rows, so N processes with b prompts each take the step one process
+with N*b prompts takes (exactly so with one mini-batch).
+
 Which models play which role, in which precision, and how LoRA and the shared value model save
 memory is :mod:`caitool.ppo_models`; this module holds the algorithm and the run.
 """
@@ -489,7 +494,9 @@ class PPOTrainer:
         local_losses = torch.tensor([sum(v) / len(v) for v in losses.values()], device=self.device)
         mean_losses = (self.total(local_losses.double()) / self.processes.count).tolist()
         metrics = {
-            "reward": self.gather(torch.tensor(rollout.rm_scores, device=self.device)).mean().item(),
+            "reward": self.gather(torch.tensor(rollout.rm_scores, dtype=torch.float64, device=self.device))
+            .mean()
+            .item(),
             "score": self.gather(rollout.scores).mean().item(),
             "kl": kl.mean().item(),
             "kl_penalty": (-self.config.kl_coef * kl).mean().item(),
