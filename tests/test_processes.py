@@ -285,9 +285,9 @@ def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return save_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm"))
 
 
-@pytest.fixture
-def ppo_prompts(tmp_path) -> Path:
-    path = tmp_path / "ppo-prompts.jsonl"
+@pytest.fixture(scope="module")
+def ppo_prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ppo-prompts") / "prompts.jsonl"
     path.write_text(
         "".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PPO_PROMPTS))
     )
@@ -313,9 +313,10 @@ def samples(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture
-def one_process_ppo(tiny_model_dir, rm_dir, ppo_prompts, tmp_path) -> Path:
-    one = tmp_path / "one"
+@pytest.fixture(scope="module")
+def one_process_ppo(tiny_model_dir, rm_dir, ppo_prompts, tmp_path_factory) -> Path:
+    """The run both 2-process runs are compared with (made once)."""
+    one = tmp_path_factory.mktemp("ppo-one-process") / "one"
     result = runner.invoke(app, list(map(str, ppo_args(ppo_prompts, tiny_model_dir, rm_dir, one, 4))))
     assert result.exit_code == 0, result.output
     return one
