@@ -78,16 +78,17 @@ SAMPLES_FILE = "samples.jsonl"
 # Tensor helpers
 
 
-def same(total: Any) -> Any:
-    return total
+def one_process(tensor: Any) -> Any:
+    """The sum of ``tensor`` over the processes of a single-process run: itself."""
+    return tensor
 
 
-def masked_mean(values: Any, mask: Any, total: Callable[[Any], Any] = same) -> Any:
+def masked_mean(values: Any, mask: Any, total: Callable[[Any], Any] = one_process) -> Any:
     """The mean over ``mask``; ``total`` sums a tensor over every process (the mean of the global batch)."""
     return total((values * mask).sum()) / total(mask.sum()).clamp(min=1)
 
 
-def masked_whiten(values: Any, mask: Any, total: Callable[[Any], Any] = same) -> Any:
+def masked_whiten(values: Any, mask: Any, total: Callable[[Any], Any] = one_process) -> Any:
     """Whitened over the response tokens of the whole batch: ``total`` sums over every process,
     so N processes whiten with the mean and variance one process with all the rows would use."""
     mean = masked_mean(values, mask, total)
