@@ -29,14 +29,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_reward_model(directory: Path) -> None:
+def build_reward_model(directory: Path, policy: str) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from caitool.models import load_tokenizer, model_info
     from caitool.reward import prepare_reward_tokenizer
 
-    info = model_info("default")
+    info = model_info(policy)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(info.path, num_labels=1)
     tokenizer = load_tokenizer(info.path)
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--per-process-batch", type=int, default=2)
     parser.add_argument("--response-length", type=int, default=24)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--policy", default="default", help="policy model (a directory, or 'default')")
     options = parser.parse_args()
     work = options.work or Path(tempfile.mkdtemp(prefix="bench-ppo-processes-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -79,12 +80,13 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
     if not (work / "rm" / "config.json").exists():
-        build_reward_model(work / "rm")
+        build_reward_model(work / "rm", options.policy)
     prompts = work / "prompts.jsonl"
     lines = (REPO / "examples" / "red_team.jsonl").read_text().splitlines(keepends=True)
     prompts.write_text("".join(lines[:16]))
     common = [
-        "ppo", str(prompts), "--policy", "default", "--rm", str(work / "rm"), "--steps", str(options.steps),
+        "ppo", str(prompts), "--policy", options.policy, "--rm", str(work / "rm"),
+        "--steps", str(options.steps),
         "--response-length", str(options.response_length), "--mini-batches", "1", "--no-resume",
         "--forward-batch-size", str(options.per_process_batch),
     ]  # fmt: skip
@@ -111,7 +113,11 @@ def main() -> None:
         means[name] = statistics.mean(seconds[1:] or seconds)
         listed = ", ".join(f"{s:.1f}" for s in seconds)
         print(f"{name}: seconds per step {listed}; mean after step 1 {means[name]:.1f}")
-    print(f"global batch {2 * b} prompts, {options.response_length} tokens, {os.cpu_count()} CPUs")
+    threads = os.environ.get("OMP_NUM_THREADS", "unset: torch's default on 1 process, 1 each under torchrun")
+    print(
+        f"global batch {2 * b} prompts, {options.response_length} tokens, {os.cpu_count()} CPUs, "
+        f"OMP_NUM_THREADS {threads}"
+    )
     print(f"2 processes / 1 process, seconds per step: {means['2 processes'] / means['1 process']:.2f}")
     difference = largest_difference(work / "one", work / "two")
     print(f"largest weight difference between the two final policies: {difference:.2e}")
