@@ -1,8 +1,10 @@
 """Seconds per ppo step on 1 and on 2 processes, same global batch, on the default model.
 
 One process takes ``--batch-size 2b`` prompts a step; two processes (torchrun, gloo on CPU or
-NCCL on GPUs) take ``b`` each, so both runs train on the same prompts and should end with the
-same policy. Prints each run's per-step seconds (from its training log), the mean over the
+NCCL on GPUs) take ``b`` each (``--batch-size`` is per process). Both sample ``b`` prompts per
+forward pass, each piece seeded by the global index of its first prompt, so both runs sample
+the same responses, train on the same rollouts and should end with the same policy up to float
+rounding. Prints each run's per-step seconds (from its training log), the mean over the
 steps after the first (which also warms up), their ratio, and the largest weight difference
 between the two final policies as a check that both runs did the same work.
 
@@ -27,14 +29,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def build_reward_model(directory: Path) -> None:
+def build_reward_model(directory: Path, policy: str) -> None:
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from caitool.models import load_tokenizer, model_info
     from caitool.reward import prepare_reward_tokenizer
 
-    info = model_info("default")
+    info = model_info(policy)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(info.path, num_labels=1)
     tokenizer = load_tokenizer(info.path)
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--per-process-batch", type=int, default=2)
     parser.add_argument("--response-length", type=int, default=24)
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--policy", default="default", help="policy model (a directory, or 'default')")
     options = parser.parse_args()
     work = options.work or Path(tempfile.mkdtemp(prefix="bench-ppo-processes-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -77,13 +80,15 @@ def main() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
     if not (work / "rm" / "config.json").exists():
-        build_reward_model(work / "rm")
+        build_reward_model(work / "rm", options.policy)
     prompts = work / "prompts.jsonl"
     lines = (REPO / "examples" / "red_team.jsonl").read_text().splitlines(keepends=True)
     prompts.write_text("".join(lines[:16]))
     common = [
-        "ppo", str(prompts), "--policy", "default", "--rm", str(work / "rm"), "--steps", str(options.steps),
+        "ppo", str(prompts), "--policy", options.policy, "--rm", str(work / "rm"),
+        "--steps", str(options.steps),
         "--response-length", str(options.response_length), "--mini-batches", "1", "--no-resume",
+        "--forward-batch-size", str(options.per_process_batch),
     ]  # fmt: skip
     b = options.per_process_batch
     caitool = [sys.executable, "-m", "caitool"]
@@ -108,7 +113,11 @@ def main() -> None:
         means[name] = statistics.mean(seconds[1:] or seconds)
         listed = ", ".join(f"{s:.1f}" for s in seconds)
         print(f"{name}: seconds per step {listed}; mean after step 1 {means[name]:.1f}")
-    print(f"global batch {2 * b} prompts, {options.response_length} tokens, {os.cpu_count()} CPUs")
+    threads = os.environ.get("OMP_NUM_THREADS", "unset: torch's default on 1 process, 1 each under torchrun")
+    print(
+        f"global batch {2 * b} prompts, {options.response_length} tokens, {os.cpu_count()} CPUs, "
+        f"OMP_NUM_THREADS {threads}"
+    )
     print(f"2 processes / 1 process, seconds per step: {means['2 processes'] / means['1 process']:.2f}")
     difference = largest_difference(work / "one", work / "two")
     print(f"largest weight difference between the two final policies: {difference:.2e}")

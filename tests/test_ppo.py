@@ -266,11 +266,11 @@ def killed_run(monkeypatch, kill_at_step, *cli_args):
     real_step = caitool.ppo.PPOTrainer.step
     calls = []
 
-    def step_or_kill(self, prompts, seed):
+    def step_or_kill(self, prompts, seed, *rest):
         calls.append(seed)
         if len(calls) == kill_at_step:
             raise KeyboardInterrupt
-        return real_step(self, prompts, seed)
+        return real_step(self, prompts, seed, *rest)
 
     with monkeypatch.context() as patched:
         patched.setattr(caitool.ppo.PPOTrainer, "step", step_or_kill)

@@ -27,6 +27,7 @@ from caitool.cli import app
 from caitool.processes import Processes, launch_sharding
 from caitool.provenance import MODEL_MANIFEST
 from caitool.training import TRAINING_LOG, staging_dir
+from tests.test_ppo import save_reward_model
 from tests.test_reward import separable_prefs  # noqa: F401 (fixture)
 from tests.test_sft import revised_file, weights  # noqa: F401 (fixture)
 
@@ -261,3 +262,156 @@ def test_train_rm_under_accelerate_launch_matches_one_process_with_twice_the_bat
     assert held_two["pairs"] == held_one["pairs"] == 8
     assert held_two["log_loss"] == pytest.approx(held_one["log_loss"], rel=LOSS_REL)
     assert_written_once_by_the_main_process(tmp_path / "audit", two)
+
+
+# ---------------------------------------------------------------------------
+# ppo
+
+PPO_PROMPTS = [
+    "How do I bake bread?",
+    "Tell me a joke.",
+    "What is the capital of France?",
+    "Write a haiku about rain.",
+    "How can I learn to swim?",
+    "Why is the sky blue?",
+    "Name three colours.",
+    "How do I fix a flat tyre?",
+]
+PPO_METRICS = ("reward", "score", "kl", "entropy", "policy_loss", "value_loss", "response_length")
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    return save_reward_model(tiny_model_dir, tmp_path_factory.mktemp("rm"))
+
+
+@pytest.fixture(scope="module")
+def ppo_prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ppo-prompts") / "prompts.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"p{i}", "prompt": p}) + "\n" for i, p in enumerate(PPO_PROMPTS))
+    )
+    return path
+
+
+def ppo_args(prompts: Path, model: Path, rm: Path, out: Path, batch_size: int) -> list[object]:
+    """Every step's global batch of 4 prompts in one mini-batch, two updates on it; responses sampled
+    2 prompts per forward pass, seeded per piece by the global index of its first prompt, so
+    the 2-process run (2 prompts each) samples what the 1-process run (4 prompts) samples."""
+    return [
+        "ppo", prompts, "--policy", model, "--rm", rm, "-o", out, "--steps", 3, "--batch-size", batch_size,
+        "--mini-batches", 1, "--ppo-epochs", 2, "--response-length", 6, "--lr", "1e-3",
+        "--temperature", "1.0", "--forward-batch-size", 2, "--checkpoint-every", 1,
+    ]  # fmt: skip
+
+
+def ppo_log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
+
+
+def samples(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def one_process_ppo(tiny_model_dir, rm_dir, ppo_prompts, tmp_path_factory) -> Path:
+    """The run both 2-process runs are compared with (made once)."""
+    one = tmp_path_factory.mktemp("ppo-one-process") / "one"
+    result = runner.invoke(app, list(map(str, ppo_args(ppo_prompts, tiny_model_dir, rm_dir, one, 4))))
+    assert result.exit_code == 0, result.output
+    return one
+
+
+def assert_same_ppo_run(one: Path, two: Path, base: Path) -> None:
+    """Same prompts, responses, metrics and final policy; ``two``'s steps covered both processes' rows."""
+    assert [(s["step"], s["id"], s["response"]) for s in samples(two)] == [
+        (s["step"], s["id"], s["response"]) for s in samples(one)
+    ]
+    first_step = [s["id"] for s in samples(two) if s["step"] == 1]
+    # Process 0's rows come first: the two processes sampled different prompts.
+    assert len(first_step) == 4 and len(set(first_step)) == 4
+    for key in PPO_METRICS:
+        assert [e[key] for e in ppo_log(two)] == pytest.approx(
+            [e[key] for e in ppo_log(one)], rel=LOSS_REL, abs=1e-6
+        ), key
+    assert_same_weights(one, two, base)
+
+
+def test_ppo_on_two_processes_matches_one_process_with_twice_the_batch(
+    tiny_model_dir, rm_dir, ppo_prompts, one_process_ppo, tmp_path
+):
+    two = tmp_path / "two"
+    audit = tmp_path / "audit"
+    launched = launch(torchrun(), ppo_args(ppo_prompts, tiny_model_dir, rm_dir, two, 2), audit)
+    assert launched.returncode == 0, launched.stdout[-4000:]
+    assert launched.stdout.count("ppo step 3/3") == 1  # one line a step, from the main process
+    assert manifest(two)["params"]["processes"] == 2 and manifest(one_process_ppo)["params"]["processes"] == 1
+    assert (
+        manifest(two)["counts"]["prompts_per_step"] == manifest(one_process_ppo)["counts"]["prompts_per_step"]
+    )
+    assert_same_ppo_run(one_process_ppo, two, tiny_model_dir)
+    checkpoints = tuple(f"checkpoints/.checkpoint-{n}.tmp" for n in (1, 2))
+    assert_written_once_by_the_main_process(audit, two, per_process_dirs=checkpoints)
+    events = audit_events(audit)[0]
+    assert sum(e["op"] == "write" and e["path"] == str(staging_dir(two) / TRAINING_LOG) for e in events) == 3
+
+
+def test_a_killed_two_process_ppo_run_resumes_like_an_uninterrupted_one(
+    tiny_model_dir, rm_dir, ppo_prompts, one_process_ppo, tmp_path, monkeypatch
+):
+    two = tmp_path / "two"
+    args = ppo_args(ppo_prompts, tiny_model_dir, rm_dir, two, 2)
+    # The main process is killed as it logs step 3, after saving checkpoint-2.
+    monkeypatch.setenv("CAITOOL_KILL_AT", f"{TRAINING_LOG}:3")
+    killed = launch(torchrun(), args, tmp_path / "audit-killed")
+    assert killed.returncode != 0
+    assert not two.exists()
+    assert [c.name for c in (staging_dir(two) / "checkpoints").iterdir()] == ["checkpoint-2"]
+
+    monkeypatch.delenv("CAITOOL_KILL_AT")
+    resumed = launch(torchrun(), args, tmp_path / "audit")
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert resumed.stdout.count("resuming after step 2") == 1 and "ppo step 1/3" not in resumed.stdout
+    assert manifest(two)["params"]["resumed_from"].endswith("checkpoint-2")
+    assert [e["step"] for e in ppo_log(two)] == [1, 2, 3]
+    assert_same_ppo_run(one_process_ppo, two, tiny_model_dir)
+    assert_written_once_by_the_main_process(tmp_path / "audit", two)
+
+
+def test_ppo_under_sharded_weights_is_refused_in_one_line(
+    tiny_model_dir, rm_dir, ppo_prompts, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    monkeypatch.delenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", raising=False)
+    out = tmp_path / "ppo"
+    result = runner.invoke(app, list(map(str, ppo_args(ppo_prompts, tiny_model_dir, rm_dir, out, 2))))
+    assert result.exit_code == 2
+    assert result.output.startswith("error: ppo cannot run under DeepSpeed ZeRO-3: rollouts sample")
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and not staging_dir(out).exists()
+
+
+def test_ppo_reads_what_it_cannot_run_from_the_accelerator_state():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from caitool.errors import CaitoolError
+    from caitool.ppo import PPOConfig, check_accelerator
+
+    def accelerator(kind, stage=None):
+        plugin = SimpleNamespace(zero_stage=stage)
+        return SimpleNamespace(state=SimpleNamespace(distributed_type=kind, deepspeed_plugin=plugin))
+
+    config = PPOConfig(batch_size=8, mini_batches=2, forward_batch_size=2)
+    check_accelerator(accelerator(DistributedType.MULTI_CPU), config)
+    zero2 = accelerator(DistributedType.DEEPSPEED, 2)
+    check_accelerator(zero2, PPOConfig(batch_size=8, mini_batches=2))
+    check_accelerator(zero2, PPOConfig(batch_size=8, mini_batches=2, forward_batch_size=4))  # whole
+    with pytest.raises(CaitoolError, match="ppo cannot run under FSDP"):
+        check_accelerator(accelerator(DistributedType.FSDP), config)
+    with pytest.raises(CaitoolError, match="ppo cannot run under DeepSpeed ZeRO-3"):
+        check_accelerator(accelerator(DistributedType.DEEPSPEED, 3), PPOConfig())
+    with pytest.raises(CaitoolError, match="--forward-batch-size below the mini-batch size"):
+        check_accelerator(zero2, config)

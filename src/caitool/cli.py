@@ -573,7 +573,12 @@ def ppo(
         float, typer.Option("--kl-coef", min=0.0, help="Weight of the per-token KL penalty.")
     ] = 0.05,
     steps: Annotated[int, typer.Option("--steps", min=1, help="PPO steps (one rollout batch each).")] = 20,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Prompts per rollout.")] = 8,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", "-b", min=1, help="Prompts per rollout (per process when launched on several)."
+        ),
+    ] = 8,
     mini_batches: Annotated[
         int, typer.Option("--mini-batches", min=1, help="Mini-batches per PPO epoch.")
     ] = 2,

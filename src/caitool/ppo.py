@@ -18,12 +18,18 @@ One step:
    mini-batch is run ``forward_batch_size`` sequences at a time with its gradients accumulated,
    the same update as in one pass; the rollout's passes are split the same way.
 
+Under ``torchrun`` or ``accelerate launch`` (DDP) each process rolls out ``batch_size`` prompts
+of the step's global batch; whitening, the losses' normalisation and the logged metrics are
+taken over every process's rows, so N processes with b prompts each take the step one process
+with N*b prompts takes (exactly so with one mini-batch).
+
 Which models play which role, in which precision, and how LoRA and the shared value model save
 memory is :mod:`caitool.ppo_models`; this module holds the algorithm and the run.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import shutil
@@ -46,6 +52,7 @@ from caitool.ppo_models import (
     reference_of,
     save_policy,
 )
+from caitool.processes import Processes, current_processes, launch_sharding
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import Conversation, PromptRecord, parse_prompt_input
@@ -58,6 +65,7 @@ from caitool.training import (
     atomic_model_dir,
     check_output_dir,
     checkpoint_step,
+    gathered_state_dict,
     keep_log_until,
     resume_checkpoint,
     write_model_manifest,
@@ -70,13 +78,21 @@ SAMPLES_FILE = "samples.jsonl"
 # Tensor helpers
 
 
-def masked_mean(values: Any, mask: Any) -> Any:
-    return (values * mask).sum() / mask.sum().clamp(min=1)
+def one_process(tensor: Any) -> Any:
+    """The sum of ``tensor`` over the processes of a single-process run: itself."""
+    return tensor
 
 
-def masked_whiten(values: Any, mask: Any) -> Any:
-    mean = masked_mean(values, mask)
-    variance = masked_mean((values - mean) ** 2, mask)
+def masked_mean(values: Any, mask: Any, total: Callable[[Any], Any] = one_process) -> Any:
+    """The mean over ``mask``; ``total`` sums a tensor over every process (the mean of the global batch)."""
+    return total((values * mask).sum()) / total(mask.sum()).clamp(min=1)
+
+
+def masked_whiten(values: Any, mask: Any, total: Callable[[Any], Any] = one_process) -> Any:
+    """Whitened over the response tokens of the whole batch: ``total`` sums over every process,
+    so N processes whiten with the mean and variance one process with all the rows would use."""
+    mean = masked_mean(values, mask, total)
+    variance = masked_mean((values - mean) ** 2, mask, total)
     return (values - mean) * (variance + 1e-8).rsqrt() * mask
 
 
@@ -198,8 +214,82 @@ def per_token_rewards(rollout: Rollout, kl_coef: float) -> Any:
     return rewards
 
 
+@functools.cache
+def policy_and_value_class() -> type:
+    """The class of :func:`policy_and_value` (built on first use: torch is imported lazily)."""
+    import torch
+
+    class PolicyAndValue(torch.nn.Module):
+        """The policy and the value model as one module, prepared by accelerate as one model.
+
+        Under DDP the update's forward pass goes through the wrapper, so the gradients of both
+        are all-reduced (a value model read through its unwrapped module would train apart on
+        every process); DeepSpeed, which takes one model per accelerator, can hold both.
+        """
+
+        def __init__(self, policy: Any, value_model: Any):
+            super().__init__()
+            self.policy = policy
+            self.value_model = value_model
+
+        def forward(self, input_ids: Any, attention_mask: Any, context: int, temperature: float) -> Any:
+            logprobs, _ = response_logprobs(self.policy, input_ids, attention_mask, context, temperature)
+            return logprobs, token_values(self.value_model, input_ids, attention_mask, context)
+
+    return PolicyAndValue
+
+
+def policy_and_value(policy: Any, value_model: Any) -> Any:
+    return policy_and_value_class()(policy, value_model)
+
+
+def unsupported_sharding(accelerator: Any) -> str | None:
+    """What shards the weights in the accelerator's launch (ppo cannot run with it), or None."""
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.FSDP:
+        return "FSDP"
+    if state.distributed_type == DistributedType.DEEPSPEED and state.deepspeed_plugin.zero_stage == 3:
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
+def refuse_sharding(sharding: str | None) -> None:
+    if sharding:
+        raise CaitoolError(
+            f"ppo cannot run under {sharding}: rollouts sample from the whole policy and the reward is "
+            "read from the whole reward model on every process; launch it with DDP "
+            "(configs/accelerate/multi-gpu.yaml) or DeepSpeed ZeRO-2 "
+            "(configs/accelerate/deepspeed-zero2.yaml)"
+        )
+
+
+def check_accelerator(accelerator: Any, config: PPOConfig) -> None:
+    """Refuse in one line what the accelerator's launch cannot run."""
+    from accelerate.utils import DistributedType
+
+    refuse_sharding(unsupported_sharding(accelerator))
+    mini_batch = -(-config.batch_size // min(config.mini_batches, config.batch_size))
+    if (
+        accelerator.state.distributed_type == DistributedType.DEEPSPEED
+        and 0 < config.forward_batch_size < mini_batch
+    ):
+        raise CaitoolError(
+            "ppo --forward-batch-size below the mini-batch size is not supported under DeepSpeed "
+            "(its engine steps the optimiser at every backward pass); leave it at 0"
+        )
+
+
 class PPOTrainer:
-    """The trained models (policy, value model; placed by accelerate) and the frozen ones around them."""
+    """The trained models (policy and value model, prepared by accelerate as one module) and the
+    frozen ones around them.
+
+    Under a multi-process launch each process rolls out its own prompts; advantages are whitened
+    over the whole batch, the losses are normalised by the whole mini-batch's token count (so the
+    gradients DDP averages are the gradients of the whole batch) and the metrics are taken over
+    every process's rows.
+    """
 
     def __init__(self, *, models: PPOModels, config: PPOConfig, accelerator: Any | None = None):
         import torch
@@ -210,6 +300,8 @@ class PPOTrainer:
         self.config = config
         self.models = models
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        check_accelerator(self.accelerator, config)
+        self.processes = Processes(self.accelerator.process_index, self.accelerator.num_processes)
         device = self.accelerator.device
         self.tokenizer = models.tokenizer
         self.stop_ids = end_of_turn_ids(models.tokenizer, models.policy)
@@ -218,10 +310,12 @@ class PPOTrainer:
         models.reward.device = str(device)
         self.ref = models.ref
         self.reward_model = models.reward
+        # The modules themselves (generation and the rollout's reads need no gradient sync).
+        self.policy, self.value_model = models.policy, models.value_model
         self.trainable = models.trainable_parameters()
         optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, eps=1e-5)
-        self.policy, self.value_model, self.optimizer = self.accelerator.prepare(
-            models.policy, models.value_model, optimizer
+        self.trained, self.optimizer = self.accelerator.prepare(
+            policy_and_value(models.policy, models.value_model), optimizer
         )
         self.accelerator.register_save_state_pre_hook(keep_trainable_weights)
 
@@ -230,10 +324,25 @@ class PPOTrainer:
         return self.accelerator.device
 
     def _unwrapped(self) -> tuple[Any, Any]:
-        return self.accelerator.unwrap_model(self.policy), self.accelerator.unwrap_model(self.value_model)
+        return self.policy, self.value_model
+
+    def total(self, tensor: Any) -> Any:
+        """``tensor`` summed over every process (itself on one)."""
+        if not self.processes.distributed:
+            return tensor
+        import torch.distributed
+
+        summed = tensor.detach().clone()
+        torch.distributed.all_reduce(summed)
+        return summed
+
+    def gather(self, tensor: Any) -> Any:
+        """Every process's rows of ``tensor``, in process order (float64, for exact means)."""
+        return self.accelerator.gather(tensor.detach().double().contiguous())
 
     # -- rollout ---------------------------------------------------------------
-    def rollout(self, prompts: list[Conversation], seed: int) -> Rollout:
+    def rollout(self, prompts: list[Conversation], seed: int, first_row: int = 0) -> Rollout:
+        """Responses to ``prompts``, rows ``first_row``... of the step's global batch."""
         import torch
 
         config = self.config
@@ -242,8 +351,7 @@ class PPOTrainer:
         context = query_ids.shape[1]
         policy, value_model = self._unwrapped()
         with inference(policy, value_model), self.models.precision.autocast():
-            torch.manual_seed(seed)
-            response_ids = self._sample(policy, query_ids, query_mask)
+            response_ids = self._sample(policy, query_ids, query_mask, seed, first_row)
             response_mask, finished = self._response_mask(response_ids)
             input_ids = torch.cat(
                 [
@@ -276,8 +384,12 @@ class PPOTrainer:
             entropy=entropy,
         )
 
-    def _sample(self, policy: Any, query_ids: Any, query_mask: Any) -> Any:
-        """Response tokens drawn from softmax(logits / T), ``forward_batch_size`` prompts at a time."""
+    def _sample(self, policy: Any, query_ids: Any, query_mask: Any, seed: int, first_row: int) -> Any:
+        """Response tokens drawn from softmax(logits / T), ``forward_batch_size`` prompts at a time.
+
+        Each piece is seeded by the global index of its first prompt, so N processes with b
+        prompts each draw what one process with N*b prompts draws, at a forward batch size of b.
+        """
         import torch
 
         pad = self.tokenizer.pad_token_id
@@ -289,10 +401,10 @@ class PPOTrainer:
             pad_token_id=pad,
         )
         context = query_ids.shape[1]
-        pieces = [
-            sample(policy, query_ids[s], query_mask[s], config)[:, context:]
-            for s in micro_batches(len(query_ids), self.config.forward_batch_size)
-        ]
+        pieces = []
+        for rows in micro_batches(len(query_ids), self.config.forward_batch_size):
+            torch.manual_seed(derive_seed(seed, "rows", first_row + rows.start))
+            pieces.append(sample(policy, query_ids[rows], query_mask[rows], config)[:, context:])
         width = max(piece.shape[1] for piece in pieces)
         return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
 
@@ -338,17 +450,24 @@ class PPOTrainer:
         ]
 
     # -- optimisation -------------------------------------------------------------
-    def step(self, prompts: list[Conversation], seed: int) -> tuple[Rollout, dict[str, float]]:
-        """One PPO step: a rollout, then ``ppo_epochs`` x ``mini_batches`` updates on it."""
+    def step(
+        self, prompts: list[Conversation], seed: int, first_row: int = 0
+    ) -> tuple[Rollout, dict[str, float]]:
+        """One PPO step: a rollout, then ``ppo_epochs`` x ``mini_batches`` updates on it.
+
+        ``prompts`` are this process's share of the step's batch, from row ``first_row`` on. Each
+        process shuffles its own rows into ``mini_batches`` mini-batches; an update's mini-batch
+        is the union of every process's (with one mini-batch, the whole batch, as on one process).
+        """
         import torch
 
         config = self.config
         started = time.perf_counter()
-        rollout = self.rollout(prompts, seed)
+        rollout = self.rollout(prompts, seed, first_row)
         mask = rollout.response_mask
         rewards = per_token_rewards(rollout, config.kl_coef)
         advantages, returns = gae(rewards, rollout.values, mask, config.gamma, config.lam)
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, self.total)
 
         losses: dict[str, list[float]] = {
             "policy_loss": [],
@@ -363,35 +482,57 @@ class PPOTrainer:
             for indices in torch.tensor_split(order, groups):
                 for key, value in self.update(rollout, advantages, returns, indices).items():
                     losses[key].append(value)
+        return rollout, self._metrics(rollout, losses, time.perf_counter() - started)
 
-        kl_per_response = rollout.kl.sum(dim=1)
+    def _metrics(self, rollout: Rollout, losses: dict[str, list[float]], seconds: float) -> dict[str, float]:
+        """The step's metrics over every process's rows (the same numbers on every process)."""
+        import torch
+
+        mask = rollout.response_mask
+        kl = self.gather(rollout.kl.sum(dim=1))
+        missing = torch.tensor([0.0 if f else 1.0 for f in rollout.finished], device=self.device)
+        # Each process's loss is its share of the mini-batch's mean times the number of processes.
+        local_losses = torch.tensor([sum(v) / len(v) for v in losses.values()], device=self.device)
+        mean_losses = (self.total(local_losses.double()) / self.processes.count).tolist()
         metrics = {
-            "reward": float(sum(rollout.rm_scores) / len(rollout.rm_scores)),
-            "score": rollout.scores.mean().item(),
-            "kl": kl_per_response.mean().item(),
-            "kl_penalty": (-config.kl_coef * kl_per_response).mean().item(),
-            "entropy": masked_mean(rollout.entropy, mask).item(),
-            **{key: sum(values) / len(values) for key, values in losses.items()},
-            "response_length": mask.sum(dim=1).mean().item(),
-            "missing_eot": sum(not f for f in rollout.finished) / len(rollout.finished),
-            "seconds": time.perf_counter() - started,
+            "reward": self.gather(torch.tensor(rollout.rm_scores, dtype=torch.float64, device=self.device))
+            .mean()
+            .item(),
+            "score": self.gather(rollout.scores).mean().item(),
+            "kl": kl.mean().item(),
+            "kl_penalty": (-self.config.kl_coef * kl).mean().item(),
+            "entropy": masked_mean(rollout.entropy.double(), mask.double(), self.total).item(),
+            **dict(zip(losses, mean_losses, strict=True)),
+            "response_length": self.gather(mask.sum(dim=1)).mean().item(),
+            "missing_eot": self.gather(missing).mean().item(),
+            "seconds": seconds,
         }
         if self.device.type == "cuda":
             metrics["gpu_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
-        return rollout, metrics
+        return metrics
 
     def update(self, rollout: Rollout, advantages: Any, returns: Any, indices: Any) -> dict[str, float]:
         """One optimiser step on the mini-batch ``indices``, ``forward_batch_size`` rows per pass.
 
-        Every loss is a sum over the pass's response tokens divided by the mini-batch's token
-        count, so the accumulated gradient is the one a single pass over the mini-batch gives.
+        Every loss is a sum over the pass's response tokens divided by the token count of the
+        mini-batch on every process, times the number of processes (which DDP's average of the
+        gradients divides out again): the accumulated, averaged gradient is the one a single
+        pass over the whole mini-batch gives on one process.
         """
-        tokens = rollout.response_mask[indices].sum().clamp(min=1)
+        from contextlib import nullcontext
+
+        tokens = self.total(rollout.response_mask[indices].sum()).clamp(min=1) / self.processes.count
         totals = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "approx_kl"), 0.0)
         self.optimizer.zero_grad()
-        for part in micro_batches(len(indices), self.config.forward_batch_size):
-            for key, value in self._accumulate(rollout, advantages, returns, indices[part], tokens).items():
-                totals[key] += value
+        parts = micro_batches(len(indices), self.config.forward_batch_size)
+        for number, part in enumerate(parts):
+            # Gradients are all-reduced once, after the mini-batch's last pass.
+            last = number == len(parts) - 1
+            with nullcontext() if last else self.accelerator.no_sync(self.trained):
+                for key, value in self._accumulate(
+                    rollout, advantages, returns, indices[part], tokens
+                ).items():
+                    totals[key] += value
         self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
         self.optimizer.step()
         return totals
@@ -409,12 +550,7 @@ class PPOTrainer:
         adv, ret = advantages[rows], returns[rows]
 
         with self.models.precision.autocast():
-            logprobs, _ = response_logprobs(
-                self.policy, input_ids, attention, rollout.context, config.temperature
-            )
-            values = token_values(
-                self.accelerator.unwrap_model(self.value_model), input_ids, attention, rollout.context
-            )
+            logprobs, values = self.trained(input_ids, attention, rollout.context, config.temperature)
 
         def share(per_token: Any) -> Any:
             return (per_token * mask).sum() / tokens
@@ -471,17 +607,27 @@ def build_trainer(
     return PPOTrainer(models=models, config=config), infos
 
 
-def prompt_batches(records: list[PromptRecord], config: PPOConfig, seed: int):
-    """``steps`` batches of prompts: the file shuffled (seeded), cycled as often as needed."""
+def prompt_batches(records: list[PromptRecord], config: PPOConfig, seed: int, processes: int = 1):
+    """``steps`` global batches of prompts (``batch_size`` per process): the file shuffled
+    (seeded), cycled as often as needed. N processes with ``batch_size`` b see the batches one
+    process with ``batch_size`` N*b sees."""
+    size = config.batch_size * processes
     rng = random.Random(derive_seed(seed, "prompt-order"))
     order: list[PromptRecord] = []
     for _ in range(config.steps):
-        while len(order) < config.batch_size:
+        while len(order) < size:
             epoch = list(records)
             rng.shuffle(epoch)
             order.extend(epoch)
-        yield order[: config.batch_size]
-        order = order[config.batch_size :]
+        yield order[:size]
+        order = order[size:]
+
+
+def share_of(batch: list[PromptRecord], processes: Processes) -> tuple[list[PromptRecord], int]:
+    """This process's consecutive share of a global batch and the global index of its first row."""
+    size = len(batch) // processes.count
+    first = processes.index * size
+    return batch[first : first + size], first
 
 
 def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
@@ -513,30 +659,47 @@ def sample_lines(step: int, records: list[PromptRecord], rollout: Rollout) -> li
     ]
 
 
-def save_checkpoint(trainer: PPOTrainer, staging: Path, step: int) -> Path:
+def save_checkpoint(trainer: PPOTrainer, staging: Path, step: int, processes: Processes) -> Path:
     """Policy, value model and optimiser state after ``step`` (accelerate's format, so a
     DeepSpeed or multi-GPU run saves its shards too). Only the newest checkpoint is kept; it
-    appears under its final name only when complete."""
+    appears under its final name only when complete.
+
+    Every process takes part (accelerate saves each one's random state); the main process
+    clears, renames and deletes.
+    """
     checkpoints = staging / CHECKPOINTS
     final = checkpoints / f"checkpoint-{step}"
     unfinished = checkpoints / f".checkpoint-{step}.tmp"
-    shutil.rmtree(unfinished, ignore_errors=True)
+    if processes.is_main:
+        shutil.rmtree(unfinished, ignore_errors=True)
+        unfinished.mkdir(parents=True)
+    processes.wait()
     trainer.accelerator.save_state(str(unfinished), safe_serialization=False)
-    os.replace(unfinished, final)
-    for older in checkpoints.glob("checkpoint-*"):
-        if older != final:
-            shutil.rmtree(older, ignore_errors=True)
+    processes.wait()
+    if processes.is_main:
+        os.replace(unfinished, final)
+        for older in checkpoints.glob("checkpoint-*"):
+            if older != final:
+                shutil.rmtree(older, ignore_errors=True)
+    processes.wait()
     return final
 
 
+def gathered_policy_weights(trainer: PPOTrainer) -> dict[str, Any]:
+    """The policy's full weights through the accelerator's state dict (a collective)."""
+    state = gathered_state_dict(trainer.accelerator, trainer.trained)
+    return {k.removeprefix("policy."): v for k, v in state.items() if k.startswith("policy.")}
+
+
 def ppo_run_key(
-    input_path: str | Path, infos: dict[str, Any], config: PPOConfig, seed: int
+    input_path: str | Path, infos: dict[str, Any], config: PPOConfig, seed: int, processes: int = 1
 ) -> dict[str, Any]:
     """What a run trains on and with: a checkpoint is reused only by a run with the same key.
 
     The number of steps is left out: step k's prompts and randomness do not depend on it, so
     a killed run can be resumed with more steps than it was started with. Neither do how often
-    samples are saved nor whether activations are recomputed.
+    samples are saved nor whether activations are recomputed. The number of processes does
+    (``batch_size`` is per process).
     """
     unshaping = ("steps", "sample_every", "gradient_checkpointing")
     settings = {k: v for k, v in asdict(config).items() if k not in unshaping}
@@ -545,6 +708,7 @@ def ppo_run_key(
         **{f"{role}_sha256": info.sha256 for role, info in sorted(infos.items())},
         **settings,
         "seed": seed,
+        "processes": processes,
     }
 
 
@@ -562,8 +726,11 @@ def run_ppo(
 
     With ``runtime.checkpoint_every`` the run saves its state every N steps; the same command
     run again after a kill continues from the last one (``runtime.resume``). Every step's
-    randomness is derived from the seed and the step number, so a resumed run takes the same
-    steps as an uninterrupted one.
+    randomness is derived from the seed, the step number and the prompts' places in the step's
+    batch, so a resumed run takes the same steps as an uninterrupted one.
+
+    Under ``torchrun`` or ``accelerate launch`` every process runs this on its own
+    ``batch_size`` prompts of each step; the main process alone writes.
     """
     config = config or PPOConfig()
     runtime = runtime or Runtime()
@@ -572,6 +739,8 @@ def run_ppo(
     source = validate_input(input_path, parse_prompt_input)
     records = list(read_records(source.path, parse_prompt_input))
     check_output_dir(output)
+    refuse_sharding(launch_sharding())
+    processes = current_processes()
     trainer, infos = build_trainer(
         policy=policy,
         reward_model=reward_model,
@@ -580,9 +749,9 @@ def run_ppo(
         trust_remote_code=runtime.trust_remote_code,
         seed=seed,
     )
-    with atomic_model_dir(output) as staging:
-        run_key = ppo_run_key(input_path, infos, config, seed)
-        checkpoint = resume_checkpoint(staging, run_key, runtime.resume)
+    with atomic_model_dir(output, processes) as staging:
+        run_key = ppo_run_key(input_path, infos, config, seed, processes.count)
+        checkpoint = resume_checkpoint(staging, run_key, runtime.resume, processes)
         if checkpoint and checkpoint_step(checkpoint) >= config.steps:
             raise CaitoolError(
                 f"{checkpoint} holds a killed run already past step {config.steps}; rerun with "
@@ -591,66 +760,82 @@ def run_ppo(
         done = checkpoint_step(checkpoint) if checkpoint else 0
         history = [
             {k: v for k, v in entry.items() if k != "step"}
-            for entry in keep_log_until(staging / TRAINING_LOG, done)
+            for entry in keep_log_until(staging / TRAINING_LOG, done, processes)
         ]
-        keep_log_until(staging / SAMPLES_FILE, done)
+        keep_log_until(staging / SAMPLES_FILE, done, processes)
         if checkpoint:
             # Checkpoints hold trained weights only (keep_trainable_weights); frozen ones are loaded.
             trainer.accelerator.load_state(checkpoint, strict=False)
             print_summary(f"ppo: resuming after step {done} from {checkpoint}")
-        log = JsonlLog(staging / TRAINING_LOG, append=True)
-        samples = JsonlLog(staging / SAMPLES_FILE, append=True)
-        for step, batch in enumerate(prompt_batches(records, config, seed), start=1):
+        log = JsonlLog(staging / TRAINING_LOG, append=True, enabled=processes.is_main)
+        samples = JsonlLog(staging / SAMPLES_FILE, append=True, enabled=processes.is_main)
+        for step, batch in enumerate(prompt_batches(records, config, seed, processes.count), start=1):
             if step <= done:
                 continue
-            rollout, metrics = trainer.step([r.prompt for r in batch], derive_seed(seed, "step", step))
+            mine, first_row = share_of(batch, processes)
+            step_seed = derive_seed(seed, "step", step)
+            rollout, metrics = trainer.step([r.prompt for r in mine], step_seed, first_row)
             history.append(metrics)
             log.write({"step": step, **metrics})
             print_summary(step_line(step, config.steps, metrics))
             if step == 1 or step % config.sample_every == 0 or step == config.steps:
-                for line in sample_lines(step, batch, rollout):
+                for line in every_process_lines(sample_lines(step, mine, rollout), processes):
                     samples.write(line)
             if checkpoint_every and step % checkpoint_every == 0 and step < config.steps:
                 saving = time.perf_counter()
-                saved = save_checkpoint(trainer, staging, step)
+                saved = save_checkpoint(trainer, staging, step, processes)
                 print_summary(f"ppo: saved {saved.name} in {time.perf_counter() - saving:.1f}s")
-        saved_dtype = save_policy(
-            trainer.accelerator.unwrap_model(trainer.policy),
-            staging,
-            config=config,
-            base_path=infos["policy"].path,
-            precision=trainer.models.precision,
-            trust_remote_code=runtime.trust_remote_code,
-        )
-        trainer.tokenizer.save_pretrained(staging)
-        write_model_manifest(
-            staging,
-            build_manifest(
-                phase="ppo",
-                params={
-                    **asdict(config),
-                    "seed": seed,
-                    "ref": ref
-                    or ("the starting policy, adapters off" if config.lora else "the starting policy"),
-                    "precision": trainer.models.precision.name,
-                    "device": str(trainer.device),
-                    "checkpoint_every": checkpoint_every,
-                    "resumed_from": checkpoint,
-                },
-                started_at=started,
-                models=infos,
-                inputs=[input_path],
-                counts={
-                    "prompts": len(records),
-                    "steps": config.steps,
-                    "first_reward": history[0]["reward"],
-                    "last_reward": history[-1]["reward"],
-                    "saved_dtype": saved_dtype,
-                },
-            ),
-        )
+        weights = gathered_policy_weights(trainer)
+        if processes.is_main:
+            saved_dtype = save_policy(
+                trainer.policy,
+                staging,
+                config=config,
+                base_path=infos["policy"].path,
+                precision=trainer.models.precision,
+                trust_remote_code=runtime.trust_remote_code,
+                state_dict=weights,
+            )
+            trainer.tokenizer.save_pretrained(staging)
+            write_model_manifest(
+                staging,
+                build_manifest(
+                    phase="ppo",
+                    params={
+                        **asdict(config),
+                        "seed": seed,
+                        "processes": processes.count,
+                        "ref": ref
+                        or ("the starting policy, adapters off" if config.lora else "the starting policy"),
+                        "precision": trainer.models.precision.name,
+                        "device": str(trainer.device),
+                        "checkpoint_every": checkpoint_every,
+                        "resumed_from": checkpoint,
+                    },
+                    started_at=started,
+                    models=infos,
+                    inputs=[input_path],
+                    counts={
+                        "prompts": len(records),
+                        "steps": config.steps,
+                        "prompts_per_step": config.batch_size * processes.count,
+                        "first_reward": history[0]["reward"],
+                        "last_reward": history[-1]["reward"],
+                        "saved_dtype": saved_dtype,
+                    },
+                ),
+            )
     print_summary(
         f"ppo: {config.steps} steps; reward {history[0]['reward']:+.3f} -> {history[-1]['reward']:+.3f}; "
         f"kl {history[-1]['kl']:.4f}; saved to {output}"
     )
     return history
+
+
+def every_process_lines(lines: list[dict[str, Any]], processes: Processes) -> list[dict[str, Any]]:
+    """Every process's lines, in process order (so in the order of the global batch); a collective."""
+    if not processes.distributed:
+        return lines
+    from accelerate.utils import gather_object
+
+    return gather_object(lines)

@@ -15,7 +15,7 @@ class PPOConfig:
 
     kl_coef: float = 0.05  # weight of the per-token KL penalty to the reference
     steps: int = 20  # one rollout batch each
-    batch_size: int = 8  # prompts per rollout
+    batch_size: int = 8  # prompts per rollout, per process
     mini_batches: int = 2  # per PPO epoch
     ppo_epochs: int = 2  # passes over each rollout
     response_length: int = 64  # tokens per response at most

@@ -417,15 +417,18 @@ def save_policy(
     base_path: str,
     precision: Precision,
     trust_remote_code: bool,
+    state_dict: dict[str, Any] | None = None,
 ) -> str:
     """Save the trained policy: full weights in the base's precision, or the adapter alone.
 
-    Returns the dtype saved, or "adapter".
+    ``state_dict``: the full policy's weights as the accelerator gathered them (a LoRA policy is
+    read from its module: ppo runs only where every process holds whole weights). Returns the
+    dtype saved, or "adapter".
     """
     from caitool.training import save_like_base
 
     if not config.lora:
-        return save_like_base(policy, directory, base_path)
+        return save_like_base(policy, directory, base_path, state_dict)
     if not config.merge:
         # The adapter names the base directory it was trained on (the policy's, a full model).
         policy.save_pretrained(directory)
