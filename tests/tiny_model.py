@@ -26,7 +26,8 @@ CORPUS = [
 ] + [f"Sentence number {i} about safety, honesty, privacy and kindness." for i in range(50)]
 
 
-def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
+def build_tiny_model(directory: Path, *, seed: int = 0, extra_corpus: tuple[str, ...] = ()) -> Path:
+    """``extra_corpus``: more text for the tokenizer, so that text a test uses a lot becomes few tokens."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -38,7 +39,7 @@ def build_tiny_model(directory: Path, *, seed: int = 0) -> Path:
     trainer = trainers.BpeTrainer(
         vocab_size=512, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    bpe.train_from_iterator(CORPUS, trainer=trainer)
+    bpe.train_from_iterator([*CORPUS, *extra_corpus], trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|im_start|>",
