@@ -123,7 +123,9 @@ def train_tiny_judge(directory: Path, *, steps: int = 80, seed: int = 0) -> Path
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(steps):
-        logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+        logits = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, logits_to_keep=1
+        ).logits
         loss = torch.nn.functional.cross_entropy(logits[:, -1], target_ids)
         optimiser.zero_grad()
         loss.backward()

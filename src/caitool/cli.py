@@ -748,6 +748,14 @@ def eval_models(
     swap: Annotated[
         bool, typer.Option("--swap/--no-swap", help="Judge both presentation orders (cancels position bias).")
     ] = True,
+    judge_mode: Annotated[
+        str,
+        typer.Option(
+            "--judge-mode",
+            help="The judge's labelling mode, as in label-preferences: logprob, cot, or score (each "
+            "answer scored alone, so no position bias).",
+        ),
+    ] = "logprob",
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.0,
     max_new_tokens: MaxNewOpt = 128,
     seed: SeedOpt = 0,
@@ -771,6 +779,7 @@ def eval_models(
         temperature=temperature,
         seed=seed,
         swap=swap,
+        judge_mode=judge_mode,
         resume=resume,
         backend=backend_options,
     )

@@ -34,6 +34,7 @@ from caitool.backends import BackendOptions, GenerationBackend, SamplingParams, 
 from caitool.constitution import draw, load_constitution
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import manifest_path, read_records, write_json_atomic, write_jsonl_atomic
+from caitool.label import MODES
 from caitool.pipeline import Runtime, validate_input
 from caitool.progress import print_summary
 from caitool.provenance import MODEL_MANIFEST, build_manifest, now_iso
@@ -271,6 +272,7 @@ class EvalOptions:
     top_p: float = 0.95
     seed: int = 0
     swap: bool = True
+    judge_mode: str = "logprob"  # the labeller's mode (caitool.label): logprob, cot or score
     resume: bool = True
     backend: BackendOptions = field(default_factory=BackendOptions)
 
@@ -301,6 +303,8 @@ def run_eval(
     """
     options = options or EvalOptions()
     started = now_iso()
+    if options.judge_mode not in MODES:
+        raise CaitoolError(f'unknown --judge-mode "{options.judge_mode}" (expected {", ".join(MODES)})')
     models = parse_model_specs(model_values)
     set_names = prompt_set_names(prompt_files)
     sources = [validate_input(path, parse_prompt_input) for path in prompt_files]
@@ -553,7 +557,8 @@ def _judge_all(
             )
             for a, b in model_pairs(models):
                 plan.append((set_name, prompt_id, a.name, b.name, principle))
-    labeller = Labeller(judge_backend, charter, swap=options.swap)
+    mode: Any = options.judge_mode
+    labeller = Labeller(judge_backend, charter, swap=options.swap, mode=mode)
     judge_id = judge_backend.model_id
     judgements: list[JudgementRecord] = []
     with phase_progress("eval: judge", len(plan)) as tracker:

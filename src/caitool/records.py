@@ -142,9 +142,10 @@ class PreferenceRecord(Record):
         description="P(response pair[0] is better) when it is shown as option (B); None without swap "
         "and in score mode (no options, so no order)",
     )
-    mode: Literal["logprob", "cot", "score"] = Field(
+    mode: Literal["logprob", "cot", "score", "rule"] = Field(
         description="logprob: option letters; cot: letters after reasoning; score: each response "
-        "scored alone (yes/no log-odds), the label from their difference"
+        "scored alone (yes/no log-odds), the label from their difference; rule: written by a rule or "
+        "by hand, not by a feedback model (feedback_model says which)"
     )
     reasoning: list[str] = Field(default_factory=list, description="chain-of-thought texts (cot mode)")
     feedback_model: str
