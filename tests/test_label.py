@@ -423,3 +423,22 @@ def test_fitness_warning_thresholds():
     assert fitness_warning(None, 4, [0.5]) is None
     assert "P(Yes)+P(No) was 0.10" in fitness_warning(None, 4, [0.1], mass_name="P(Yes)+P(No)")
     assert fitness_warning(0, 0, []) is None
+
+
+def test_cli_score_mode_on_a_real_model(tiny_model_dir, tmp_path):
+    pairs = write_pairs(
+        tmp_path / "pairs.jsonl", [generation("q1", [GOOD, BAD]), generation("q2", [BAD, GOOD])]
+    )
+    out = tmp_path / "prefs.jsonl"
+    result = runner.invoke(
+        app,
+        ["label-preferences", str(pairs), "-o", str(out), "-m", str(tiny_model_dir), "--mode", "score"]
+        + ["--principle", "less-harmful"],
+    )
+    assert result.exit_code == 0, result.output
+    first, second = (PreferenceRecord.model_validate(r) for r in lines(out))
+    assert first.mode == second.mode == "score" and first.p_swapped is None
+    # The same two responses in the other order: the same preference (no position to follow).
+    assert first.chosen == second.chosen and first.p_chosen == pytest.approx(second.p_chosen, abs=1e-4)
+    assert "disagreed" not in result.output
+    assert json.loads(manifest_path(out).read_text())["params"]["mode"] == "score"
