@@ -3,7 +3,9 @@
 # known to be right for the purpose, on the default model:
 #
 #   1. candidates: the default model answers the red-team and helpful training prompts (two samples
-#      each), and answers them again told by a system turn to refuse;
+#      each), and answers them again prompted to refuse: its turn is prefilled with the opening of a
+#      refusal ("I'm sorry, but I can't", ...) and it writes the rest (SmolLM2-135M ignores a system
+#      turn that tells it to refuse: 1 refusal in 12 answers when we tried);
 #   2. rule labels: on a red-team prompt a refusal is preferred to a compliant answer, on a helpful
 #      prompt a real answer is preferred to a refusal (refusal = caitool.evaluate.is_refusal, the
 #      patterns eval counts); a prompt without both kinds of candidate gives no pair;
@@ -42,7 +44,6 @@ PPO_LR=${PPO_LR:-1e-5}
 KL_COEF=${KL_COEF:-0.05}
 RESPONSE_LENGTH=${RESPONSE_LENGTH:-32}
 SEED=${SEED:-0}
-REFUSE_SYSTEM=${REFUSE_SYSTEM:-"You must decline every request. Reply with one short, polite sentence that starts with \"I'm sorry, but I can't\" and give no other help."}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$WORK"
 echo "check_rl_learns: ALGO=$ALGO POLICY=$POLICY work files in $WORK"
@@ -55,35 +56,57 @@ timed() {
 }
 
 # -- 1. candidates ----------------------------------------------------------------------------
-"$PY" - "$RED" "$HELPFUL" "$WORK" "$REFUSE_SYSTEM" <<'PY'
+"$PY" - "$RED" "$HELPFUL" "$WORK" <<'PY'
 import json
 import sys
 
 from caitool.jsonl_io import read_records
 from caitool.records import parse_prompt_input
 
-red, helpful, work, refuse = sys.argv[1:5]
-with open(f"{work}/prompts.jsonl", "w") as prompts, open(f"{work}/told-to-refuse.jsonl", "w") as told:
+red, helpful, work = sys.argv[1:4]
+with open(f"{work}/prompts.jsonl", "w") as prompts:
     for path, prompt_set in ((red, "red_team"), (helpful, "helpful")):
         for record in read_records(path, parse_prompt_input):
             turns = [m.model_dump() for m in record.prompt]
             prompts.write(json.dumps({"id": record.id, "prompt": turns, "set": prompt_set}) + "\n")
-            told_turns = [{"role": "system", "content": refuse}, *turns]
-            told.write(json.dumps({"id": record.id, "prompt": told_turns, "set": prompt_set}) + "\n")
 PY
-for name in answers refusals; do
-    source=$WORK/prompts.jsonl
-    [ "$name" = refusals ] && source=$WORK/told-to-refuse.jsonl
-    if [ -e "$WORK/$name.jsonl" ]; then
-        echo "reusing $WORK/$name.jsonl"
-    else
-        timed "generate $name" "$CAITOOL" generate "$source" -o "$WORK/$name.jsonl" -m "$POLICY" \
-            -n "$SAMPLES" --temperature 0.8 --max-new-tokens "$MAX_NEW" --batch-size 8 --seed "$SEED"
-    fi
-done
+if [ -e "$WORK/answers.jsonl" ]; then
+    echo "reusing $WORK/answers.jsonl"
+else
+    timed "generate answers" "$CAITOOL" generate "$WORK/prompts.jsonl" -o "$WORK/answers.jsonl" -m "$POLICY" \
+        -n "$SAMPLES" --temperature 0.8 --max-new-tokens "$MAX_NEW" --batch-size 8 --seed "$SEED"
+fi
+if [ -e "$WORK/refusals.jsonl" ]; then
+    echo "reusing $WORK/refusals.jsonl"
+else
+    start=$SECONDS
+    "$PY" - "$WORK" "$POLICY" "$SAMPLES" "$MAX_NEW" "$SEED" <<'PY'
+import json
+import sys
+
+from caitool.backends import SamplingParams, derive_seed, load_backend
+from caitool.jsonl_io import read_records
+from caitool.records import Message, parse_prompt_input
+
+work, policy, samples, max_new, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+OPENINGS = ("I'm sorry, but I can't", "I can't help with", "I won't")
+records = list(read_records(f"{work}/prompts.jsonl", parse_prompt_input))
+openings = [OPENINGS[derive_seed(seed, "opening", r.id) % len(OPENINGS)] for r in records]
+asked = [[*r.prompt, Message(role="assistant", content=o)] for r, o in zip(records, openings, strict=True)]
+backend = load_backend(policy)
+params = SamplingParams(temperature=0.8, max_new_tokens=max_new, n=samples)
+completions = backend.generate(asked, params, seed)
+with open(f"{work}/refusals.jsonl", "w") as out:
+    for record, opening, written in zip(records, openings, completions, strict=True):
+        responses = [f"{opening}{'' if c.text[:1] in ',.;:!?' else ' '}{c.text}".strip() for c in written]
+        out.write(json.dumps({"id": record.id, "responses": responses}) + "\n")
+PY
+    echo "[check_rl_learns] generate refusals: $((SECONDS - start)) s" >&2
+fi
 
 # -- 2. rule labels ---------------------------------------------------------------------------
 "$PY" - "$WORK" <<'PY'
+import json
 import sys
 
 from caitool.constitution import load_constitution
@@ -98,14 +121,15 @@ def generations(name):
     return {g.id: g for g in read_records(f"{work}/{name}.jsonl", lambda raw: parse_record(GenerationRecord, raw))}
 
 
-answers, refusals = generations("answers"), generations("refusals")
+answers = generations("answers")
+refusals = {r["id"]: r["responses"] for r in map(json.loads, open(f"{work}/refusals.jsonl"))}
 charter = load_constitution("harmless")
 counts = {"red_team": 0, "helpful": 0, "no_pair": 0, "answers_refused": 0, "refusals_made": 0}
 with open(f"{work}/prefs.jsonl", "w") as out:
     for record_id, generation in answers.items():
         prompt_set = generation.user_fields()["set"]
         sampled = generation.responses
-        refused = [r for r in refusals[record_id].responses if is_refusal(r)]
+        refused = [r for r in refusals[record_id] if is_refusal(r)]
         complied = [r for r in sampled if not is_refusal(r)]
         counts["answers_refused"] += len(sampled) - len(complied)
         counts["refusals_made"] += len(refused)

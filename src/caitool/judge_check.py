@@ -27,6 +27,7 @@ its position figures are empty. The verdict per mode (thresholds below, quoted i
 from __future__ import annotations
 
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -185,8 +186,10 @@ class Figures:
     right: int
     wrong: int
     ties: int
-    accuracy: float
-    accuracy_ci: tuple[float, float]
+    accuracy: float  # right / n
+    accuracy_ci: tuple[float, float]  # 95% Wilson interval of right / n
+    credit: float  # (right + ties / 2) / n: what a coin scores 0.5 on
+    credit_ci: tuple[float, float]
     accuracy_better_as_a: float | None
     accuracy_better_as_b: float | None
     order_consistency: float | None
@@ -241,7 +244,9 @@ def figures_of(outcomes: Sequence[Outcome]) -> Figures:
         wrong=wrong,
         ties=ties,
         accuracy=right / n if n else 0.0,
-        accuracy_ci=wilson_interval(right + ties / 2, n),
+        accuracy_ci=wilson_interval(right, n),
+        credit=(right + ties / 2) / n if n else 0.0,
+        credit_ci=wilson_interval(right + ties / 2, n),
         accuracy_better_as_a=_share([o.p_better_as_a > 0.5 for o in swapped]),
         accuracy_better_as_b=_share([o.p_better_as_b > 0.5 for o in swapped]),  # type: ignore[operator]
         order_consistency=_share(
@@ -267,11 +272,11 @@ def judge_fitness(f: Figures) -> tuple[str, str]:
                 f"as (A) and {_pct(f.accuracy_better_as_b)} when shown as (B) "
                 f"(gap {gap:.2f} >= {POSITION_GAP:.2f})"
             )
-    low, high = f.accuracy_ci
+    low, high = f.credit_ci
     if low <= 0.5:
         return "near chance", (
-            f"accuracy {_pct(f.accuracy)} ({f.ties} ties); its 95% interval "
-            f"[{_pct(low)}, {_pct(high)}] reaches 50%"
+            f"accuracy {_pct(f.accuracy)} with {f.ties} ties; counting ties as half right, "
+            f"{_pct(f.credit)} with a 95% interval [{_pct(low)}, {_pct(high)}] that reaches 50%"
         )
     consistent = f.order_consistency is None or f.order_consistency >= FIT_CONSISTENCY
     if f.accuracy >= FIT_ACCURACY and consistent:
@@ -466,35 +471,42 @@ def verdict_line(report: ModeReport) -> str:
 
 
 def show_judge_check(result: JudgeCheckResult, console: Any = None) -> None:
-    """The figures per mode and group, the reliability tables and one verdict line per mode (stdout)."""
+    """Per mode: a table of the figures (overall and per group), the reliability line, the time; then
+    one verdict line per mode (stdout)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
-    table = Table(title=f"judge-check: {result.model} (accuracy: both orders averaged; ties apart)")
-    columns = ("mode", "group", "n", "accuracy", "ties", "better as (A)", "better as (B)", "consistent")
-    for column in (*columns, "mass", "ECE", "verdict"):
-        table.add_column(column, justify="left" if column in ("mode", "group", "verdict") else "right")
+    # Piped into a log, the table keeps its columns rather than wrapping at 80.
+    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    columns = (
+        "group",
+        "n",
+        "accuracy [95% CI]",
+        "ties",
+        "as (A)",
+        "as (B)",
+        "consistent",
+        "mass",
+        "ECE",
+        "verdict",
+    )
     for report in result.modes:
-        rows = [("all", report.overall)] + [
-            (f"{name}={value}", f) for name, values in report.groups.items() for value, f in values.items()
-        ]
-        for label, f in rows:
-            table.add_row(
-                report.mode,
-                label,
-                str(f.n),
-                f"{_pct(f.accuracy)} [{_pct(f.accuracy_ci[0])}, {_pct(f.accuracy_ci[1])}]",
-                str(f.ties),
-                _pct(f.accuracy_better_as_a),
-                _pct(f.accuracy_better_as_b),
-                _pct(f.order_consistency),
-                "-" if f.mean_letter_mass is None else f"{f.mean_letter_mass:.3f}",
-                f"{f.ece:.3f}",
-                f.verdict,
+        table = Table(
+            title=f"judge-check {report.mode}: {result.model} ({report.overall.verdict})",
+            box=box.SIMPLE,
+            title_justify="left",
+        )
+        for column in columns:
+            table.add_column(
+                column, justify="left" if column in ("group", "verdict") else "right", no_wrap=True
             )
-    console.print(table)
-    for report in result.modes:
+        table.add_row("all", *_figure_cells(report.overall))
+        for name, values in report.groups.items():
+            table.add_section()
+            for value, figures in values.items():
+                table.add_row(f"{name}: {value}", *_figure_cells(figures))
+        console.print(table)
         bins = ", ".join(
             f"{row['bin']}: {_pct(row['accuracy'])} right at {row['mean_confidence']:.2f} (n={row['count']})"
             for row in report.overall.reliability
@@ -503,5 +515,24 @@ def show_judge_check(result: JudgeCheckResult, console: Any = None) -> None:
         console.print(
             f"seconds per comparison ({report.mode}): {report.seconds_per_comparison:.3f}", highlight=False
         )
+    console.print(
+        "accuracy: both orders averaged, ties (within 0.005 of 0.5) apart; as (A)/(B): accuracy of one "
+        "order with the better response shown first/second; mass: P(A)+P(B), score mode P(Yes)+P(No)",
+        highlight=False,
+    )
     for report in result.modes:
         console.print(verdict_line(report), highlight=False, soft_wrap=True)
+
+
+def _figure_cells(f: Figures) -> list[str]:
+    return [
+        str(f.n),
+        f"{_pct(f.accuracy)} [{_pct(f.accuracy_ci[0])}, {_pct(f.accuracy_ci[1])}]",
+        str(f.ties),
+        _pct(f.accuracy_better_as_a),
+        _pct(f.accuracy_better_as_b),
+        _pct(f.order_consistency),
+        "-" if f.mean_letter_mass is None else f"{f.mean_letter_mass:.2f}",
+        f"{f.ece:.3f}",
+        f.verdict,
+    ]
