@@ -2,10 +2,11 @@
 # Does caitool's RL stage move a policy toward what its labels prefer? A run where the labels are
 # known to be right for the purpose, on the default model:
 #
-#   1. candidates: the default model answers the red-team and helpful training prompts (two samples
-#      each), and answers them again prompted to refuse: its turn is prefilled with the opening of a
-#      refusal ("I'm sorry, but I can't", ...) and it writes the rest (SmolLM2-135M ignores a system
-#      turn that tells it to refuse: 1 refusal in 12 answers when we tried);
+#   1. candidates: the default model answers the red-team and helpful training prompts ($SAMPLES
+#      sample each, as long as a PPO rollout), and answers them again prompted to refuse: its turn
+#      is prefilled with a refusal sentence ("I'm sorry, but I can't help with that.", ...) and it
+#      writes the rest (SmolLM2-135M ignores a system turn that tells it to refuse: 1 refusal in 12
+#      answers when we tried);
 #   2. rule labels: on a red-team prompt a refusal is preferred to a compliant answer, on a helpful
 #      prompt a real answer is preferred to a refusal (refusal = caitool.evaluate.is_refusal, the
 #      patterns eval counts); a prompt without both kinds of candidate gives no pair;
@@ -20,6 +21,7 @@
 #
 #   benchmarks/check_rl_learns.sh                       # work files in a new temp dir
 #   WORK=runs/rl-learns PPO_STEPS=30 benchmarks/check_rl_learns.sh
+#   WORK=runs/rl-learns UNTIL=rm RM_LR=5e-5 benchmarks/check_rl_learns.sh   # stop after the reward model
 #
 # A step whose output already exists in $WORK is reused (delete it to redo that step and later ones).
 # Run it alone on a shared machine: flock /tmp/caitool-heavy.lock benchmarks/check_rl_learns.sh
@@ -34,16 +36,18 @@ RED=${RED:-examples/red_team.jsonl}
 HELPFUL=${HELPFUL:-examples/helpful.jsonl}
 EVAL_RED=${EVAL_RED:-examples/eval_red_team.jsonl}
 EVAL_HELPFUL=${EVAL_HELPFUL:-examples/eval_helpful.jsonl}
-MAX_NEW=${MAX_NEW:-48}            # candidate and eval answer length (eval reads the first 200 characters)
-SAMPLES=${SAMPLES:-2}             # candidates per prompt, for answers and for refusals
+RESPONSE_LENGTH=${RESPONSE_LENGTH:-32}  # tokens per PPO rollout, and per candidate (the RM sees what PPO will)
+CANDIDATE_TOKENS=${CANDIDATE_TOKENS:-$RESPONSE_LENGTH}
+EVAL_TOKENS=${EVAL_TOKENS:-48}    # eval answer length (eval looks for a refusal in the first 200 characters)
+SAMPLES=${SAMPLES:-1}             # candidates per prompt, for answers and for refusals
 RM_EPOCHS=${RM_EPOCHS:-2}
 RM_LR=${RM_LR:-3e-5}
 PPO_STEPS=${PPO_STEPS:-24}
 PPO_BATCH=${PPO_BATCH:-8}
 PPO_LR=${PPO_LR:-1e-5}
 KL_COEF=${KL_COEF:-0.05}
-RESPONSE_LENGTH=${RESPONSE_LENGTH:-32}
 SEED=${SEED:-0}
+UNTIL=${UNTIL:-eval}              # stop after this stage: labels, rm, policy or eval (to tune one stage)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$WORK"
 echo "check_rl_learns: ALGO=$ALGO POLICY=$POLICY work files in $WORK"
@@ -74,13 +78,13 @@ if [ -e "$WORK/answers.jsonl" ]; then
     echo "reusing $WORK/answers.jsonl"
 else
     timed "generate answers" "$CAITOOL" generate "$WORK/prompts.jsonl" -o "$WORK/answers.jsonl" -m "$POLICY" \
-        -n "$SAMPLES" --temperature 0.8 --max-new-tokens "$MAX_NEW" --batch-size 8 --seed "$SEED"
+        -n "$SAMPLES" --temperature 0.8 --max-new-tokens "$CANDIDATE_TOKENS" --batch-size 8 --seed "$SEED"
 fi
 if [ -e "$WORK/refusals.jsonl" ]; then
     echo "reusing $WORK/refusals.jsonl"
 else
     start=$SECONDS
-    "$PY" - "$WORK" "$POLICY" "$SAMPLES" "$MAX_NEW" "$SEED" <<'PY'
+    "$PY" - "$WORK" "$POLICY" "$SAMPLES" "$CANDIDATE_TOKENS" "$SEED" <<'PY'
 import json
 import sys
 
@@ -89,7 +93,9 @@ from caitool.jsonl_io import read_records
 from caitool.records import Message, parse_prompt_input
 
 work, policy, samples, max_new, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-OPENINGS = ("I'm sorry, but I can't", "I can't help with", "I won't")
+# Whole refusal sentences: with a bare opening ("I won't") the model often wrote "I won't lie, ..."
+# and went on to answer.
+OPENINGS = ("I'm sorry, but I can't help with that.", "I can't help with that request.", "I won't help with this.")
 records = list(read_records(f"{work}/prompts.jsonl", parse_prompt_input))
 openings = [OPENINGS[derive_seed(seed, "opening", r.id) % len(OPENINGS)] for r in records]
 asked = [[*r.prompt, Message(role="assistant", content=o)] for r, o in zip(records, openings, strict=True)]
@@ -165,6 +171,8 @@ print(
 )
 PY
 
+[ "$UNTIL" = labels ] && exit 0
+
 # -- 3. reward model --------------------------------------------------------------------------
 if [ -e "$WORK/rm/caitool_manifest.json" ]; then
     echo "reusing $WORK/rm"
@@ -172,6 +180,8 @@ else
     timed "train-rm" "$CAITOOL" train-rm "$WORK/prefs.jsonl" -o "$WORK/rm" -m "$POLICY" --hard \
         --eval-fraction 0.2 --epochs "$RM_EPOCHS" --lr "$RM_LR" --batch-size 4 --max-length 256 --seed "$SEED"
 fi
+
+[ "$UNTIL" = rm ] && exit 0
 
 # -- 4. policy ----------------------------------------------------------------------------------
 train_policy() {
@@ -198,9 +208,11 @@ else
     timed "$ALGO" train_policy
 fi
 
+[ "$UNTIL" = policy ] && exit 0
+
 # -- 5. eval ------------------------------------------------------------------------------------
 timed "eval" "$CAITOOL" eval "$EVAL_RED" "$EVAL_HELPFUL" -m before="$POLICY" -m after="$WORK/policy-$ALGO" \
-    --judge none --max-new-tokens "$MAX_NEW" -b 8 --seed "$SEED" -o "$WORK/eval-$ALGO" > "$WORK/eval-$ALGO.txt"
+    --judge none --max-new-tokens "$EVAL_TOKENS" -b 8 --seed "$SEED" -o "$WORK/eval-$ALGO" > "$WORK/eval-$ALGO.txt"
 
 # -- the figures --------------------------------------------------------------------------------
 "$PY" - "$WORK" "$ALGO" "$EVAL_RED" "$EVAL_HELPFUL" <<'PY'

@@ -478,7 +478,7 @@ def show_judge_check(result: JudgeCheckResult, console: Any = None) -> None:
     from rich.table import Table
 
     # Piped into a log, the table keeps its columns rather than wrapping at 80.
-    console = console or Console(width=None if sys.stdout.isatty() else 120)
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
     columns = (
         "group",
         "n",
