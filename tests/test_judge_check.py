@@ -229,3 +229,59 @@ def test_a_tiny_model_that_learned_the_rule_is_fit(tiny_judge_dir, tiny_model_di
         m: r["verdict"] for m, r in json.loads((tmp_path / "random.json").read_text())["modes"].items()
     }
     assert "fit" not in verdicts.values()
+
+
+# ---------------------------------------------------------------------------
+# A served model (openai:NAME), through load_backend like any other spec
+
+
+@pytest.fixture()
+def fake_openai_server():
+    """A minimal OpenAI-compatible server whose model reads the answers like ``reads_the_answers``."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from caitool.records import Message
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _send(self, payload):
+            body = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self):
+            self._send({"data": [{"id": "judge", "owned_by": "fake"}]})
+
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            conversation = [Message.model_validate(m) for m in request["messages"]]
+            a, b = reads_the_answers(conversation, [])
+            tokens = ("A", "B") if conversation[-1].content == ANSWER_PREFILL else (" Yes", " No")
+            top = [{"token": tokens[0], "logprob": a}, {"token": tokens[1], "logprob": b}]
+            self._send({"choices": [{"index": 0, "logprobs": {"content": [{"top_logprobs": top}]}}]})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_judge_check_a_served_model(fake_openai_server, tmp_path):
+    path = write_labelled(tmp_path / "set.jsonl", labelled(6))
+    out = tmp_path / "check.json"
+    result = runner.invoke(
+        app,
+        ["judge-check", str(path), "-m", "openai:judge", "--base-url", fake_openai_server, "-o", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    assert report["model"] == "openai:judge"
+    assert {mode: r["verdict"] for mode, r in report["modes"].items()} == {"logprob": "fit", "score": "fit"}
+    assert report["manifest"]["models"]["feedback"]["backend"] == "openai"
