@@ -45,8 +45,9 @@ $(VLLM_VENV)/.installed:
 	mv $(VLLM_VENV).building $(VLLM_VENV)
 	touch $@
 
-test: install
-	$(PY) -m pytest -q
+# The served-backend tests start a real vLLM server from its own venv (built once, then cached).
+test: install vllm-venv
+	CAITOOL_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
@@ -61,9 +62,15 @@ lint: install
 # step restarts where it stopped (JSONL outputs resume from OUT.part; model directories
 # appear in one rename). Override any variable: make demo MODEL=path/to/model N=64 RUN=runs/mine
 # Changing a variable remakes exactly the steps that read it, and the steps after them.
+# MODEL is the local model that is trained (sft, train-rm). GEN_MODEL answers, critiques and
+# revises, and FEEDBACK labels: either can be a served copy, e.g.
+#   make demo MODEL=/models/qwen7b GEN_MODEL=openai:qwen7b BASE_URL=http://gpu1:8000/v1
+# (BASE_URL: one or more server addresses, space-separated, used round-robin).
 RUN ?= runs/demo
 MODEL ?= default
-FEEDBACK ?= $(MODEL)
+GEN_MODEL ?= $(MODEL)
+FEEDBACK ?= $(GEN_MODEL)
+BASE_URL ?=
 CONSTITUTION ?= harmless
 PROMPTS ?= examples/red_team.jsonl
 HELPFUL ?= examples/helpful.jsonl
@@ -79,12 +86,13 @@ SEED ?= 0
 # Precision for the steps that generate or score: auto (fp32 on CPU), or bfloat16 on CPUs with AVX512-BF16.
 DTYPE ?= auto
 
-COMMON := -c $(CONSTITUTION) -b $(BATCH) --seed $(SEED) --dtype $(DTYPE)
+SERVE := $(foreach url,$(BASE_URL),--base-url $(url))
+COMMON := -c $(CONSTITUTION) -b $(BATCH) --seed $(SEED) --dtype $(DTYPE) $(SERVE)
 
 # One stamp file per variable, holding its value and rewritten only when the value changes
 # (the `+` runs it even under make -n/-t). A step lists the stamps of the variables it reads,
 # so `make demo PPO_STEPS=20` redoes ppo, eval and report and keeps everything before them.
-STAMPED := MODEL FEEDBACK CONSTITUTION PROMPTS HELPFUL EVAL_PROMPTS N EVAL_N MAX_NEW PPO_STEPS PPO_BATCH BATCH SEED \
+STAMPED := MODEL GEN_MODEL FEEDBACK CONSTITUTION PROMPTS HELPFUL EVAL_PROMPTS N EVAL_N MAX_NEW PPO_STEPS PPO_BATCH BATCH SEED \
 	DTYPE
 vars = $(foreach v,$(1),$(RUN)/.vars/$(v))
 define VAR_STAMP
@@ -112,17 +120,18 @@ $(RUN)/eval-prompts/$(notdir $(1)): $(1) $(call vars,EVAL_N) | $(VENV)/.installe
 endef
 $(foreach f,$(EVAL_PROMPTS),$(eval $(call EVAL_SET_RULE,$(f))))
 
-$(RUN)/base.jsonl: $(RUN)/prompts.jsonl $(call vars,MODEL MAX_NEW BATCH SEED DTYPE)
-	$(call step,generate) $(CAITOOL) generate $< -o $@ -m $(MODEL) --max-new-tokens $(MAX_NEW) -b $(BATCH) --seed $(SEED) \
-		--dtype $(DTYPE)
+$(RUN)/base.jsonl: $(RUN)/prompts.jsonl $(call vars,GEN_MODEL MAX_NEW BATCH SEED DTYPE)
+	$(call step,generate) $(CAITOOL) generate $< -o $@ -m $(GEN_MODEL) --max-new-tokens $(MAX_NEW) -b $(BATCH) \
+		--seed $(SEED) --dtype $(DTYPE) $(SERVE)
 
 # Round k critiques the responses of round k-1 (round 1: the base responses), then revises them.
 define ROUND_RULES
 $(RUN)/round$(1).critique.jsonl: $(if $(filter 1,$(1)),$(RUN)/base.jsonl,$(RUN)/round$(shell expr $(1) - 1).revise.jsonl) \
-		$(call vars,MODEL CONSTITUTION MAX_NEW BATCH SEED DTYPE)
-	$$(call step,critique-$(1)) $(CAITOOL) critique $$< -o $$@ -m $(MODEL) $(COMMON) --max-new-tokens $(MAX_NEW)
-$(RUN)/round$(1).revise.jsonl: $(RUN)/round$(1).critique.jsonl $(call vars,MODEL CONSTITUTION MAX_NEW BATCH SEED DTYPE)
-	$$(call step,revise-$(1)) $(CAITOOL) revise $$< -o $$@ -m $(MODEL) $(COMMON) --max-new-tokens $(MAX_NEW)
+		$(call vars,GEN_MODEL CONSTITUTION MAX_NEW BATCH SEED DTYPE)
+	$$(call step,critique-$(1)) $(CAITOOL) critique $$< -o $$@ -m $(GEN_MODEL) $(COMMON) --max-new-tokens $(MAX_NEW)
+$(RUN)/round$(1).revise.jsonl: $(RUN)/round$(1).critique.jsonl \
+		$(call vars,GEN_MODEL CONSTITUTION MAX_NEW BATCH SEED DTYPE)
+	$$(call step,revise-$(1)) $(CAITOOL) revise $$< -o $$@ -m $(GEN_MODEL) $(COMMON) --max-new-tokens $(MAX_NEW)
 endef
 $(foreach k,$(shell seq 1 $(ROUNDS)),$(eval $(call ROUND_RULES,$(k))))
 
@@ -142,17 +151,20 @@ $(RUN)/rm/caitool_manifest.json: $(RUN)/prefs.jsonl $(call vars,MODEL SEED)
 	$(call step,train-rm) $(CAITOOL) train-rm $< -o $(RUN)/rm -m $(MODEL) --eval-fraction 0.25 --epochs 1 \
 		--lr 2e-5 --max-length 384 --seed $(SEED)
 
+# LoRA adapters on the policy (the reference is the same weights with them off) and the shared value
+# model (adapters on the reward model, which also gives the reward): no model is held twice.
 $(RUN)/ppo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(RUN)/rm/caitool_manifest.json \
 		$(call vars,MAX_NEW PPO_STEPS PPO_BATCH SEED)
 	$(call step,ppo) $(CAITOOL) ppo $< --policy $(RUN)/sft --rm $(RUN)/rm -o $(RUN)/ppo --steps $(PPO_STEPS) \
-		-b $(PPO_BATCH) --mini-batches 1 --response-length $(MAX_NEW) --seed $(SEED)
+		-b $(PPO_BATCH) --mini-batches 1 --response-length $(MAX_NEW) --seed $(SEED) \
+		--lora --value-model shared --lr 1e-5
 
 $(RUN)/eval/summary.json: $(EVAL_SETS) $(RUN)/sft/caitool_manifest.json $(RUN)/ppo/caitool_manifest.json \
-		$(RUN)/rm/caitool_manifest.json $(call vars,MODEL FEEDBACK CONSTITUTION EVAL_PROMPTS MAX_NEW BATCH SEED \
-		DTYPE)
-	$(call step,eval) $(CAITOOL) eval $(EVAL_SETS) -m base=$(MODEL) -m sft=$(RUN)/sft -m ppo=$(RUN)/ppo \
+		$(RUN)/rm/caitool_manifest.json $(call vars,GEN_MODEL FEEDBACK CONSTITUTION EVAL_PROMPTS MAX_NEW BATCH \
+		SEED DTYPE)
+	$(call step,eval) $(CAITOOL) eval $(EVAL_SETS) -m base=$(GEN_MODEL) -m sft=$(RUN)/sft -m ppo=$(RUN)/ppo \
 		--rm $(RUN)/rm --judge $(FEEDBACK) -c $(CONSTITUTION) --max-new-tokens $(MAX_NEW) -b $(BATCH) \
-		--seed $(SEED) --dtype $(DTYPE) -o $(RUN)/eval
+		--seed $(SEED) --dtype $(DTYPE) $(SERVE) -o $(RUN)/eval
 
 $(RUN)/report.html: $(RUN)/eval/summary.json $(call vars,CONSTITUTION)
 	$(CAITOOL) report $(RUN) -c $(CONSTITUTION) -o $@

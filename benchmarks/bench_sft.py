@@ -107,13 +107,12 @@ def direct_trl(model_path: str, examples: list[dict], out: Path, args: argparse.
 
 
 def caitool_sft(data: Path, out: Path, args: argparse.Namespace) -> float:
-    from caitool.sft import SftSettings, run_sft
+    from caitool.pipeline import Runtime
+    from caitool.sft import SftConfig, run_sft
 
-    settings = SftSettings(
-        epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed
-    )
+    config = SftConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_length=args.max_length)
     started = time.perf_counter()
-    run_sft(data, out, model=args.model, settings=settings)
+    run_sft(data, out, model=args.model, config=config, runtime=Runtime(seed=args.seed))
     return time.perf_counter() - started
 
 

@@ -31,7 +31,8 @@ model.save_pretrained(sys.argv[1])
 tokenizer.save_pretrained(sys.argv[1])
 PY
 head -16 examples/red_team.jsonl > "$WORK/prompts.jsonl"
-args=("$WORK/prompts.jsonl" --policy default --rm "$WORK/rm" --steps 4 --batch-size 4 --response-length 24)
+args=("$WORK/prompts.jsonl" --policy default --rm "$WORK/rm" --steps 4 --batch-size 4 --response-length 24
+      --value-model separate)
 
 "$CAITOOL" ppo "${args[@]}" -o "$WORK/straight" 2> "$WORK/straight.log"
 

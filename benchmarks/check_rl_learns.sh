@@ -8,8 +8,8 @@
 #      writes the rest (SmolLM2-135M ignores a system turn that tells it to refuse: 1 refusal in 12
 #      answers when we tried);
 #   2. rule labels: on a red-team prompt a refusal is preferred to a compliant answer, on a helpful
-#      prompt a real answer is preferred to a refusal (refusal = caitool.evaluate.is_refusal, the
-#      patterns eval counts); a prompt without both kinds of candidate gives no pair;
+#      prompt a real answer is preferred to a refusal (refusal = caitool.eval_stats.is_refusal,
+#      the patterns eval counts); a prompt without both kinds of candidate gives no pair;
 #   3. train-rm on those pairs (a held-out share measures its accuracy);
 #   4. the policy optimiser ($ALGO; ppo here) from the default model against that reward model,
 #      on the same training prompts;
@@ -40,8 +40,8 @@ RESPONSE_LENGTH=${RESPONSE_LENGTH:-32}  # tokens per PPO rollout, and per candid
 CANDIDATE_TOKENS=${CANDIDATE_TOKENS:-$RESPONSE_LENGTH}
 EVAL_TOKENS=${EVAL_TOKENS:-48}    # eval answer length (eval looks for a refusal in the first 200 characters)
 SAMPLES=${SAMPLES:-1}             # candidates per prompt, for answers and for refusals
-RM_EPOCHS=${RM_EPOCHS:-2}
-RM_LR=${RM_LR:-3e-5}
+RM_EPOCHS=${RM_EPOCHS:-3}
+RM_LR=${RM_LR:-5e-5}
 PPO_STEPS=${PPO_STEPS:-24}
 PPO_BATCH=${PPO_BATCH:-8}
 PPO_LR=${PPO_LR:-1e-5}
@@ -116,7 +116,7 @@ import json
 import sys
 
 from caitool.constitution import load_constitution
-from caitool.evaluate import is_refusal
+from caitool.eval_stats import is_refusal
 from caitool.jsonl_io import read_records
 from caitool.records import GenerationRecord, Message, PreferenceRecord, parse_record
 

@@ -7,19 +7,10 @@ import pytest
 from typer.testing import CliRunner
 
 from caitool.cli import app
-from caitool.constitution import load_constitution
 from caitool.errors import CaitoolError
-from caitool.evaluate import (
-    EvalOptions,
-    bootstrap_mean_interval,
-    is_refusal,
-    parse_model_specs,
-    run_eval,
-    summarise_pair,
-    wilson_interval,
-    winner_of,
-)
-from caitool.records import JudgementRecord
+from caitool.eval_stats import is_refusal, wilson_interval
+from caitool.evaluate import EvalConfig, parse_model_specs, run_eval
+from caitool.pipeline import Runtime
 from tests.fakes import ScriptedBackend
 
 runner = CliRunner()
@@ -30,88 +21,6 @@ COMPLIANCE = "Sure! First you take the card reader and hide it inside the pump."
 
 def lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        REFUSAL,
-        "I cannot provide instructions for that.",
-        "I won’t help with hurting someone.",  # curly apostrophe
-        "As an AI, I must decline this request.",
-        "Sorry, I am unable to assist with this.",
-        "That is not something I can help with.",
-    ],
-)
-def test_declining_answers_are_refusals(text):
-    assert is_refusal(text)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        COMPLIANCE,
-        "A 404 status means the server could not find the page you asked for.",
-        "Mix flour and water; you cannot skip the resting time.",
-        "Here is a long answer. " * 20 + "I can't stress this enough: be careful.",  # past the opening
-    ],
-)
-def test_helpful_answers_are_not_refusals(text):
-    assert not is_refusal(text)
-
-
-def test_wilson_interval_matches_the_textbook_value():
-    low, high = wilson_interval(8, 10)
-    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
-    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == pytest.approx(1.0)
-    assert wilson_interval(0, 0) == (0.0, 1.0)
-
-
-def test_bootstrap_interval_is_seeded_and_brackets_the_mean():
-    values = [0.9, 0.2, 0.7, 0.6, 0.8, 0.4, 0.95, 0.55]
-    low, high = bootstrap_mean_interval(values, seed=1)
-    assert low < sum(values) / len(values) < high
-    assert bootstrap_mean_interval(values, seed=1) == (low, high)
-    assert bootstrap_mean_interval([0.7] * 5) == pytest.approx((0.7, 0.7))
-
-
-def judgement(p_first, p_swapped, index=0):
-    p_a = (p_first + p_swapped) / 2
-    return JudgementRecord(
-        id=f"j{index}",
-        prompt_id=f"p{index}",
-        prompt_set="s",
-        model_a="x",
-        model_b="y",
-        principle_id="p",
-        p_a=p_a,
-        p_first=p_first,
-        p_swapped=p_swapped,
-        winner=winner_of(p_first, p_swapped),
-        judge="j",
-        constitution=load_constitution("harmless").ref,
-    )
-
-
-def test_a_win_needs_both_option_orders_to_agree():
-    assert winner_of(0.9, 0.8) == "a" and winner_of(0.1, 0.3) == "b"
-    assert winner_of(0.95, 0.3) == "tie"  # the labeller followed the position, not the answer
-    assert winner_of(0.2, None) == "b" and winner_of(0.502, None) == "tie"
-
-
-def test_pair_summary_counts_ties_as_half_and_measures_order_consistency():
-    judgements = [
-        judgement(0.9, 0.8, 0),
-        judgement(0.7, 0.3, 1),
-        judgement(0.2, 0.1, 2),
-        judgement(0.6, 0.7, 3),
-    ]
-    summary = summarise_pair(judgements)
-    assert (summary.wins, summary.ties, summary.losses) == (2, 1, 1)
-    assert summary.win_rate == pytest.approx(2.5 / 4)
-    assert summary.soft_win_rate == pytest.approx((0.85 + 0.5 + 0.15 + 0.65) / 4)
-    assert summary.order_consistency == pytest.approx(3 / 4)
-    assert summary.win_rate_ci == wilson_interval(2.5, 4)
 
 
 def test_model_names_come_from_name_equals_path_or_the_directory():
@@ -235,7 +144,7 @@ def test_position_bias_cancels_out_when_both_orders_are_asked(eval_prompts, tmp_
         ["base=base-dir", "safe=safe-dir"],
         tmp_path / "eval2",
         judge="judge-dir",
-        options=EvalOptions(swap=False),
+        config=EvalConfig(swap=False),
         load_backend=scripted_models(always_a, []),
     )
     assert biased.pairs[0].wins == 6 and biased.pairs[0].order_consistency is None
@@ -254,11 +163,16 @@ def test_the_judge_can_score_each_answer_alone(eval_prompts, tmp_path):
         ["base=base-dir", "safe=safe-dir"],
         out,
         judge="judge-dir",
-        options=EvalOptions(judge_mode="score"),
+        config=EvalConfig(judge_mode="score"),
         load_backend=scripted_models(yes_to_refusals, []),
     )
     assert result.pairs[0].wins == 6 and result.pairs[0].order_consistency is None
     assert all(j["p_swapped"] is None for j in lines(out / "judgements.jsonl"))
+
+
+def test_an_unknown_judge_mode_is_refused():
+    with pytest.raises(CaitoolError, match='--judge-mode must be one of logprob, cot, score, got "vote"'):
+        EvalConfig(judge_mode="vote")  # type: ignore[arg-type]
 
 
 def test_rerun_reuses_finished_generations(eval_prompts, tmp_path):
@@ -278,7 +192,7 @@ def test_rerun_reuses_finished_generations(eval_prompts, tmp_path):
         ["base=base-dir", "safe=safe-dir"],
         tmp_path / "eval",
         judge="judge-dir",
-        options=EvalOptions(max_new_tokens=7),
+        config=EvalConfig(max_new_tokens=7),
         load_backend=scripted_models(prefers_refusals, loads),
     )
     assert loads.count("base-dir") == 2  # other sampling settings: generated again
@@ -392,7 +306,7 @@ def test_a_retrained_model_under_the_same_path_is_generated_again(tiny_model_dir
     weights.write_bytes(weights.read_bytes() + b"\0")  # stands in for a retrained model
     run_eval([red], [f"m={model}"], tmp_path / "eval", load_backend=load)
     assert len(loads) == 2
-    run_eval([red], [f"m={model}"], tmp_path / "eval", options=EvalOptions(resume=False), load_backend=load)
+    run_eval([red], [f"m={model}"], tmp_path / "eval", runtime=Runtime(resume=False), load_backend=load)
     assert len(loads) == 3
 
 

@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 from caitool.backends.local import TransformersBackend
 from caitool.cli import app
 from caitool.constitution import load_constitution
+from caitool.errors import CaitoolError
 from caitool.jsonl_io import manifest_path
 from caitool.label import (
     ANSWER_PREFILL,
@@ -22,6 +23,7 @@ from caitool.pipeline import Runtime
 from caitool.records import Message, PreferenceRecord
 from caitool.tokens import render_chat
 from tests.fakes import ScriptedBackend
+from tests.usage_errors import unboxed
 
 runner = CliRunner()
 PROMPT = [Message(role="user", content="How do I bake bread?")]
@@ -220,7 +222,10 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, record, message):
 def test_unknown_mode_is_refused(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", [generation("q0", [GOOD, BAD])])
     result = runner.invoke(app, ["label-preferences", str(pairs), "--mode", "vote"])
-    assert result.exit_code == 2 and "--mode must be logprob, cot or score" in result.output
+    assert result.exit_code == 2
+    assert "'vote' is not one of 'logprob', 'cot', 'score'" in unboxed(result.output)
+    with pytest.raises(CaitoolError, match='--mode must be one of logprob, cot, score, got "vote"'):
+        Labeller(ScriptedBackend(), load_constitution("harmless"), mode="vote")  # type: ignore[arg-type]
 
 
 def test_questions_sharing_few_shot_turns_score_as_if_alone(tiny_backend, harmless):

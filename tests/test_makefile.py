@@ -58,3 +58,15 @@ def test_changing_the_precision_redoes_what_generates_or_scores(finished_run):
     redo = steps_to_redo(*finished_run, "DTYPE=bfloat16")
     assert redo[:3] == ["generate", "critique", "revise"]
     assert "--dtype bfloat16" in make(*finished_run, "-n", "DTYPE=bfloat16")
+
+
+def test_a_served_generation_model_reaches_the_steps_that_generate(finished_run):
+    assignments = ("GEN_MODEL=openai:smol", "BASE_URL=http://127.0.0.1:8000/v1 http://127.0.0.1:8001/v1")
+    redo = steps_to_redo(*finished_run, *assignments)
+    assert redo[:3] == ["generate", "critique", "revise"] and "label-preferences" in redo
+    commands = re.sub(r"\\\n\s*", " ", make(*finished_run, "-n", *assignments))
+    generate = next(line for line in commands.splitlines() if "caitool generate" in line)
+    assert "-m openai:smol" in generate
+    assert "--base-url http://127.0.0.1:8000/v1 --base-url http://127.0.0.1:8001/v1" in generate
+    sft = next(line for line in commands.splitlines() if "caitool sft" in line)
+    assert "-m default" in sft  # training needs the local weights

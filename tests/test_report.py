@@ -1,6 +1,8 @@
 import json
 import re
 import shutil
+import subprocess
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -12,6 +14,8 @@ from caitool.jsonl_io import manifest_path, write_json_atomic, write_jsonl_atomi
 from caitool.provenance import MODEL_MANIFEST, build_manifest, now_iso
 from caitool.records import GenerationRecord, Message, PreferenceRecord, RevisionRecord, Round
 from caitool.report import read_timings, run_report
+from caitool.report.layout import PROMPTS as PROMPTS_FILE
+from caitool.report.layout import TIMINGS, pipeline_steps
 from tests.fakes import ScriptedBackend
 
 runner = CliRunner()
@@ -231,3 +235,32 @@ def test_timings_keep_the_last_run_of_a_step(tmp_path):
     path = tmp_path / "timings.tsv"
     path.write_text("sft\t10\t2048\nsft\t20\t4096\ngarbage\n")
     assert read_timings(path) == {"sft": (20.0, 4.0)}
+
+
+def test_the_report_reads_the_run_layout_the_makefile_writes(tmp_path):
+    """Every step `make demo` times, with the output its command writes, is a step of the report's
+    layout in the same order; prompts and timings are where the report looks for them."""
+    run, venv = tmp_path / "run", tmp_path / "venv"
+    venv.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    plan = subprocess.run(
+        [
+            "make",
+            "-C",
+            str(root),
+            "-n",
+            "demo",
+            f"RUN={run}",
+            f"VENV={venv}",
+            "GNU_TIME=/usr/bin/time",
+            "ROUNDS=3",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.replace("\\\n", " ")
+    timed = re.findall(r'-a -o (\S+) -f "([a-z0-9-]+)\\t%e\\t%M" \S+/caitool [a-z-]+ .*? -o (\S+)', plan)
+    rounds = [(number, kind) for number in (1, 2, 3) for kind in ("critique", "revise")]
+    expected = [(str(run / TIMINGS), step.name, str(run / step.output)) for step in pipeline_steps(rounds)]
+    assert timed == expected
+    assert re.search(rf"mv \S+ {re.escape(str(run / PROMPTS_FILE))}\n", plan)

@@ -206,8 +206,8 @@ def test_a_killed_train_rm_resumes_from_its_last_checkpoint(
 
     real_log_callback = caitool.reward.jsonl_log_callback
 
-    def log_then_kill_at_step_three(path, append=False):
-        logger = real_log_callback(path, append=append)
+    def log_then_kill_at_step_three(path, append=False, processes=None):
+        logger = real_log_callback(path, append=append, processes=processes)
 
         class KillAtStepThree(type(logger)):
             def on_step_end(self, args, state, control, **kwargs):

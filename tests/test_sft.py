@@ -6,10 +6,12 @@ from typer.testing import CliRunner
 
 from caitool.cli import app
 from caitool.constitution import load_constitution
+from caitool.errors import CaitoolError
 from caitool.provenance import MODEL_MANIFEST
 from caitool.records import Message, RevisionRecord, Round
-from caitool.sft import load_sft_data, revision_examples
+from caitool.sft import SftConfig, load_sft_data, revision_examples
 from caitool.training import TRAINING_LOG, staging_dir
+from tests.usage_errors import unboxed
 
 runner = CliRunner()
 HARMLESS = load_constitution("harmless")
@@ -290,3 +292,15 @@ def test_no_merge_on_top_of_an_adapter_is_refused(tiny_model_dir, revised_file, 
     assert sft_cli(*common, "--model", tiny_model_dir, "-o", adapter).exit_code == 0
     stacked = sft_cli(*common, "--model", adapter, "-o", tmp_path / "stacked")
     assert stacked.exit_code == 2 and "sft --lora --no-merge needs a full model directory" in stacked.output
+
+
+def test_settings_that_cannot_go_together_are_refused_before_any_work(revised_file, tmp_path):
+    result = sft_cli(revised_file, "-o", tmp_path / "out", "--no-merge")
+    assert result.exit_code == 2 and result.output.strip() == (
+        "error: --no-merge only applies to --lora (a full fine-tune has no adapter to keep)"
+    )
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(CaitoolError, match='--rounds must be one of final, all, got "last"'):
+        SftConfig(rounds="last")  # type: ignore[arg-type]
+    refused = sft_cli(revised_file, "-o", tmp_path / "out", "--rounds", "last")
+    assert refused.exit_code == 2 and "'last' is not one of 'final', 'all'" in unboxed(refused.output)

@@ -4,13 +4,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from caitool.processes import Processes
 from caitool.provenance import MODEL_MANIFEST
 from caitool.training import (
+    JsonlLog,
+    atomic_model_dir,
     checkpoint_step,
     config_dtype,
     keep_log_until,
     resume_checkpoint,
     save_like_base,
+    staging_dir,
 )
 from tests.test_sft import revised_file, sft_cli  # noqa: F401 (fixture)
 
@@ -69,3 +73,37 @@ def test_keep_log_until_drops_steps_after_the_checkpoint(tmp_path):
     assert [e["step"] for e in keep_log_until(log, 2)] == [1, 2]
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
     assert keep_log_until(tmp_path / "missing.jsonl", 2) == []
+
+
+class Follower(Processes):
+    """Process 1 of 2, its barriers free: what a process other than the main one does alone."""
+
+    def wait(self) -> None:
+        pass
+
+
+def test_only_the_main_process_creates_deletes_writes_and_renames(tmp_path):
+    follower = Follower(index=1, count=2)
+    out = tmp_path / "model"
+    with pytest.raises(FileNotFoundError):
+        with atomic_model_dir(out, follower) as staging:
+            assert not staging.exists()  # the main process creates it
+            staging.mkdir()
+            (staging / MODEL_MANIFEST).write_text("{}")
+            (staging / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+            assert resume_checkpoint(staging, {"lr": 1}, resume=False, processes=follower) is None
+            assert (
+                staging / "checkpoints" / "checkpoint-2"
+            ).exists()  # --no-resume deletes on the main process
+            assert not (staging / "run_key.json").exists()
+            log = staging / "log.jsonl"
+            log.write_text('{"step": 1}\n{"step": 2}\n')
+            assert [e["step"] for e in keep_log_until(log, 1, follower)] == [1]
+            assert log.read_text().count("step") == 2  # only the main process rewrites the log
+            JsonlLog(log, enabled=follower.is_main).write({"step": 3})
+            assert log.read_text().count("step") == 2
+            raise FileNotFoundError  # leave before the end: the rename is the main process's alone
+    assert not out.exists()
+    with atomic_model_dir(out, follower):
+        pass
+    assert not out.exists() and staging_dir(out).exists()  # a follower never publishes

@@ -4,6 +4,7 @@ trained on the spot with the ``tokenizers`` library, with a ChatML chat template
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -26,8 +27,13 @@ CORPUS = [
 ] + [f"Sentence number {i} about safety, honesty, privacy and kindness." for i in range(50)]
 
 
-def build_tiny_model(directory: Path, *, seed: int = 0, extra_corpus: tuple[str, ...] = ()) -> Path:
-    """``extra_corpus``: more text for the tokenizer, so that text a test uses a lot becomes few tokens."""
+def build_tiny_model(
+    directory: Path, *, seed: int = 0, corpus: list[str] | None = None, extra_corpus: tuple[str, ...] = ()
+) -> Path:
+    """The model in ``directory``; another ``corpus`` gives a tokenizer of another family (other ids).
+
+    ``extra_corpus``: more text for the tokenizer, so that text a test uses a lot becomes few tokens.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -39,7 +45,7 @@ def build_tiny_model(directory: Path, *, seed: int = 0, extra_corpus: tuple[str,
     trainer = trainers.BpeTrainer(
         vocab_size=512, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    bpe.train_from_iterator([*CORPUS, *extra_corpus], trainer=trainer)
+    bpe.train_from_iterator([*(corpus or CORPUS), *extra_corpus], trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|im_start|>",
@@ -69,4 +75,16 @@ def build_tiny_model(directory: Path, *, seed: int = 0, extra_corpus: tuple[str,
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)
     (directory / "README.txt").write_text(json.dumps({"built_by": "tests/tiny_model.py", "seed": seed}))
+    return directory
+
+
+def variant_of(
+    source: Path, directory: Path, *, config: dict | None = None, generation_config: dict | None = None
+) -> Path:
+    """A copy of a model directory with some ``config.json`` or ``generation_config.json`` values changed."""
+    shutil.copytree(source, directory)
+    for name, changes in (("config.json", config), ("generation_config.json", generation_config)):
+        if changes:
+            path = directory / name
+            path.write_text(json.dumps({**json.loads(path.read_text()), **changes}, indent=2))
     return directory

@@ -6,6 +6,7 @@ functions, so ``caitool --help`` stays fast.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
+from caitool.choices import Dtype, LabelMode, SftRounds, ValueFrom, ValueModel
 from caitool.errors import CaitoolError
 
 app = typer.Typer(
@@ -27,6 +29,15 @@ constitution_app = typer.Typer(help="Validate and display constitution files.", 
 app.add_typer(constitution_app, name="constitution")
 
 
+def _echo_once(line: str) -> None:
+    """On stderr, from the main process only: every process of a multi-process run checks the same
+    input and options, so the others would repeat the line."""
+    from caitool.processes import launched_rank
+
+    if launched_rank() == 0:
+        typer.echo(line, err=True)
+
+
 def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
     """Turn CaitoolError into one line on stderr and exit code 2; Ctrl-C into a resume hint."""
 
@@ -35,39 +46,46 @@ def reports_errors(func: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return func(*args, **kwargs)
         except CaitoolError as err:
-            typer.echo(f"error: {err}", err=True)
+            _echo_once(f"error: {err}")
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: rerun the same command to resume where it stopped", err=True)
+            _echo_once("interrupted: rerun the same command to resume where it stopped")
             raise typer.Exit(130) from None
 
     return wrapper
 
 
-def with_backend_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Give a command the options that say how to run or reach its model, passed on as
-    ``backend_options`` (a BackendOptions): local batch size, precision and remote code, and a
-    served model's addresses, concurrency, time-out, retries and API-key variable."""
-    import inspect
+def option_bundle(
+    options: dict[str, tuple[Any, Any]], receives: str, build: Callable[[dict[str, Any]], Any]
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator that gives a command ``options`` (name -> (annotation, default)) after its own
+    and passes their values on as one argument, ``receives``, built by ``build``."""
 
-    extra = [
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-        for name, (annotation, default) in BACKEND_OPTIONS.items()
-    ]
-    own = [
-        p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != "backend_options"
-    ]
+    def decorate(func: Callable[..., Any]) -> Callable[..., Any]:
+        import inspect
 
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from caitool.backends import BackendOptions
+        extra = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+            for name, (annotation, default) in options.items()
+        ]
+        own = [p for p in inspect.signature(func, eval_str=True).parameters.values() if p.name != receives]
 
-        values = {name: kwargs.pop(name) for name in BACKEND_OPTIONS}
-        values["base_urls"] = tuple(values.pop("base_url") or ())
-        return func(*args, backend_options=BackendOptions(**values), **kwargs)
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name) for name in options}
+            return func(*args, **kwargs, **{receives: build(values)})
 
-    wrapper.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
-    return wrapper
+        wrapper.__signature__ = inspect.Signature([*own, *extra])  # type: ignore[attr-defined]
+        return wrapper
+
+    return decorate
+
+
+def config_from(config_class: type, options: dict[str, Any]) -> Any:
+    """A phase's config from the command's options named like its fields (``locals()`` at the top
+    of a command); fields without an option keep their defaults."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return config_class(**{name: value for name, value in options.items() if name in names})
 
 
 # ---------------------------------------------------------------------------
@@ -95,7 +113,7 @@ TrustOpt = Annotated[
     bool, typer.Option("--trust-remote-code", help="Allow custom model code (off by default).")
 ]
 DtypeOpt = Annotated[
-    str,
+    Dtype,
     typer.Option(
         "--dtype",
         help="Precision for inference: auto (bf16 on GPUs that have it, else fp32), float32, bfloat16 "
@@ -187,28 +205,69 @@ BACKEND_OPTIONS: dict[str, tuple[Any, Any]] = {
 }
 
 
+def build_backend_options(values: dict[str, Any]) -> Any:
+    from caitool.backends import BackendOptions
+
+    values["base_urls"] = tuple(values.pop("base_url") or ())
+    return BackendOptions(**values)
+
+
+def build_runtime(values: dict[str, Any]) -> Any:
+    from caitool.pipeline import Runtime
+
+    backend = build_backend_options({name: values.pop(name) for name in BACKEND_OPTIONS})
+    return Runtime(backend=backend, **values)
+
+
+def build_training_runtime(values: dict[str, Any]) -> Any:
+    from caitool.backends import BackendOptions
+    from caitool.pipeline import Runtime
+
+    backend = BackendOptions(trust_remote_code=values.pop("trust_remote_code"))
+    return Runtime(backend=backend, **values)
+
+
+# How a command runs or reaches its model, passed on as ``backend_options`` (a BackendOptions).
+with_backend_options = option_bundle(BACKEND_OPTIONS, "backend_options", build_backend_options)
+# ... with the seed and resumption: ``runtime`` (a Runtime), for the commands that generate or score.
+with_runtime = option_bundle(
+    {"seed": (SeedOpt, 0), "resume": (ResumeOpt, True), **BACKEND_OPTIONS}, "runtime", build_runtime
+)
+# ... with the seed only, for the commands that neither write records nor resume (judge-check).
+with_seeded_runtime = option_bundle({"seed": (SeedOpt, 0), **BACKEND_OPTIONS}, "runtime", build_runtime)
+# The training commands' runtime: checkpoints, seed, resumption from a checkpoint, remote code.
+with_training_runtime = option_bundle(
+    {
+        "checkpoint_every": (CheckpointEveryOpt, 0),
+        "seed": (SeedOpt, 0),
+        "resume": (ResumeTrainingOpt, True),
+        "trust_remote_code": (TrustOpt, False),
+    },
+    "runtime",
+    build_training_runtime,
+)
+
+
 # ---------------------------------------------------------------------------
 # generate
 
 
 @app.command()
 @reports_errors
-@with_backend_options
+@with_runtime
 def generate(
     input_file: InputFile,
     output: OutputFile = "-",
     model: ModelOpt = "default",
-    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Samples per prompt.")] = 1,
+    n: Annotated[int, typer.Option("--num-samples", "-n", min=1, help="Samples per prompt.")] = 1,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.7,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.95,
     max_new_tokens: MaxNewOpt = 256,
-    seed: SeedOpt = 0,
-    resume: ResumeOpt = True,
     ignore_eos: Annotated[
         bool, typer.Option("--ignore-eos", help="Always generate --max-new-tokens tokens (for benchmarks).")
     ] = False,
     *,
-    backend_options: Any,
+    runtime: Any,
 ) -> None:
     """Sample responses to prompts.
 
@@ -221,16 +280,8 @@ def generate(
     """
     from caitool.backends import SamplingParams
     from caitool.generate import run_generate
-    from caitool.pipeline import Runtime
 
-    params = SamplingParams(
-        temperature=temperature,
-        top_p=top_p,
-        max_new_tokens=max_new_tokens,
-        n=num_samples,
-        ignore_eos=ignore_eos,
-    )
-    runtime = Runtime(backend=backend_options, seed=seed, resume=resume)
+    params = config_from(SamplingParams, locals())
     run_generate(input_file, output, model=model, params=params, runtime=runtime)
 
 
@@ -246,7 +297,7 @@ TopPOpt = Annotated[float, typer.Option("--top-p", min=0.0, max=1.0)]
 
 @app.command()
 @reports_errors
-@with_backend_options
+@with_runtime
 def critique(
     input_file: InputFile,
     output: OutputFile = "-",
@@ -266,10 +317,8 @@ def critique(
             "--response-max-new-tokens", min=1, help="Initial response length (default: --max-new-tokens)."
         ),
     ] = None,
-    seed: SeedOpt = 0,
-    resume: ResumeOpt = True,
     *,
-    backend_options: Any,
+    runtime: Any,
 ) -> None:
     """Critique each current response against one principle drawn from the constitution.
 
@@ -282,24 +331,23 @@ def critique(
     """
     from caitool.backends import SamplingParams
     from caitool.critique import run_critique
-    from caitool.pipeline import Runtime
 
     run_critique(
         input_file,
         output,
         constitution=constitution,
         model=model,
-        principles=principle,
+        principles=principle or (),
         few_shot=few_shot,
-        params=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
+        params=config_from(SamplingParams, locals()),
         response_max_new_tokens=response_max_new_tokens,
-        runtime=Runtime(backend=backend_options, seed=seed, resume=resume),
+        runtime=runtime,
     )
 
 
 @app.command()
 @reports_errors
-@with_backend_options
+@with_runtime
 def revise(
     input_file: InputFile,
     output: OutputFile = "-",
@@ -309,10 +357,8 @@ def revise(
     temperature: TemperatureOpt = 0.7,
     top_p: TopPOpt = 0.95,
     max_new_tokens: MaxNewOpt = 256,
-    seed: SeedOpt = 0,
-    resume: ResumeOpt = True,
     *,
-    backend_options: Any,
+    runtime: Any,
 ) -> None:
     """Revise each response according to its pending critique; the revision becomes the current response.
 
@@ -324,30 +370,31 @@ def revise(
     Example: caitool revise runs/r1.critique.jsonl -o runs/r1.revise.jsonl --max-new-tokens 96
     """
     from caitool.backends import SamplingParams
-    from caitool.pipeline import Runtime
     from caitool.revise import run_revise
 
+    params = config_from(SamplingParams, locals())
     run_revise(
         input_file,
         output,
         constitution=constitution,
         model=model,
         few_shot=few_shot,
-        params=SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens),
-        runtime=Runtime(backend=backend_options, seed=seed, resume=resume),
+        params=params,
+        runtime=runtime,
     )
 
 
 @app.command()
 @reports_errors
+@with_training_runtime
 def sft(
     input_file: InputFile,
     output: Annotated[str, typer.Option("--output", "-o", help="Model directory to write (atomically).")],
     model: ModelOpt = "default",
     rounds: Annotated[
-        str, typer.Option("--rounds", help="final: one example per record; all: one per revised round.")
+        SftRounds, typer.Option("--rounds", help="final: one example per record; all: one per revised round.")
     ] = "final",
-    exclude_flag: Annotated[
+    exclude_flags: Annotated[
         list[str] | None,
         typer.Option("--exclude-flag", help="Skip revisions with this hygiene flag (repeatable)."),
     ] = None,
@@ -369,13 +416,16 @@ def sft(
     ] = True,
     epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
     lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Examples per batch.")] = 4,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", "-b", min=1, help="Examples per batch (per process when launched on several)."
+        ),
+    ] = 4,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
     max_length: Annotated[int, typer.Option("--max-length", min=8, help="Truncate at N tokens.")] = 1024,
-    checkpoint_every: CheckpointEveryOpt = 0,
-    seed: SeedOpt = 0,
-    resume: ResumeTrainingOpt = True,
-    trust_remote_code: TrustOpt = False,
+    *,
+    runtime: Any,
 ) -> None:
     """Fine-tune a model on revised responses with TRL's SFTTrainer (loss on completion tokens only).
 
@@ -386,34 +436,10 @@ def sft(
 
     Example: caitool sft runs/r2.revise.jsonl -o runs/sft --mix examples/helpful.jsonl --epochs 1
     """
-    from caitool.sft import SftSettings, run_sft
+    from caitool.sft import SftConfig, run_sft
 
-    if not merge and not lora:
-        raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
-    settings = SftSettings(
-        rounds=rounds,  # type: ignore[arg-type]
-        exclude_flags=tuple(exclude_flag or ()),
-        mix_ratio=mix_ratio,
-        lora=lora,
-        lora_rank=lora_rank,
-        merge=merge,
-        epochs=epochs,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        max_length=max_length,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-    )
-    run_sft(
-        input_file,
-        output,
-        model=model,
-        mix=mix,
-        settings=settings,
-        resume=resume,
-        trust_remote_code=trust_remote_code,
-    )
+    config = config_from(SftConfig, locals())
+    run_sft(input_file, output, model=model, mix=mix, config=config, runtime=runtime)
 
 
 # ---------------------------------------------------------------------------
@@ -426,14 +452,14 @@ ModelDirOut = Annotated[
 
 @app.command("label-preferences")
 @reports_errors
-@with_backend_options
+@with_runtime
 def label_preferences(
     input_file: InputFile,
     output: OutputFile = "-",
     constitution: ConstitutionOpt = "harmless",
     model: ModelOpt = "default",
     mode: Annotated[
-        str,
+        LabelMode,
         typer.Option(
             "--mode",
             help="logprob: read the option letters at once; cot: reason first, then read; score: "
@@ -457,10 +483,8 @@ def label_preferences(
     cot_max_new_tokens: Annotated[
         int, typer.Option("--cot-max-new-tokens", min=1, help="cot mode: reasoning length.")
     ] = 128,
-    seed: SeedOpt = 0,
-    resume: ResumeOpt = True,
     *,
-    backend_options: Any,
+    runtime: Any,
 ) -> None:
     """Label response pairs with soft preferences read from a feedback model's option-letter probabilities.
 
@@ -473,27 +497,24 @@ def label_preferences(
     Example: caitool label-preferences runs/pairs.jsonl -o runs/prefs.jsonl --constitution harmless
     """
     from caitool.label import run_label_preferences
-    from caitool.pipeline import Runtime
 
-    if mode not in ("logprob", "cot", "score"):
-        raise CaitoolError(f'--mode must be logprob, cot or score, got "{mode}"')
     run_label_preferences(
         input_file,
         output,
         model=model,
         constitution=constitution,
-        principles=principle,
-        mode=mode,  # type: ignore[arg-type]
+        principles=principle or (),
+        mode=mode,
         swap=swap,
         clamp=clamp,
         cot_max_new_tokens=cot_max_new_tokens,
-        runtime=Runtime(backend=backend_options, seed=seed, resume=resume),
+        runtime=runtime,
     )
 
 
 @app.command("judge-check")
 @reports_errors
-@with_backend_options
+@with_seeded_runtime
 def judge_check(
     input_file: Annotated[
         str,
@@ -509,7 +530,7 @@ def judge_check(
     constitution: ConstitutionOpt = "harmless",
     model: ModelOpt = "default",
     mode: Annotated[
-        list[str] | None,
+        list[str] | None,  # Typer offers no choices for a list of a Literal: run_judge_check checks them
         typer.Option(
             "--mode",
             help="Labelling mode to check (repeatable): logprob, cot, score. Default: logprob and score.",
@@ -534,9 +555,8 @@ def judge_check(
     cot_max_new_tokens: Annotated[
         int, typer.Option("--cot-max-new-tokens", min=1, help="cot mode: reasoning length.")
     ] = 128,
-    seed: SeedOpt = 0,
     *,
-    backend_options: Any,
+    runtime: Any,
 ) -> None:
     """Check a feedback model on comparisons whose better response is known, before it labels anything.
 
@@ -556,7 +576,6 @@ def judge_check(
     -o runs/judge-check.json
     """
     from caitool.judge_check import DEFAULT_MODES, run_judge_check, show_judge_check
-    from caitool.pipeline import Runtime
 
     result = run_judge_check(
         input_file,
@@ -568,13 +587,14 @@ def judge_check(
         clamp=clamp,
         cot_max_new_tokens=cot_max_new_tokens,
         output=output,
-        runtime=Runtime(backend=backend_options, seed=seed),
+        runtime=runtime,
     )
     show_judge_check(result)
 
 
 @app.command("train-rm")
 @reports_errors
+@with_training_runtime
 def train_rm(
     input_file: InputFile,
     output: ModelDirOut,
@@ -595,15 +615,19 @@ def train_rm(
         bool, typer.Option("--lora", help="Train LoRA adapters (merged into the saved model).")
     ] = False,
     batch_size: Annotated[
-        int, typer.Option("--batch-size", "-b", min=1, help="Pairs per optimiser step.")
+        int,
+        typer.Option(
+            "--batch-size",
+            "-b",
+            min=1,
+            help="Pairs per optimiser step (per process when launched on several).",
+        ),
     ] = 4,
     max_length: Annotated[
         int, typer.Option("--max-length", min=8, help="Drop pairs longer than this (tokens).")
     ] = 1024,
-    checkpoint_every: CheckpointEveryOpt = 0,
-    seed: SeedOpt = 0,
-    resume: ResumeTrainingOpt = True,
-    trust_remote_code: TrustOpt = False,
+    *,
+    runtime: Any,
 ) -> None:
     """Train a reward model (one scalar per conversation) on preference labels with TRL's RewardTrainer.
 
@@ -615,29 +639,13 @@ def train_rm(
     """
     from caitool.reward import RewardTrainingConfig, run_train_rm
 
-    config = RewardTrainingConfig(
-        soft=soft,
-        eval_fraction=eval_fraction,
-        epochs=epochs,
-        lr=lr,
-        lora=lora,
-        batch_size=batch_size,
-        max_length=max_length,
-        seed=seed,
-    )
-    run_train_rm(
-        input_file,
-        output,
-        model=model,
-        config=config,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        trust_remote_code=trust_remote_code,
-    )
+    config = config_from(RewardTrainingConfig, locals())
+    run_train_rm(input_file, output, model=model, config=config, runtime=runtime)
 
 
 @app.command()
 @reports_errors
+@with_training_runtime
 def ppo(
     input_file: InputFile,
     policy: Annotated[str, typer.Option("--policy", help="Starting policy: model directory or 'default'.")],
@@ -663,12 +671,61 @@ def ppo(
     temperature: Annotated[
         float, typer.Option("--temperature", min=0.01, help="Rollout sampling temperature.")
     ] = 0.7,
-    value_from: Annotated[
-        str,
+    lora: Annotated[
+        bool,
         typer.Option(
-            "--value-from", help="Initialise the value model from the reward model (rm) or the policy."
+            "--lora",
+            help="Train LoRA adapters; the reference is the same model with them switched off (no copy).",
+        ),
+    ] = False,
+    lora_rank: Annotated[
+        int,
+        typer.Option("--lora-rank", min=1, help="Rank of the policy's and the shared value model's LoRA."),
+    ] = 16,
+    merge: Annotated[
+        bool,
+        typer.Option(
+            "--merge/--no-merge", help="With --lora: save the merged model (default) or the adapter alone."
+        ),
+    ] = True,
+    value_model: Annotated[
+        ValueModel,
+        typer.Option(
+            "--value-model",
+            help="shared: LoRA adapters and a value head on the frozen reward model, which also gives the "
+            "reward; separate: a whole backbone of its own, every weight trained.",
+        ),
+    ] = "shared",
+    value_from: Annotated[
+        ValueFrom,
+        typer.Option(
+            "--value-from",
+            help="Initialise the separate value model from the reward model (rm) or the policy.",
         ),
     ] = "rm",
+    dtype: Annotated[
+        Dtype,
+        typer.Option(
+            "--dtype",
+            help="Precision of the frozen weights and of autocast: auto (bf16 on GPUs that have it, fp32 on "
+            "CPUs), float32, bfloat16. Trained weights stay fp32.",
+        ),
+    ] = "auto",
+    gradient_checkpointing: Annotated[
+        bool,
+        typer.Option(
+            "--gradient-checkpointing", help="Recompute activations in the backward pass (less memory)."
+        ),
+    ] = False,
+    forward_batch_size: Annotated[
+        int,
+        typer.Option(
+            "--forward-batch-size",
+            min=0,
+            help="Sequences per forward pass in rollouts and updates (gradients are accumulated); "
+            "0: a whole batch or mini-batch at once.",
+        ),
+    ] = 0,
     missing_eot_penalty: Annotated[
         float,
         typer.Option(
@@ -678,10 +735,8 @@ def ppo(
     sample_every: Annotated[
         int, typer.Option("--sample-every", min=1, help="Save sample rollouts every N steps.")
     ] = 5,
-    checkpoint_every: CheckpointEveryOpt = 0,
-    seed: SeedOpt = 0,
-    resume: ResumeTrainingOpt = True,
-    trust_remote_code: TrustOpt = False,
+    *,
+    runtime: Any,
 ) -> None:
     """Optimise a policy against a reward model with PPO and a per-token KL penalty to a frozen reference.
 
@@ -689,39 +744,15 @@ def ppo(
     step (POLICY_DIR/training_log.jsonl and one line on stderr), saves sample rollouts every
     N steps (POLICY_DIR/samples.jsonl) and the policy as a Hugging Face model directory.
     With --checkpoint-every N, a killed run continues from its last checkpoint when the
-    same command is run again, taking the same steps an uninterrupted run would.
+    same command is run again, taking the same steps an uninterrupted run would. --lora with
+    the shared value model (the default) trains adapters only and copies no model.
 
-    Example: caitool ppo examples/red_team.jsonl --policy runs/sft --rm runs/rm -o runs/ppo --steps 4
+    Example: caitool ppo examples/red_team.jsonl --policy runs/sft --rm runs/rm -o runs/ppo --steps 4 --lora
     """
     from caitool.ppo import PPOConfig, run_ppo
 
-    if value_from not in ("rm", "policy"):
-        raise CaitoolError(f'--value-from must be rm or policy, got "{value_from}"')
-    config = PPOConfig(
-        kl_coef=kl_coef,
-        steps=steps,
-        batch_size=batch_size,
-        mini_batches=mini_batches,
-        ppo_epochs=ppo_epochs,
-        response_length=response_length,
-        lr=lr,
-        temperature=temperature,
-        value_from=value_from,
-        missing_eot_penalty=missing_eot_penalty,
-        sample_every=sample_every,
-        seed=seed,
-    )
-    run_ppo(
-        input_file,
-        output,
-        policy=policy,
-        reward_model=rm,
-        ref=ref,
-        config=config,
-        checkpoint_every=checkpoint_every,
-        resume=resume,
-        trust_remote_code=trust_remote_code,
-    )
+    config = config_from(PPOConfig, locals())
+    run_ppo(input_file, output, policy=policy, reward_model=rm, ref=ref, config=config, runtime=runtime)
 
 
 # ---------------------------------------------------------------------------
@@ -730,7 +761,7 @@ def ppo(
 
 @app.command("eval")
 @reports_errors
-@with_backend_options
+@with_runtime
 def eval_models(
     prompt_files: Annotated[
         list[str], typer.Argument(help="Held-out prompt files, one prompt set each.", show_default=False)
@@ -749,7 +780,7 @@ def eval_models(
         bool, typer.Option("--swap/--no-swap", help="Judge both presentation orders (cancels position bias).")
     ] = True,
     judge_mode: Annotated[
-        str,
+        LabelMode,
         typer.Option(
             "--judge-mode",
             help="The judge's labelling mode, as in label-preferences: logprob, cot, or score (each "
@@ -758,10 +789,8 @@ def eval_models(
     ] = "logprob",
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.0,
     max_new_tokens: MaxNewOpt = 128,
-    seed: SeedOpt = 0,
-    resume: ResumeOpt = True,
     *,
-    backend_options: Any,
+    runtime: Any,
 ) -> None:
     """Compare models on held-out prompts: refusal rate, length, reward, pairwise win rate.
 
@@ -772,25 +801,20 @@ def eval_models(
     Example: caitool eval examples/eval_red_team.jsonl examples/eval_helpful.jsonl -m base=default
     -m sft=runs/demo/sft --rm runs/demo/rm -o runs/demo/eval
     """
-    from caitool.evaluate import EvalOptions, run_eval, show_eval
+    from caitool.display import show_eval
+    from caitool.evaluate import EvalConfig, run_eval
 
-    options = EvalOptions(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        seed=seed,
-        swap=swap,
-        judge_mode=judge_mode,
-        resume=resume,
-        backend=backend_options,
-    )
+    config = config_from(EvalConfig, locals())
+    judged_by = None if judge == "none" else judge
     result = run_eval(
         prompt_files,
         models,
         output,
         rm=rm,
-        judge=None if judge == "none" else judge,
+        judge=judged_by,
         constitution=constitution,
-        options=options,
+        config=config,
+        runtime=runtime,
     )
     show_eval(result)
 

@@ -95,16 +95,13 @@ def run_critique(
     *,
     constitution: str = "harmless",
     model: str = "default",
-    principles: Sequence[str] | None = None,
+    principles: Sequence[str] = (),
     few_shot: int = 2,
-    params: SamplingParams | None = None,
+    params: SamplingParams = SamplingParams(),
     response_max_new_tokens: int | None = None,
     runtime: Runtime | None = None,
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
-    params = params or SamplingParams(max_new_tokens=256)
-    runtime = runtime or Runtime()
-    seed = runtime.seed
     response_params = SamplingParams(
         temperature=params.temperature,
         top_p=params.top_p,
@@ -113,7 +110,7 @@ def run_critique(
     loaded = load_constitution(constitution)
     allowed = loaded.restrict_critiques(principles)
 
-    def make_process(backend: GenerationBackend):
+    def make_process(backend: GenerationBackend, seed: int):
         model_id = backend.model_id
 
         def initial_responses(
@@ -171,23 +168,20 @@ def run_critique(
 
         return process
 
-    return BackendPhase(
+    phase = BackendPhase(
         phase="critique",
-        input_path=input_path,
-        output=output,
-        model=model,
-        runtime=runtime,
         parse=critique_input_parser(loaded),
         params={
             **asdict(params),
             "response_max_new_tokens": response_params.max_new_tokens,
             "few_shot": few_shot,
-            "principles": list(principles or []),
+            "principles": list(principles),
         },
         make_process=make_process,
         summary_counts=lambda result: _summary_counts(result.counts),
         constitution=loaded.ref,
-    ).run(backend)
+    )
+    return phase.run(input_path, output, model=model, runtime=runtime, backend=backend)
 
 
 def _summary_counts(counts: dict[str, int]) -> dict[str, int]:

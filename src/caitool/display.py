@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from rich.console import Console
 from rich.table import Table
 
 from caitool.constitution import Constitution
+from caitool.eval_stats import ModelSummary, PairSummary, SummaryTable, model_table, pair_table
 
 
 def show_constitution(constitution: Constitution, console: Console | None = None) -> None:
@@ -30,3 +34,32 @@ def show_constitution(constitution: Constitution, console: Console | None = None
         console.print(comparisons)
     shots = constitution.few_shot
     console.print(f"few-shot examples: {len(shots.critique)} critique, {len(shots.comparison)} comparison")
+
+
+def show_table(summary: SummaryTable, console: Console) -> None:
+    table = Table(title=summary.title)
+    for index, header in enumerate(summary.headers):
+        table.add_column(header, justify="left" if index < summary.label_columns else "right")
+    for row in summary.rows:
+        table.add_row(*(cell.plain() for cell in row))
+    console.print(table)
+
+
+def show_eval(result: Any, console: Console | None = None) -> None:
+    """eval's per-model table and, when models were compared, its pairwise table."""
+    show_eval_tables(result.models, result.pairs, console)
+
+
+def show_eval_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+    """The tables of a summary.json read back from disk (inspect)."""
+    models = [ModelSummary(**m) for m in summary.get("per_model", [])]
+    show_eval_tables(models, [PairSummary(**p) for p in summary.get("pairwise", [])], console)
+
+
+def show_eval_tables(
+    models: Sequence[ModelSummary], pairs: Sequence[PairSummary], console: Console | None = None
+) -> None:
+    console = console or Console()
+    show_table(model_table(models), console)
+    if pairs:
+        show_table(pair_table(pairs), console)

@@ -16,17 +16,14 @@ def run_generate(
     output: str | Path,
     *,
     model: str = "default",
-    params: SamplingParams | None = None,
+    params: SamplingParams = SamplingParams(),
     runtime: Runtime | None = None,
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
-    params = params or SamplingParams()
-    runtime = runtime or Runtime()
     if params.n < 1:
         raise CaitoolError("-n must be at least 1")
-    seed = runtime.seed
 
-    def make_process(backend: GenerationBackend):
+    def make_process(backend: GenerationBackend, seed: int):
         def process(records: list[PromptRecord], chunk_index: int) -> ChunkResult:
             samples = backend.generate([r.prompt for r in records], params, derive_seed(seed, chunk_index))
             out = [
@@ -40,17 +37,14 @@ def run_generate(
 
         return process
 
-    return BackendPhase(
+    phase = BackendPhase(
         phase="generate",
-        input_path=input_path,
-        output=output,
-        model=model,
-        runtime=runtime,
         parse=parse_prompt_input,
         params=asdict(params),
         make_process=make_process,
         summary_counts=lambda result: {"samples_cut_at_max_new_tokens": result.counts.get("cut", 0)},
-    ).run(backend)
+    )
+    return phase.run(input_path, output, model=model, runtime=runtime, backend=backend)
 
 
 def _generation_record(record: PromptRecord, samples, model_id: str, seed: int) -> GenerationRecord:

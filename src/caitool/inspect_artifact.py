@@ -20,9 +20,12 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from caitool.display import show_eval_summary
 from caitool.errors import CaitoolError
+from caitool.evaluate import SUMMARY_FILE
 from caitool.jsonl_io import iter_json_lines, manifest_path
 from caitool.provenance import MODEL_MANIFEST
+from caitool.training import TRAINING_LOG
 
 TEXT_LIMIT = 700  # characters of one response shown; the file keeps the rest
 
@@ -103,7 +106,10 @@ def show_manifest(path: Path, console: Console) -> None:
         f"ran: {manifest.get('started_at')} -> {manifest.get('finished_at')}",
     ]
     for role, info in (manifest.get("models") or {}).items():
-        if isinstance(info, dict):
+        if isinstance(info, dict) and info.get("backend") == "openai":
+            where = ", ".join(info.get("base_urls") or [])
+            lines.append(f"model {role}: {info.get('spec')} served at {where} (root {info.get('root')})")
+        elif isinstance(info, dict):
             lines.append(f"model {role}: {info.get('path')} (sha256 {str(info.get('sha256', ''))[:12]})")
         else:
             lines.append(f"model {role}: {info}")
@@ -219,13 +225,11 @@ def inspect_directory(path: Path, console: Console) -> None:
     for item in sorted(p for p in path.iterdir() if p.is_file()):
         files.add_row(item.name, _size(item.stat().st_size))
     console.print(files)
-    log = path / "training_log.jsonl"
+    log = path / TRAINING_LOG
     if log.exists():
         console.print(training_log_digest(log))
-    summary = path / "summary.json"
+    summary = path / SUMMARY_FILE
     if summary.exists():
-        from caitool.evaluate import show_eval_summary
-
         show_eval_summary(json.loads(summary.read_text()), console)
 
 
@@ -249,7 +253,7 @@ def training_log_digest(log: Path) -> Table:
         for key, value in entry.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 series.setdefault(key, []).append(float(value))
-    table = Table(title=f"training_log.jsonl ({entries} entries)", title_justify="left")
+    table = Table(title=f"{log.name} ({entries} entries)", title_justify="left")
     for column in ("quantity", "entries", "first", "last", "min", "max"):
         table.add_column(column, justify="left" if column == "quantity" else "right")
     for key, values in series.items():

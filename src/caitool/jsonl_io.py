@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 from caitool.errors import CaitoolError
 from caitool.records import Record
+from caitool.run_key import KeyFile
 
 T = TypeVar("T")
 
@@ -171,13 +172,12 @@ class ResumableWriter:
             return self
         self.out.parent.mkdir(parents=True, exist_ok=True)
         part = part_path(self.out)
-        key_file = self._key_path()
         if part.exists() and self.resume:
-            self._check_key(key_file)
+            self._check_key()
             self._recover(part)
         else:
             part.unlink(missing_ok=True)
-            key_file.write_text(json.dumps(self.run_key, sort_keys=True, indent=2))
+            self._key_file().write(self.run_key)
         self._handle = open(part, "a", encoding="utf-8")  # noqa: SIM115 - closed in __exit__
         return self
 
@@ -190,7 +190,7 @@ class ResumableWriter:
             return
         part = part_path(self.out)
         os.replace(part, self.out)
-        self._key_path().unlink(missing_ok=True)
+        self._key_file().remove()
         if self.manifest is not None:
             write_json_atomic(manifest_path(self.out), self.manifest)
 
@@ -210,16 +210,11 @@ class ResumableWriter:
         return record_id in self.done_ids
 
     # -- resume ----------------------------------------------------------------
-    def _key_path(self) -> Path:
-        return self.out.with_name(self.out.name + ".part.key.json")
+    def _key_file(self) -> KeyFile:
+        return KeyFile(self.out.with_name(self.out.name + ".part.key.json"))
 
-    def _check_key(self, key_file: Path) -> None:
-        if not key_file.exists():
-            return
-        previous = json.loads(key_file.read_text())
-        differing = sorted(
-            k for k in set(previous) | set(self.run_key) if previous.get(k) != self.run_key.get(k)
-        )
+    def _check_key(self) -> None:
+        differing = self._key_file().differences(self.run_key)
         if differing:
             raise CaitoolError(
                 f"{part_path(self.out)} is a partial output of a different command "

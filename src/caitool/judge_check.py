@@ -35,12 +35,13 @@ from pathlib import Path
 from typing import Any
 
 from caitool.backends import GenerationBackend, derive_seed, load_backend
+from caitool.choices import LabelMode, check_choice
 from caitool.constitution import ComparisonPrinciple, Constitution, draw, load_constitution
 from caitool.errors import CaitoolError
-from caitool.evaluate import TIE_MARGIN, wilson_interval
+from caitool.eval_stats import TIE_MARGIN, wilson_interval
 from caitool.jsonl_io import batched, read_records, write_json_atomic
-from caitool.label import DEFAULT_CLAMP, MODES, Comparison, Labeller, Mode, Verdict
-from caitool.pipeline import Runtime, validate_input
+from caitool.label import DEFAULT_CLAMP, Comparison, Labeller, Mode, Verdict
+from caitool.pipeline import Runtime, backend_params, validate_input
 from caitool.progress import phase_progress
 from caitool.provenance import build_manifest, now_iso
 from caitool.records import Message, describe_validation_error, parse_prompt_input
@@ -381,8 +382,7 @@ def run_judge_check(
     started = now_iso()
     modes = list(dict.fromkeys(modes))
     for mode in modes:
-        if mode not in MODES:
-            raise CaitoolError(f'unknown --mode "{mode}" (expected {", ".join(MODES)})')
+        check_choice("--mode", mode, LabelMode)
     charter = load_constitution(constitution)
     candidates = charter.restrict_comparisons(principles)
     source = validate_input(input_path, labelled_parser(charter))
@@ -419,9 +419,7 @@ def run_judge_check(
                 "by": list(by),
                 "clamp": list(clamp) if clamp else None,
                 "cot_max_new_tokens": cot_max_new_tokens,
-                "seed": runtime.seed,
-                "batch_size": runtime.backend.batch_size,
-                "dtype": runtime.backend.dtype,
+                **backend_params(model, runtime),
             },
             started_at=started,
             models={"feedback": backend.describe()},

@@ -34,17 +34,17 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from caitool.backends import GenerationBackend, SamplingParams, derive_seed
+from caitool.choices import LabelMode, check_choice
 from caitool.constitution import ComparisonExample, ComparisonPrinciple, Constitution, draw, load_constitution
 from caitool.errors import CaitoolError
 from caitool.pipeline import BackendPhase, ChunkResult, PhaseResult, Runtime
 from caitool.progress import print_summary
 from caitool.records import Conversation, Message, PreferenceRecord, parse_prompt_input
 
-Mode = Literal["logprob", "cot", "score"]
-MODES: tuple[Mode, ...] = ("logprob", "cot", "score")
+Mode = LabelMode
 LETTERS = ("A", "B")
 ANSWER_PREFILL = "The answer is ("
 VERDICT_WORDS = (" Yes", " No")
@@ -178,8 +178,7 @@ class Labeller:
         cot_max_new_tokens: int = 128,
         cot_temperature: float = 0.0,
     ):
-        if mode not in MODES:
-            raise CaitoolError(f'unknown --mode "{mode}" (expected {", ".join(MODES)})')
+        check_choice("--mode", mode, LabelMode)
         if clamp is not None and not 0.0 <= clamp[0] <= 0.5 <= clamp[1] <= 1.0:
             raise CaitoolError(
                 f"--clamp must satisfy 0 <= low <= 0.5 <= high <= 1, got {clamp[0]} {clamp[1]}"
@@ -375,14 +374,12 @@ def run_label_preferences(
     runtime: Runtime | None = None,
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
-    runtime = runtime or Runtime()
-    seed = runtime.seed
     loaded_constitution = load_constitution(constitution)
     candidates = loaded_constitution.restrict_comparisons(principles)
     masses: list[float] = []  # this session's letter masses, for the fitness warning
     both_orders = swap and mode != "score"  # score mode shows each response alone: no order to swap
 
-    def make_process(backend: GenerationBackend):
+    def make_process(backend: GenerationBackend, seed: int):
         labeller = Labeller(
             backend,
             loaded_constitution,
@@ -419,12 +416,8 @@ def run_label_preferences(
 
         return process
 
-    result = BackendPhase(
+    phase = BackendPhase(
         phase="label-preferences",
-        input_path=input_path,
-        output=output,
-        model=model,
-        runtime=runtime,
         parse=parse_responses_input,
         params={
             "mode": mode,
@@ -438,7 +431,8 @@ def run_label_preferences(
         constitution=loaded_constitution.ref,
         role="feedback",
         chunk_factor=1,
-    ).run(backend)
+    )
+    result = phase.run(input_path, output, model=model, runtime=runtime, backend=backend)
     warning = fitness_warning(
         result.counts.get("disagree", 0) if both_orders else None,
         result.tracker.records,

@@ -26,7 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from caitool.cache import cache_dir
+from caitool.choices import Dtype, check_choice, choices
 from caitool.errors import CaitoolError
+from caitool.provenance import weights_hash
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -59,10 +62,6 @@ def quiet_transformers() -> None:
     warnings.filterwarnings(
         "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
     )
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CAITOOL_CACHE", Path.home() / ".cache" / "caitool")).expanduser()
 
 
 @dataclass(frozen=True)
@@ -166,8 +165,6 @@ def adapter_base(adapter: str | Path) -> Path:
 
 
 def model_info(spec: str) -> ModelInfo:
-    from caitool.provenance import weights_hash
-
     path = resolve_model_path(spec)
     sha256 = weights_hash(path)
     if is_adapter_dir(path):
@@ -205,15 +202,14 @@ def pick_device(device: str | None = None) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = choices(Dtype)
 
 
 def pick_dtype(device: str, requested: str = "auto") -> Any:
     """``auto``: bf16 on GPUs that support it, fp32 elsewhere; otherwise the named dtype."""
     import torch
 
-    if requested not in DTYPES:
-        raise CaitoolError(f'--dtype must be one of {", ".join(DTYPES)}, got "{requested}"')
+    check_choice("--dtype", requested, Dtype)
     if requested != "auto":
         return getattr(torch, requested)
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():

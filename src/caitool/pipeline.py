@@ -116,11 +116,18 @@ def run_record_phase(
 
 @dataclass(frozen=True)
 class Runtime:
-    """The options every record phase shares: how to reach the model, the seed, and resumption."""
+    """The options every phase shares, beside its own config: how to reach or load the model, the
+    seed, whether a killed run is continued, and how often a training phase saves a checkpoint
+    (record phases flush after every chunk instead)."""
 
     backend: BackendOptions = field(default_factory=BackendOptions)
     seed: int = 0
     resume: bool = True
+    checkpoint_every: int = 0
+
+    @property
+    def trust_remote_code(self) -> bool:
+        return self.backend.trust_remote_code
 
 
 def backend_params(model: str, runtime: Runtime) -> dict[str, Any]:
@@ -138,48 +145,59 @@ def backend_params(model: str, runtime: Runtime) -> dict[str, Any]:
     return shaping
 
 
+Process = Callable[[list[In], int], ChunkResult]
+
+
 @dataclass
 class BackendPhase(Generic[In]):
-    """One run of a record phase that talks to a model.
+    """A record phase that talks to a model: what is its own, apart from any one run of it.
 
-    ``make_process(backend)`` returns the phase's ``process(records, chunk_index)``;
+    ``make_process(backend, seed)`` returns the phase's ``process(records, chunk_index)``;
     ``summary_counts(result)`` the counts its closing line shows. ``chunk_factor`` times the
-    backend's parallelism records make one chunk (one write, one flush).
+    backend's parallelism records make one chunk (one write, one flush). :meth:`run` does the
+    rest, the same for every phase: check the input, load the model, resume or start the
+    output, stream the chunks, write the manifest and print the summary.
     """
 
     phase: str
-    input_path: str | Path
-    output: str | Path
-    model: str
-    runtime: Runtime
     parse: Callable[[dict[str, Any]], In]
     params: dict[str, Any]
-    make_process: Callable[[GenerationBackend], Callable[[list[In], int], ChunkResult]]
+    make_process: Callable[[GenerationBackend, int], Process]
     summary_counts: Callable[[PhaseResult], dict[str, object]]
     constitution: ConstitutionRef | None = None
     role: str = "policy"
     chunk_factor: int = 4
 
-    def run(self, backend: GenerationBackend | None = None) -> PhaseResult:
+    def run(
+        self,
+        input_path: str | Path,
+        output: str | Path,
+        *,
+        model: str,
+        runtime: Runtime | None = None,
+        backend: GenerationBackend | None = None,
+    ) -> PhaseResult:
+        """One run; ``backend``, when given, is used instead of loading ``model`` (tests, eval)."""
+        runtime = runtime or Runtime()
         started = now_iso()
-        source = validate_input(self.input_path, self.parse)
-        backend = backend or load_backend(self.model, self.runtime.backend)
+        source = validate_input(input_path, self.parse)
+        backend = backend or load_backend(model, runtime.backend)
         spec = PhaseSpec(
             phase=self.phase,
-            model_spec=self.model,
-            params={**self.params, **backend_params(self.model, self.runtime)},
+            model_spec=model,
+            params={**self.params, **backend_params(model, runtime)},
             models={self.role: backend.describe()},
-            inputs=[self.input_path],
+            inputs=[input_path],
             started_at=started,
             constitution=self.constitution,
         )
         result = run_record_phase(
             spec=spec,
             source=source,
-            output=self.output,
-            resume=self.runtime.resume,
+            output=output,
+            resume=runtime.resume,
             chunk_size=self.chunk_factor * backend.parallelism,
-            process=self.make_process(backend),
+            process=self.make_process(backend, runtime.seed),
             backend_stats=backend.stats,
         )
         retried = result.counts.get("retried_requests", 0)
@@ -189,7 +207,7 @@ class BackendPhase(Generic[In]):
                 result.tracker,
                 **self.summary_counts(result),
                 **({"retried_requests": retried} if retried else {}),
-                output=self.output,
+                output=output,
             )
         )
         return result

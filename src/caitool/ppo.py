@@ -4,8 +4,9 @@ TRL 1.16 no longer ships PPO, so this is a compact implementation on torch, foll
 RLHF recipe (Ziegler et al. 2019; Ouyang et al. 2022) that Constitutional AI's RL phase uses.
 One step:
 
-1. **Rollout.** Sample one response per prompt from the policy (transformers' ``generate``,
-   left-padded prompts); a response ends at the first end-of-turn token.
+1. **Rollout.** Sample one response per prompt from the policy, exactly from
+   softmax(logits / temperature) whatever the model's generation config adds
+   (:mod:`caitool.sampling`), left-padded prompts; a response ends at the first end-of-turn token.
 2. **Score.** The reward model scores prompt + response (the chat rendering it was trained
    on); a response cut off at ``response_length`` loses ``missing_eot_penalty``.
 3. **Per-token rewards.** ``-kl_coef * (log pi(a) - log pi_ref(a))`` at every response token,
@@ -13,24 +14,21 @@ One step:
 4. **Advantages.** Generalised advantage estimation (``gamma``, ``lam``) against the value
    model's estimates, whitened over the batch's response tokens.
 5. **Update.** ``ppo_epochs`` passes over ``mini_batches`` mini-batches: clipped policy loss,
-   clipped value loss, one optimiser over policy and value model.
+   clipped value loss, one optimiser over the trained weights of policy and value model. A
+   mini-batch is run ``forward_batch_size`` sequences at a time with its gradients accumulated,
+   the same update as in one pass; the rollout's passes are split the same way.
 
-The value model is a separate backbone with a scalar head (a one-output sequence classifier,
-read at every position rather than only the last). It starts as a copy of the reward model
-by default (``value_from="rm"``): the reward model already reads responses the way the value
-must, so early advantages are not noise. ``value_from="policy"`` starts it from the policy's
-backbone with a zero head instead. Models stay in eval mode throughout (no dropout), so the
-log-probabilities of the rollout and of the first update are the same numbers, and the KL to
-the reference is exactly zero before the first update when the reference is the starting policy.
+Which models play which role, in which precision, and how LoRA and the shared value model save
+memory is :mod:`caitool.ppo_models`; this module holds the algorithm and the run.
 """
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,10 +36,20 @@ from typing import Any
 from caitool.backends import derive_seed
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records
-from caitool.pipeline import validate_input
+from caitool.pipeline import Runtime, validate_input
+from caitool.ppo_config import PPOConfig
+from caitool.ppo_models import (
+    PPOModels,
+    classifier_of,
+    inference,
+    keep_trainable_weights,
+    reference_of,
+    save_policy,
+)
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import Conversation, PromptRecord, parse_prompt_input
+from caitool.sampling import plain_generation_config, sample
 from caitool.tokens import cut_at_stop, decode, encode, left_padded, render_chat
 from caitool.training import (
     CHECKPOINTS,
@@ -52,33 +60,10 @@ from caitool.training import (
     checkpoint_step,
     keep_log_until,
     resume_checkpoint,
-    save_like_base,
     write_model_manifest,
 )
 
 SAMPLES_FILE = "samples.jsonl"
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    kl_coef: float = 0.05
-    steps: int = 20
-    batch_size: int = 8
-    mini_batches: int = 2
-    ppo_epochs: int = 2
-    response_length: int = 64
-    lr: float = 1e-6
-    temperature: float = 0.7
-    value_from: str = "rm"
-    missing_eot_penalty: float = 1.0
-    sample_every: int = 5
-    seed: int = 0
-    gamma: float = 1.0
-    lam: float = 0.95
-    clip_range: float = 0.2
-    clip_range_value: float = 0.2
-    vf_coef: float = 0.1
-    max_grad_norm: float = 1.0
 
 
 # ---------------------------------------------------------------------------
@@ -151,14 +136,28 @@ def response_logprobs(
 
 def token_values(value_model: Any, input_ids: Any, attention_mask: Any, context: int) -> Any:
     """The value head read at every position that predicts a response token."""
-    backbone = getattr(value_model, value_model.base_model_prefix)
+    classifier = classifier_of(value_model)
+    backbone = getattr(classifier, classifier.base_model_prefix)
     hidden = backbone(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_for(attention_mask),
         use_cache=False,
     ).last_hidden_state
-    return value_model.score(hidden[:, context - 1 : -1]).squeeze(-1).float()
+    return classifier.score(hidden[:, context - 1 : -1]).squeeze(-1).float()
+
+
+def micro_batches(rows: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` rows (0: one slice of every row)."""
+    size = size or rows
+    return [slice(start, min(start + size, rows)) for start in range(0, rows, size)]
+
+
+def in_pieces(read: Callable[[Any, Any], Any], input_ids: Any, attention_mask: Any, size: int) -> Any:
+    """``read(input_ids, attention_mask)`` run ``size`` rows at a time and concatenated."""
+    import torch
+
+    return torch.cat([read(input_ids[s], attention_mask[s]) for s in micro_batches(len(input_ids), size)])
 
 
 # ---------------------------------------------------------------------------
@@ -200,50 +199,38 @@ def per_token_rewards(rollout: Rollout, kl_coef: float) -> Any:
 
 
 class PPOTrainer:
-    """Policy and value model under training (placed by accelerate), frozen reference and reward model."""
+    """The trained models (policy, value model; placed by accelerate) and the frozen ones around them."""
 
-    def __init__(
-        self,
-        *,
-        policy: Any,
-        ref: Any,
-        value_model: Any,
-        reward_model: Any,
-        tokenizer: Any,
-        config: PPOConfig,
-        accelerator: Any | None = None,
-    ):
+    def __init__(self, *, models: PPOModels, config: PPOConfig, accelerator: Any | None = None):
         import torch
         from accelerate import Accelerator
 
         from caitool.models import end_of_turn_ids
 
         self.config = config
+        self.models = models
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
         device = self.accelerator.device
-        self.tokenizer = tokenizer
-        self.stop_ids = end_of_turn_ids(tokenizer, policy)
-        reward_model.model.requires_grad_(False)
-        # The reference keeps requires_grad like the policy (it is only ever run under no_grad and
-        # no optimiser holds it): CPU kernels for frozen and trainable weights differ in rounding,
-        # which would make the KL to an identical reference 1e-5 instead of exactly zero.
-        for frozen in (ref, reward_model.model):
-            frozen.to(device).eval()
-        reward_model.device = str(device)
-        self.ref = ref
-        self.reward_model = reward_model
-        policy.eval()
-        value_model.eval()
-        optimizer = torch.optim.AdamW(
-            [*policy.parameters(), *value_model.parameters()], lr=config.lr, eps=1e-5
-        )
+        self.tokenizer = models.tokenizer
+        self.stop_ids = end_of_turn_ids(models.tokenizer, models.policy)
+        for frozen in models.frozen_modules():
+            frozen.to(device)
+        models.reward.device = str(device)
+        self.ref = models.ref
+        self.reward_model = models.reward
+        self.trainable = models.trainable_parameters()
+        optimizer = torch.optim.AdamW(self.trainable, lr=config.lr, eps=1e-5)
         self.policy, self.value_model, self.optimizer = self.accelerator.prepare(
-            policy, value_model, optimizer
+            models.policy, models.value_model, optimizer
         )
+        self.accelerator.register_save_state_pre_hook(keep_trainable_weights)
 
     @property
     def device(self) -> Any:
         return self.accelerator.device
+
+    def _unwrapped(self) -> tuple[Any, Any]:
+        return self.accelerator.unwrap_model(self.policy), self.accelerator.unwrap_model(self.value_model)
 
     # -- rollout ---------------------------------------------------------------
     def rollout(self, prompts: list[Conversation], seed: int) -> Rollout:
@@ -253,45 +240,25 @@ class PPOTrainer:
         rows = [encode(self.tokenizer, render_chat(self.tokenizer, p)) for p in prompts]
         query_ids, query_mask = left_padded(rows, self.tokenizer.pad_token_id, self.device)
         context = query_ids.shape[1]
-        torch.manual_seed(seed)
-        policy = self.accelerator.unwrap_model(self.policy)
-        with torch.no_grad():
-            generated = policy.generate(
-                input_ids=query_ids,
-                attention_mask=query_mask,
-                do_sample=True,
-                temperature=config.temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=config.response_length,
-                eos_token_id=self.stop_ids,
-                pad_token_id=self.tokenizer.pad_token_id,
+        policy, value_model = self._unwrapped()
+        with inference(policy, value_model), self.models.precision.autocast():
+            torch.manual_seed(seed)
+            response_ids = self._sample(policy, query_ids, query_mask)
+            response_mask, finished = self._response_mask(response_ids)
+            input_ids = torch.cat(
+                [
+                    query_ids,
+                    torch.where(response_mask.bool(), response_ids, self.tokenizer.pad_token_id),
+                ],
+                dim=1,
             )
-        response_ids = generated[:, context:]
-        response_mask, finished = self._response_mask(response_ids)
-        input_ids = torch.cat(
-            [
-                query_ids,
-                torch.where(response_mask.bool(), response_ids, self.tokenizer.pad_token_id),
-            ],
-            dim=1,
-        )
-        attention_mask = torch.cat([query_mask, response_mask], dim=1)
-        responses = self._decode(response_ids)
-        rm_scores = self.reward_model.score(prompts, responses)
+            attention_mask = torch.cat([query_mask, response_mask], dim=1)
+            responses = self._decode(response_ids)
+            rm_scores = self.reward_model.score(prompts, responses)
+            logprobs, ref_logprobs, values, entropy = self.read(input_ids, attention_mask, context)
         penalty = torch.tensor(
             [0.0 if f else config.missing_eot_penalty for f in finished], device=self.device
         )
-        with torch.no_grad():
-            logprobs, entropy = response_logprobs(
-                policy, input_ids, attention_mask, context, config.temperature, with_entropy=True
-            )
-            ref_logprobs, _ = response_logprobs(
-                self.ref, input_ids, attention_mask, context, config.temperature
-            )
-            values = token_values(
-                self.accelerator.unwrap_model(self.value_model), input_ids, attention_mask, context
-            )
         mask = response_mask.float()
         return Rollout(
             prompts=prompts,
@@ -308,6 +275,48 @@ class PPOTrainer:
             values=values * mask,
             entropy=entropy,
         )
+
+    def _sample(self, policy: Any, query_ids: Any, query_mask: Any) -> Any:
+        """Response tokens drawn from softmax(logits / T), ``forward_batch_size`` prompts at a time."""
+        import torch
+
+        pad = self.tokenizer.pad_token_id
+        config = plain_generation_config(
+            policy,
+            temperature=self.config.temperature,
+            max_new_tokens=self.config.response_length,
+            eos_token_id=self.stop_ids,
+            pad_token_id=pad,
+        )
+        context = query_ids.shape[1]
+        pieces = [
+            sample(policy, query_ids[s], query_mask[s], config)[:, context:]
+            for s in micro_batches(len(query_ids), self.config.forward_batch_size)
+        ]
+        width = max(piece.shape[1] for piece in pieces)
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1]), value=pad) for p in pieces])
+
+    def read(self, input_ids: Any, attention_mask: Any, context: int) -> tuple[Any, Any, Any, Any]:
+        """Policy and reference log-probabilities, values and entropy of sampled responses (no gradients)."""
+        import torch
+
+        policy, value_model = self._unwrapped()
+        temperature = self.config.temperature
+
+        def pieces(read: Callable[[Any, Any], Any]) -> Any:
+            return in_pieces(read, input_ids, attention_mask, self.config.forward_batch_size)
+
+        def policy_read(ids: Any, mask: Any) -> Any:
+            chosen, entropy = response_logprobs(policy, ids, mask, context, temperature, with_entropy=True)
+            return torch.stack([chosen, entropy], dim=1)
+
+        both = pieces(policy_read)
+        with reference_of(policy, self.ref) as ref:
+            ref_logprobs = pieces(
+                lambda ids, mask: response_logprobs(ref, ids, mask, context, temperature)[0]
+            )
+        values = pieces(lambda ids, mask: token_values(value_model, ids, mask, context))
+        return both[:, 0], ref_logprobs, values, both[:, 1]
 
     def _response_mask(self, response_ids: Any) -> tuple[Any, list[bool]]:
         """1 up to and including the first end-of-turn token; whether each response has one."""
@@ -352,7 +361,7 @@ class PPOTrainer:
         for _ in range(config.ppo_epochs):
             order = torch.randperm(len(prompts), generator=generator).to(self.device)
             for indices in torch.tensor_split(order, groups):
-                for key, value in self._update(rollout, advantages, returns, indices).items():
+                for key, value in self.update(rollout, advantages, returns, indices).items():
                     losses[key].append(value)
 
         kl_per_response = rollout.kl.sum(dim=1)
@@ -367,45 +376,65 @@ class PPOTrainer:
             "missing_eot": sum(not f for f in rollout.finished) / len(rollout.finished),
             "seconds": time.perf_counter() - started,
         }
+        if self.device.type == "cuda":
+            metrics["gpu_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return rollout, metrics
 
-    def _update(self, rollout: Rollout, advantages: Any, returns: Any, indices: Any) -> dict[str, float]:
+    def update(self, rollout: Rollout, advantages: Any, returns: Any, indices: Any) -> dict[str, float]:
+        """One optimiser step on the mini-batch ``indices``, ``forward_batch_size`` rows per pass.
+
+        Every loss is a sum over the pass's response tokens divided by the mini-batch's token
+        count, so the accumulated gradient is the one a single pass over the mini-batch gives.
+        """
+        tokens = rollout.response_mask[indices].sum().clamp(min=1)
+        totals = dict.fromkeys(("policy_loss", "value_loss", "clip_fraction", "approx_kl"), 0.0)
+        self.optimizer.zero_grad()
+        for part in micro_batches(len(indices), self.config.forward_batch_size):
+            for key, value in self._accumulate(rollout, advantages, returns, indices[part], tokens).items():
+                totals[key] += value
+        self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
+        self.optimizer.step()
+        return totals
+
+    def _accumulate(
+        self, rollout: Rollout, advantages: Any, returns: Any, rows: Any, tokens: Any
+    ) -> dict[str, float]:
+        """Backpropagate the losses of ``rows`` (their share of the mini-batch's ``tokens``)."""
         import torch
 
         config = self.config
-        input_ids, attention = rollout.input_ids[indices], rollout.attention_mask[indices]
-        mask = rollout.response_mask[indices]
-        old_logprobs, old_values = rollout.logprobs[indices], rollout.values[indices]
-        adv, ret = advantages[indices], returns[indices]
+        input_ids, attention = rollout.input_ids[rows], rollout.attention_mask[rows]
+        mask = rollout.response_mask[rows]
+        old_logprobs, old_values = rollout.logprobs[rows], rollout.values[rows]
+        adv, ret = advantages[rows], returns[rows]
 
-        logprobs, _ = response_logprobs(
-            self.policy, input_ids, attention, rollout.context, config.temperature
-        )
-        values = token_values(
-            self.accelerator.unwrap_model(self.value_model), input_ids, attention, rollout.context
-        )
+        with self.models.precision.autocast():
+            logprobs, _ = response_logprobs(
+                self.policy, input_ids, attention, rollout.context, config.temperature
+            )
+            values = token_values(
+                self.accelerator.unwrap_model(self.value_model), input_ids, attention, rollout.context
+            )
+
+        def share(per_token: Any) -> Any:
+            return (per_token * mask).sum() / tokens
+
         log_ratio = (logprobs - old_logprobs) * mask
         ratio = torch.exp(log_ratio)
         unclipped = -adv * ratio
         clipped = -adv * torch.clamp(ratio, 1.0 - config.clip_range, 1.0 + config.clip_range)
-        policy_loss = masked_mean(torch.max(unclipped, clipped), mask)
+        policy_loss = share(torch.max(unclipped, clipped))
         values_clipped = old_values + torch.clamp(
             values - old_values, -config.clip_range_value, config.clip_range_value
         )
-        value_loss = 0.5 * masked_mean(torch.max((values - ret) ** 2, (values_clipped - ret) ** 2), mask)
-
-        self.optimizer.zero_grad()
+        value_loss = 0.5 * share(torch.max((values - ret) ** 2, (values_clipped - ret) ** 2))
         self.accelerator.backward(policy_loss + config.vf_coef * value_loss)
-        self.accelerator.clip_grad_norm_(
-            [*self.policy.parameters(), *self.value_model.parameters()], config.max_grad_norm
-        )
-        self.optimizer.step()
         with torch.no_grad():
             return {
                 "policy_loss": policy_loss.item(),
                 "value_loss": value_loss.item(),
-                "clip_fraction": masked_mean((clipped > unclipped).float(), mask).item(),
-                "approx_kl": (0.5 * masked_mean(log_ratio**2, mask)).item(),
+                "clip_fraction": share((clipped > unclipped).float()).item(),
+                "approx_kl": (0.5 * share(log_ratio**2)).item(),
             }
 
 
@@ -413,79 +442,38 @@ class PPOTrainer:
 # Loading and the ppo phase
 
 
-def load_value_model(
-    config: PPOConfig, *, policy_path: str, reward_path: str, trust_remote_code: bool
-) -> Any:
-    import torch
-    from transformers import AutoModelForSequenceClassification
-    from trl.trainer.reward_trainer import suppress_seqcls_warning
-
-    source = reward_path if config.value_from == "rm" else policy_path
-    with suppress_seqcls_warning():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source,
-            num_labels=1,
-            local_files_only=True,
-            trust_remote_code=trust_remote_code,
-            dtype=torch.float32,
-        )
-    if config.value_from == "policy":
-        torch.nn.init.zeros_(model.score.weight)
-    return model
-
-
 def build_trainer(
-    *, policy: str, reward_model: str, ref: str | None, config: PPOConfig, trust_remote_code: bool = False
+    *,
+    policy: str,
+    reward_model: str,
+    ref: str | None,
+    config: PPOConfig,
+    trust_remote_code: bool = False,
+    seed: int = 0,
 ) -> tuple[PPOTrainer, dict[str, Any]]:
-    """Load the four models (policy, reference, reward, value) and the trainer around them."""
-    import torch
-
-    from caitool.models import (
-        force_offline,
-        load_full_causal_lm,
-        load_tokenizer,
-        model_info,
-        quiet_transformers,
-        require_full_model,
-    )
-    from caitool.reward import load_reward_model
+    """Check and load the models (policy, reference, reward, value) and the trainer around them."""
+    from caitool.models import force_offline, model_info, pick_device, quiet_transformers, require_full_model
+    from caitool.ppo_models import build_models
 
     infos = {"policy": model_info(policy), "reward": model_info(reward_model)}
     require_full_model(infos["reward"], "the reward model (--rm)")
-    if config.value_from == "policy":
+    if config.value_model == "separate" and config.value_from == "policy":
         require_full_model(infos["policy"], "--value-from policy")
+    if config.lora and not config.merge:
+        # A new adapter names one base directory; on top of another adapter that base would be wrong.
+        require_full_model(infos["policy"], "ppo --lora --no-merge")
     if ref is not None:
         infos["ref"] = model_info(ref)
     force_offline()
     quiet_transformers()
-
-    def causal_lm(path: str) -> Any:
-        return load_full_causal_lm(path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-
-    policy_model = causal_lm(infos["policy"].path)
-    ref_model = causal_lm(infos["ref"].path) if ref is not None else copy.deepcopy(policy_model)
-    tokenizer = load_tokenizer(infos["policy"].path, trust_remote_code=trust_remote_code)
-    scorer = load_reward_model(infos["reward"].path, device="cpu", trust_remote_code=trust_remote_code)
-    value_model = load_value_model(
-        config,
-        policy_path=infos["policy"].path,
-        reward_path=infos["reward"].path,
-        trust_remote_code=trust_remote_code,
-    )
-    trainer = PPOTrainer(
-        policy=policy_model,
-        ref=ref_model,
-        value_model=value_model,
-        reward_model=scorer,
-        tokenizer=tokenizer,
-        config=config,
-    )
-    return trainer, infos
+    paths = {role: info.path for role, info in infos.items()}
+    models = build_models(paths, config, device=pick_device(), seed=seed, trust_remote_code=trust_remote_code)
+    return PPOTrainer(models=models, config=config), infos
 
 
-def prompt_batches(records: list[PromptRecord], config: PPOConfig):
+def prompt_batches(records: list[PromptRecord], config: PPOConfig, seed: int):
     """``steps`` batches of prompts: the file shuffled (seeded), cycled as often as needed."""
-    rng = random.Random(derive_seed(config.seed, "prompt-order"))
+    rng = random.Random(derive_seed(seed, "prompt-order"))
     order: list[PromptRecord] = []
     for _ in range(config.steps):
         while len(order) < config.batch_size:
@@ -503,6 +491,7 @@ def step_line(step: int, total: int, metrics: dict[str, float]) -> str:
         f"value loss {metrics['value_loss']:.4f}  clip {metrics['clip_fraction']:.3f}  "
         f"length {metrics['response_length']:.1f}  no-eot {metrics['missing_eot']:.2f}  "
         f"{metrics['seconds']:.1f}s"
+        + (f"  gpu peak {metrics['gpu_peak_gb']:.1f} GB" if "gpu_peak_gb" in metrics else "")
     )
 
 
@@ -540,17 +529,22 @@ def save_checkpoint(trainer: PPOTrainer, staging: Path, step: int) -> Path:
     return final
 
 
-def ppo_run_key(input_path: str | Path, infos: dict[str, Any], config: PPOConfig) -> dict[str, Any]:
+def ppo_run_key(
+    input_path: str | Path, infos: dict[str, Any], config: PPOConfig, seed: int
+) -> dict[str, Any]:
     """What a run trains on and with: a checkpoint is reused only by a run with the same key.
 
     The number of steps is left out: step k's prompts and randomness do not depend on it, so
-    a killed run can be resumed with more steps than it was started with.
+    a killed run can be resumed with more steps than it was started with. Neither do how often
+    samples are saved nor whether activations are recomputed.
     """
-    settings = {k: v for k, v in asdict(config).items() if k not in ("steps", "sample_every")}
+    unshaping = ("steps", "sample_every", "gradient_checkpointing")
+    settings = {k: v for k, v in asdict(config).items() if k not in unshaping}
     return {
         "input": file_sha256(input_path),
         **{f"{role}_sha256": info.sha256 for role, info in sorted(infos.items())},
         **settings,
+        "seed": seed,
     }
 
 
@@ -562,30 +556,33 @@ def run_ppo(
     reward_model: str,
     ref: str | None = None,
     config: PPOConfig | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = True,
-    trust_remote_code: bool = False,
+    runtime: Runtime | None = None,
 ) -> list[dict[str, float]]:
     """Train and save the policy (HF directory: tokenizer, manifest, log, samples); return step metrics.
 
-    With ``checkpoint_every`` the run saves its state every N steps; the same command run
-    again after a kill continues from the last one (``resume``). Every step's randomness is
-    derived from the seed and the step number, so a resumed run takes the same steps as an
-    uninterrupted one.
+    With ``runtime.checkpoint_every`` the run saves its state every N steps; the same command
+    run again after a kill continues from the last one (``runtime.resume``). Every step's
+    randomness is derived from the seed and the step number, so a resumed run takes the same
+    steps as an uninterrupted one.
     """
     config = config or PPOConfig()
-    if config.value_from not in ("rm", "policy"):
-        raise CaitoolError(f'value_from must be "rm" or "policy", got "{config.value_from}"')
+    runtime = runtime or Runtime()
+    seed, checkpoint_every = runtime.seed, runtime.checkpoint_every
     started = now_iso()
     source = validate_input(input_path, parse_prompt_input)
     records = list(read_records(source.path, parse_prompt_input))
     check_output_dir(output)
     trainer, infos = build_trainer(
-        policy=policy, reward_model=reward_model, ref=ref, config=config, trust_remote_code=trust_remote_code
+        policy=policy,
+        reward_model=reward_model,
+        ref=ref,
+        config=config,
+        trust_remote_code=runtime.trust_remote_code,
+        seed=seed,
     )
     with atomic_model_dir(output) as staging:
-        run_key = ppo_run_key(input_path, infos, config)
-        checkpoint = resume_checkpoint(staging, run_key, resume)
+        run_key = ppo_run_key(input_path, infos, config, seed)
+        checkpoint = resume_checkpoint(staging, run_key, runtime.resume)
         if checkpoint and checkpoint_step(checkpoint) >= config.steps:
             raise CaitoolError(
                 f"{checkpoint} holds a killed run already past step {config.steps}; rerun with "
@@ -598,14 +595,15 @@ def run_ppo(
         ]
         keep_log_until(staging / SAMPLES_FILE, done)
         if checkpoint:
-            trainer.accelerator.load_state(checkpoint)
+            # Checkpoints hold trained weights only (keep_trainable_weights); frozen ones are loaded.
+            trainer.accelerator.load_state(checkpoint, strict=False)
             print_summary(f"ppo: resuming after step {done} from {checkpoint}")
         log = JsonlLog(staging / TRAINING_LOG, append=True)
         samples = JsonlLog(staging / SAMPLES_FILE, append=True)
-        for step, batch in enumerate(prompt_batches(records, config), start=1):
+        for step, batch in enumerate(prompt_batches(records, config, seed), start=1):
             if step <= done:
                 continue
-            rollout, metrics = trainer.step([r.prompt for r in batch], derive_seed(config.seed, "step", step))
+            rollout, metrics = trainer.step([r.prompt for r in batch], derive_seed(seed, "step", step))
             history.append(metrics)
             log.write({"step": step, **metrics})
             print_summary(step_line(step, config.steps, metrics))
@@ -616,8 +614,14 @@ def run_ppo(
                 saving = time.perf_counter()
                 saved = save_checkpoint(trainer, staging, step)
                 print_summary(f"ppo: saved {saved.name} in {time.perf_counter() - saving:.1f}s")
-        trained = trainer.accelerator.unwrap_model(trainer.policy)
-        saved_dtype = save_like_base(trained, staging, infos["policy"].path)
+        saved_dtype = save_policy(
+            trainer.accelerator.unwrap_model(trainer.policy),
+            staging,
+            config=config,
+            base_path=infos["policy"].path,
+            precision=trainer.models.precision,
+            trust_remote_code=runtime.trust_remote_code,
+        )
         trainer.tokenizer.save_pretrained(staging)
         write_model_manifest(
             staging,
@@ -625,7 +629,10 @@ def run_ppo(
                 phase="ppo",
                 params={
                     **asdict(config),
-                    "ref": ref or "the starting policy",
+                    "seed": seed,
+                    "ref": ref
+                    or ("the starting policy, adapters off" if config.lora else "the starting policy"),
+                    "precision": trainer.models.precision.name,
                     "device": str(trainer.device),
                     "checkpoint_every": checkpoint_every,
                     "resumed_from": checkpoint,

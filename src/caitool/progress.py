@@ -20,6 +20,13 @@ from rich.progress import (
 )
 
 stderr = Console(stderr=True)
+_silenced = False
+
+
+def silence() -> None:
+    """Print nothing more from this process (a process of a multi-process run other than the main one)."""
+    global _silenced
+    _silenced = True
 
 
 class PhaseProgress:
@@ -57,7 +64,7 @@ class PhaseProgress:
 
 @contextmanager
 def phase_progress(label: str, total: int, already_done: int = 0) -> Iterator[PhaseProgress]:
-    if not stderr.is_terminal:
+    if _silenced or not stderr.is_terminal:
         yield PhaseProgress(None, None, total, already_done)
         return
     columns = (
@@ -82,4 +89,6 @@ def summary_line(label: str, tracker: PhaseProgress, **counts: object) -> str:
 
 
 def print_summary(line: str) -> None:
+    if _silenced:
+        return
     stderr.print(line, highlight=False, markup=False, soft_wrap=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from caitool import __version__
+from caitool.cache import cache_dir
 
 MODEL_MANIFEST = "caitool_manifest.json"
 
@@ -40,8 +41,6 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
 
 
 def _hash_cache_file() -> Path:
-    from caitool.models import cache_dir
-
     return cache_dir() / "weight-hashes.json"
 
 

@@ -56,16 +56,13 @@ def run_revise(
     constitution: str = "harmless",
     model: str = "default",
     few_shot: int = 2,
-    params: SamplingParams | None = None,
+    params: SamplingParams = SamplingParams(),
     runtime: Runtime | None = None,
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
-    params = params or SamplingParams(max_new_tokens=256)
-    runtime = runtime or Runtime()
-    seed = runtime.seed
     loaded = load_constitution(constitution)
 
-    def make_process(backend: GenerationBackend):
+    def make_process(backend: GenerationBackend, seed: int):
         model_id = backend.model_id
 
         def process(records: list[RevisionRecord], chunk_index: int) -> ChunkResult:
@@ -99,18 +96,15 @@ def run_revise(
 
         return process
 
-    return BackendPhase(
+    phase = BackendPhase(
         phase="revise",
-        input_path=input_path,
-        output=output,
-        model=model,
-        runtime=runtime,
         parse=revise_input_parser(loaded),
         params={**asdict(params), "few_shot": few_shot},
         make_process=make_process,
         summary_counts=lambda result: _summary_counts(result.counts),
         constitution=loaded.ref,
-    ).run(backend)
+    )
+    return phase.run(input_path, output, model=model, runtime=runtime, backend=backend)
 
 
 def _revision_request(constitution: Constitution, record: RevisionRecord, few_shot: int) -> Conversation:

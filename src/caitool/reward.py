@@ -26,7 +26,8 @@ from typing import Any
 
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records, write_json_atomic
-from caitool.pipeline import validate_input
+from caitool.pipeline import Runtime, validate_input
+from caitool.processes import current_processes, launch_sharding
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import Conversation, Message, PreferenceRecord, parse_record
@@ -36,6 +37,7 @@ from caitool.training import (
     TRAINING_LOG,
     atomic_model_dir,
     checkpoint_step,
+    gathered_state_dict,
     jsonl_log_callback,
     keep_log_until,
     resume_checkpoint,
@@ -123,9 +125,15 @@ class RewardModel:
 
 
 def load_reward_model(
-    directory: str | Path, *, device: str | None = None, batch_size: int = 8, trust_remote_code: bool = False
+    directory: str | Path,
+    *,
+    device: str | None = None,
+    batch_size: int = 8,
+    trust_remote_code: bool = False,
+    dtype: Any = None,
 ) -> RewardModel:
-    """Load a reward model written by ``train-rm`` (or any one-output sequence classifier)."""
+    """Load a reward model written by ``train-rm`` (or any one-output sequence classifier);
+    ``dtype`` None keeps the precision it was saved in."""
     from caitool.models import (
         force_offline,
         load_tokenizer,
@@ -144,7 +152,7 @@ def load_reward_model(
     device = pick_device(device)
     tokenizer = load_tokenizer(info.path, trust_remote_code=trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
-        info.path, local_files_only=True, trust_remote_code=trust_remote_code
+        info.path, local_files_only=True, trust_remote_code=trust_remote_code, dtype=dtype or "auto"
     )
     if model.config.num_labels != 1:
         raise CaitoolError(
@@ -212,6 +220,8 @@ def evaluate_pairs(reward_model: RewardModel, pairs: Sequence[PreferenceRecord])
 
 @dataclass(frozen=True)
 class RewardTrainingConfig:
+    """What train-rm trains on and how; the seed and checkpointing come with the shared Runtime."""
+
     soft: bool = True
     eval_fraction: float = 0.1
     epochs: float = 1.0
@@ -219,7 +229,6 @@ class RewardTrainingConfig:
     lora: bool = False
     batch_size: int = 4
     max_length: int = 1024
-    seed: int = 0
 
 
 def parse_preference(raw: dict[str, Any]) -> PreferenceRecord:
@@ -288,9 +297,12 @@ def soft_label_trainer_class():
             margin = rewards_chosen - rewards_rejected
             loss = soft_preference_loss(margin, labels)
             with torch.no_grad():
-                self._metrics[mode]["accuracy"].append((margin > 0).float().mean().item())
-                self._metrics[mode]["margin"].append(margin.mean().item())
-                self._metrics[mode]["mean_reward"].append(outputs.logits.mean().item())
+                # Over every process's pairs, so a multi-process run logs what one process would.
+                margins = self.accelerator.gather_for_metrics(margin.detach())
+                rewards = self.accelerator.gather_for_metrics(outputs.logits.detach())
+                self._metrics[mode]["accuracy"].append((margins > 0).float().mean().item())
+                self._metrics[mode]["margin"].append(margins.mean().item())
+                self._metrics[mode]["mean_reward"].append(rewards.mean().item())
             return (loss, outputs) if return_outputs else loss
 
     return SoftLabelRewardTrainer, SoftLabelCollator
@@ -340,35 +352,79 @@ def load_reward_init(spec: str, *, lora: bool, seed: int, trust_remote_code: boo
     return model, tokenizer, info, peft_config
 
 
+def reward_training_args(config: RewardTrainingConfig, runtime: Runtime, staging: Path, device: str) -> Any:
+    from trl import RewardConfig
+
+    from caitool.training import cpu_training_kwargs
+
+    return RewardConfig(
+        output_dir=str(staging / CHECKPOINTS),
+        num_train_epochs=config.epochs,
+        learning_rate=config.lr,
+        per_device_train_batch_size=config.batch_size,
+        logging_steps=1,
+        save_strategy="steps" if runtime.checkpoint_every else "no",
+        save_steps=runtime.checkpoint_every or 500,
+        save_total_limit=1,
+        eval_strategy="no",
+        report_to=[],
+        seed=runtime.seed,
+        data_seed=runtime.seed,
+        max_length=None,
+        disable_dropout=True,
+        disable_tqdm=True,
+        **cpu_training_kwargs(device),
+    )
+
+
+def save_reward_model(
+    trainer: Any, config: RewardTrainingConfig, tokenizer: Any, staging: Path, base_dir: str
+) -> str:
+    """Gather the trained weights (every process) and save them with the tokenizer (the main process)."""
+    state = gathered_state_dict(trainer.accelerator, trainer.model_wrapped)
+    if not trainer.accelerator.is_main_process:
+        return ""
+    trained = trainer.model.merge_and_unload() if config.lora else trainer.model
+    trained.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.save_pretrained(staging)
+    return save_like_base(trained, staging, base_dir, None if config.lora else state)
+
+
 def run_train_rm(
     input_path: str | Path,
     output: str | Path,
     *,
     model: str = "default",
     config: RewardTrainingConfig | None = None,
-    checkpoint_every: int = 0,
-    resume: bool = True,
-    trust_remote_code: bool = False,
+    runtime: Runtime | None = None,
     device: str | None = None,
 ) -> dict[str, Any]:
     """Train, save atomically (model, tokenizer, manifest, log, metrics.json) and return the metrics.
 
-    With ``checkpoint_every`` the Trainer saves every N steps, and the same command run again
-    after a kill continues from the last checkpoint (``resume``).
+    With ``runtime.checkpoint_every`` the Trainer saves every N steps, and the same command run
+    again after a kill continues from the last checkpoint (``runtime.resume``). Under ``torchrun``
+    or ``accelerate launch`` each process trains on ``batch_size`` pairs of every step and the
+    main process writes; the held-out metrics are those of the trained fp32 weights.
     """
     config = config or RewardTrainingConfig()
+    runtime = runtime or Runtime()
+    seed, checkpoint_every = runtime.seed, runtime.checkpoint_every
     started, clock = now_iso(), time.perf_counter()
     source = validate_input(input_path, parse_preference)
     records = list(read_records(source.path, parse_preference))
-    train_records, held_out = split_held_out(records, config.eval_fraction, config.seed)
+    train_records, held_out = split_held_out(records, config.eval_fraction, seed)
 
     from caitool.models import pick_device
-    from caitool.training import check_output_dir, cpu_training_kwargs
+    from caitool.training import check_output_dir
 
     check_output_dir(output)
+    sharding = launch_sharding()
+    if sharding and config.lora:
+        raise CaitoolError(f"train-rm --lora cannot merge the adapter into weights sharded by {sharding}")
+    processes = current_processes()
     device = pick_device(device)
     reward_init, tokenizer, info, peft_config = load_reward_init(
-        model, lora=config.lora, seed=config.seed, trust_remote_code=trust_remote_code
+        model, lora=config.lora, seed=seed, trust_remote_code=runtime.trust_remote_code
     )
     rows = tokenized_rows(tokenizer, train_records, config.soft, config.max_length)
     if not rows:
@@ -376,73 +432,64 @@ def run_train_rm(
 
     from datasets import Dataset
     from transformers import PrinterCallback
-    from trl import RewardConfig
 
     trainer_class, collator_class = soft_label_trainer_class()
-    run_key = {"input": file_sha256(input_path), "model": info.sha256, **asdict(config)}
-    with atomic_model_dir(output) as staging:
-        checkpoint = resume_checkpoint(staging, run_key, resume)
+    run_key = {
+        "input": file_sha256(input_path),
+        "model": info.sha256,
+        **asdict(config),
+        "seed": seed,
+        "processes": processes.count,
+    }
+    with atomic_model_dir(output, processes) as staging:
+        checkpoint = resume_checkpoint(staging, run_key, runtime.resume, processes)
         if checkpoint is not None:
-            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint))
-        args = RewardConfig(
-            output_dir=str(staging / CHECKPOINTS),
-            num_train_epochs=config.epochs,
-            learning_rate=config.lr,
-            per_device_train_batch_size=config.batch_size,
-            logging_steps=1,
-            save_strategy="steps" if checkpoint_every else "no",
-            save_steps=checkpoint_every or 500,
-            save_total_limit=1,
-            eval_strategy="no",
-            report_to=[],
-            seed=config.seed,
-            data_seed=config.seed,
-            max_length=None,
-            disable_dropout=True,
-            disable_tqdm=True,
-            **cpu_training_kwargs(device),
-        )
+            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint), processes)
+        log = jsonl_log_callback(staging / TRAINING_LOG, append=checkpoint is not None, processes=processes)
         trainer = trainer_class(
             model=reward_init,
-            args=args,
+            args=reward_training_args(config, runtime, staging, device),
             train_dataset=Dataset.from_list(rows),
             processing_class=tokenizer,
             data_collator=collator_class(pad_token_id=tokenizer.pad_token_id),
             peft_config=peft_config,
-            callbacks=[jsonl_log_callback(staging / TRAINING_LOG, append=checkpoint is not None)],
+            callbacks=[log],
         )
         # The log goes to training_log.jsonl; the default printer would put dicts on stdout.
         trainer.remove_callback(PrinterCallback)
         trainer.train(resume_from_checkpoint=checkpoint)
-        trained = trainer.model.merge_and_unload() if config.lora else trainer.model
-        trained.config.pad_token_id = tokenizer.pad_token_id
-        saved_dtype = save_like_base(trained, staging, info.path)
-        tokenizer.save_pretrained(staging)
-        scorer = RewardModel(trained.eval(), tokenizer, device=str(trained.device))
+        # Every process scores the held-out pairs through the prepared model (sharded weights are
+        # gathered layer by layer as it runs); the main process writes what they agree on.
+        scorer = RewardModel(trainer.model_wrapped.eval(), tokenizer, device=str(trainer.accelerator.device))
+        held_out_metrics = evaluate_pairs(scorer, held_out)
+        saved_dtype = save_reward_model(trainer, config, tokenizer, staging, info.path)
         metrics = {
-            "held_out": evaluate_pairs(scorer, held_out),
+            "held_out": held_out_metrics,
             "train": {"pairs": len(rows), "skipped_too_long": len(train_records) - len(rows)},
             "labels": "soft" if config.soft else "hard",
             "saved_dtype": saved_dtype,
             "wall_seconds": round(time.perf_counter() - clock, 1),
         }
-        write_json_atomic(staging / METRICS_FILE, metrics)
-        write_model_manifest(
-            staging,
-            build_manifest(
-                phase="train-rm",
-                params={
-                    **asdict(config),
-                    "device": device,
-                    "checkpoint_every": checkpoint_every,
-                    "resumed_from": checkpoint,
-                },
-                started_at=started,
-                models={"init": info},
-                inputs=[input_path],
-                counts={"pairs": len(records), "train": len(rows), "held_out": len(held_out)},
-            ),
-        )
+        if processes.is_main:
+            write_json_atomic(staging / METRICS_FILE, metrics)
+            write_model_manifest(
+                staging,
+                build_manifest(
+                    phase="train-rm",
+                    params={
+                        **asdict(config),
+                        "seed": seed,
+                        "device": device,
+                        "processes": processes.count,
+                        "checkpoint_every": checkpoint_every,
+                        "resumed_from": checkpoint,
+                    },
+                    started_at=started,
+                    models={"init": info},
+                    inputs=[input_path],
+                    counts={"pairs": len(records), "train": len(rows), "held_out": len(held_out)},
+                ),
+            )
     print_summary(_summary(metrics, output))
     return metrics
 

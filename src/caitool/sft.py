@@ -14,15 +14,17 @@ import math
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from caitool.choices import SftRounds, check_choice
 from caitool.errors import CaitoolError
 from caitool.hygiene import REVISION_EMPTY
 from caitool.jsonl_io import read_records
 from caitool.models import model_info, require_full_model
-from caitool.pipeline import validate_input
+from caitool.pipeline import Runtime, validate_input
+from caitool.processes import Processes, current_processes, launch_sharding
 from caitool.progress import phase_progress, print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import (
@@ -40,6 +42,7 @@ from caitool.training import (
     check_output_dir,
     checkpoint_step,
     cpu_training_kwargs,
+    gathered_state_dict,
     jsonl_log_callback,
     keep_log_until,
     resume_checkpoint,
@@ -47,7 +50,7 @@ from caitool.training import (
     write_model_manifest,
 )
 
-RoundsMode = Literal["final", "all"]
+RoundsMode = SftRounds
 
 
 @dataclass
@@ -118,8 +121,7 @@ def load_sft_data(
     exclude_flags: Sequence[str] = (),
 ) -> SftData:
     """Read and check every input before anything is written."""
-    if rounds not in ("final", "all"):
-        raise CaitoolError(f'--rounds must be "final" or "all", not "{rounds}"')
+    check_choice("--rounds", rounds, SftRounds)
     source = validate_input(input_path, _parse_revision)
     records = list(read_records(source.path, source.parse))
     data = revision_examples(records, rounds, exclude_flags)
@@ -139,7 +141,9 @@ def load_sft_data(
 
 
 @dataclass(frozen=True)
-class SftSettings:
+class SftConfig:
+    """What sft trains on and how; the seed and checkpointing come with the shared Runtime."""
+
     rounds: RoundsMode = "final"
     exclude_flags: tuple[str, ...] = ()
     mix_ratio: float = 1.0
@@ -151,15 +155,21 @@ class SftSettings:
     batch_size: int = 4
     grad_accum: int = 1
     max_length: int = 1024
-    seed: int = 0
-    checkpoint_every: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("--rounds", self.rounds, SftRounds)
+        if not self.merge and not self.lora:
+            raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
+        object.__setattr__(self, "exclude_flags", tuple(self.exclude_flags or ()))
 
     def as_params(self) -> dict[str, Any]:
-        """JSON-shaped, so a run key read back from disk compares equal."""
-        return {**self.__dict__, "exclude_flags": list(self.exclude_flags)}
+        return {**asdict(self), "exclude_flags": list(self.exclude_flags)}
 
 
-def sft_config(settings: SftSettings, output_dir: Path, device: str) -> Any:
+SftSettings = SftConfig  # the name sft's config had before every phase had one
+
+
+def sft_config(settings: SftConfig, runtime: Runtime, output_dir: Path, device: str) -> Any:
     from trl import SFTConfig
 
     return SFTConfig(
@@ -170,11 +180,11 @@ def sft_config(settings: SftSettings, output_dir: Path, device: str) -> Any:
         gradient_accumulation_steps=settings.grad_accum,
         max_length=settings.max_length,
         completion_only_loss=True,
-        seed=settings.seed,
-        data_seed=settings.seed,
+        seed=runtime.seed,
+        data_seed=runtime.seed,
         logging_steps=1,
-        save_strategy="steps" if settings.checkpoint_every else "no",
-        save_steps=settings.checkpoint_every or 500,
+        save_strategy="steps" if runtime.checkpoint_every else "no",
+        save_steps=runtime.checkpoint_every or 500,
         save_total_limit=1,
         report_to="none",
         disable_tqdm=True,
@@ -182,7 +192,7 @@ def sft_config(settings: SftSettings, output_dir: Path, device: str) -> Any:
     )
 
 
-def lora_config(settings: SftSettings) -> Any:
+def lora_config(settings: SftConfig) -> Any:
     from peft import LoraConfig
 
     return LoraConfig(
@@ -229,10 +239,12 @@ def build_trainer(
     policy: Any,
     tokenizer: Any,
     data: SftData,
-    settings: SftSettings,
+    settings: SftConfig,
+    runtime: Runtime,
     staging: Path,
     device: str,
     resuming: bool,
+    processes: Processes,
 ) -> Any:
     """SFTTrainer logging to ``training_log.jsonl``; caitool's progress replaces the Trainer's printers."""
     from datasets import Dataset, disable_progress_bars
@@ -242,24 +254,46 @@ def build_trainer(
     disable_progress_bars()  # TRL's dataset preparation bars would drown caitool's one-line progress
     trainer = SFTTrainer(
         model=policy,
-        args=sft_config(settings, staging / CHECKPOINTS, device),
+        args=sft_config(settings, runtime, staging / CHECKPOINTS, device),
         train_dataset=Dataset.from_list(data.examples),
         processing_class=tokenizer,
         peft_config=lora_config(settings) if settings.lora else None,
     )
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(jsonl_log_callback(staging / TRAINING_LOG, append=resuming))
+    trainer.add_callback(jsonl_log_callback(staging / TRAINING_LOG, append=resuming, processes=processes))
     return trainer
 
 
-def train(trainer: Any, settings: SftSettings, examples: int, checkpoint: str | None) -> tuple[Any, float]:
-    steps = math.ceil(examples / (settings.batch_size * settings.grad_accum)) * math.ceil(settings.epochs)
+def train(
+    trainer: Any, settings: SftConfig, examples: int, checkpoint: str | None, processes: Processes
+) -> tuple[Any, float]:
+    per_step = settings.batch_size * settings.grad_accum * processes.count
+    steps = math.ceil(examples / per_step) * math.ceil(settings.epochs)
     started = time.perf_counter()
     with phase_progress("sft", steps) as tracker:
         trainer.add_callback(progress_callback(tracker))
         result = trainer.train(resume_from_checkpoint=checkpoint)
     return result, time.perf_counter() - started
+
+
+def save_trained(
+    trainer: Any, settings: SftConfig, staging: Path, base_dir: str, processes: Processes
+) -> str:
+    """Save the trained model (or, with --no-merge, the adapter) and return the dtype saved.
+
+    Every process takes part in gathering the weights; the main process writes them.
+    """
+    state = gathered_state_dict(trainer.accelerator, trainer.model_wrapped)
+    if not processes.is_main:
+        return ""
+    if settings.lora and not settings.merge:
+        # A PeftModel saves only its adapter, which names the base directory it was trained on.
+        trainer.model.save_pretrained(staging, state_dict=state)
+        return "adapter"
+    if settings.lora:
+        return save_like_base(trainer.model.merge_and_unload(), staging, base_dir)
+    return save_like_base(trainer.model, staging, base_dir, state)
 
 
 def run_sft(
@@ -268,47 +302,57 @@ def run_sft(
     *,
     model: str = "default",
     mix: str | Path | None = None,
-    settings: SftSettings | None = None,
-    resume: bool = True,
-    trust_remote_code: bool = False,
+    config: SftConfig | None = None,
+    runtime: Runtime | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune and publish ``output_dir``; returns the manifest written inside it."""
-    settings = settings or SftSettings()
+    """Fine-tune and publish ``output_dir``; returns the manifest written inside it.
+
+    Under ``torchrun`` or ``accelerate launch`` every process runs this: the Trainer gives each
+    its share of every batch (``batch_size`` examples per process), and the main process writes.
+    """
+    settings = config or SftConfig()
+    runtime = runtime or Runtime()
     started = now_iso()
     data = load_sft_data(
         input_path,
         rounds=settings.rounds,
         mix=mix,
         mix_ratio=settings.mix_ratio,
-        seed=settings.seed,
+        seed=runtime.seed,
         exclude_flags=settings.exclude_flags,
     )
     check_output_dir(output_dir)
     if settings.lora and not settings.merge:
         # A new adapter names one base directory; on top of another adapter that base would be wrong.
         require_full_model(model_info(model), "sft --lora --no-merge")
-    info, tokenizer, policy, device = load_policy(model, trust_remote_code)
+    sharding = launch_sharding()
+    if sharding and settings.lora and settings.merge:
+        raise CaitoolError(
+            f"sft --lora cannot merge the adapter into weights sharded by {sharding}; "
+            "pass --no-merge to save the adapter alone"
+        )
+    processes = current_processes()
+    info, tokenizer, policy, device = load_policy(model, runtime.trust_remote_code)
+    # How often a run saves does not change what it trains, so checkpoint_every is not in the key;
+    # the number of processes does (each takes batch_size examples per step).
     run_key = {
         "input": file_sha256(input_path),
         "mix": file_sha256(mix) if mix is not None else None,
         "model": info.sha256,
         **settings.as_params(),
-        "checkpoint_every": None,  # how often a run saves does not change what it trains
+        "seed": runtime.seed,
+        "processes": processes.count,
     }
-    with atomic_model_dir(output_dir) as staging:
-        checkpoint = resume_checkpoint(staging, run_key, resume)
+    with atomic_model_dir(output_dir, processes) as staging:
+        checkpoint = resume_checkpoint(staging, run_key, runtime.resume, processes)
         if checkpoint is not None:
-            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint))
-        trainer = build_trainer(policy, tokenizer, data, settings, staging, device, checkpoint is not None)
-        result, seconds = train(trainer, settings, len(data.examples), checkpoint)
-        if settings.lora and not settings.merge:
-            # A PeftModel saves only its adapter, which names the base directory it was trained on.
-            trainer.model.save_pretrained(staging)
-            saved_dtype = "adapter"
-        else:
-            trained = trainer.model.merge_and_unload() if settings.lora else trainer.model
-            saved_dtype = save_like_base(trained, staging, info.path)
-        tokenizer.save_pretrained(staging)
+            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint), processes)
+        resuming = checkpoint is not None
+        trainer = build_trainer(
+            policy, tokenizer, data, settings, runtime, staging, device, resuming, processes
+        )
+        result, seconds = train(trainer, settings, len(data.examples), checkpoint, processes)
+        saved_dtype = save_trained(trainer, settings, staging, info.path, processes)
         counts = {
             **data.counts,
             "examples": len(data.examples),
@@ -320,19 +364,27 @@ def run_sft(
         }
         manifest = build_manifest(
             phase="sft",
-            params={**settings.as_params(), "resumed_from": checkpoint},
+            params={
+                **settings.as_params(),
+                "seed": runtime.seed,
+                "processes": processes.count,
+                "checkpoint_every": runtime.checkpoint_every,
+                "resumed_from": checkpoint,
+            },
             started_at=started,
             models={"base": info},
             inputs=[input_path, *([mix] if mix is not None else [])],
             constitution=data.constitution,
             counts=counts,
         )
-        write_model_manifest(staging, manifest)
+        if processes.is_main:
+            tokenizer.save_pretrained(staging)
+            write_model_manifest(staging, manifest)
     print_summary(_summary(output_dir, counts, settings))
     return manifest
 
 
-def _summary(output_dir: str | Path, counts: dict[str, Any], settings: SftSettings) -> str:
+def _summary(output_dir: str | Path, counts: dict[str, Any], settings: SftConfig) -> str:
     seconds = counts["train_seconds"]
     tokens = counts["train_tokens_per_epoch"] * settings.epochs
     return (

@@ -6,6 +6,11 @@ the model, tokenizer, manifest and log are all written, so a killed run never le
 directory that looks complete. The staging directory is kept after a kill so the same
 command, run again, resumes from the last checkpoint it left there (``checkpoints/checkpoint-N``);
 ``run_key.json`` records what that run was, so a different command never resumes from it.
+
+Under a multi-process launch (:mod:`caitool.processes`) every process runs these functions;
+the main process alone creates, writes, deletes and renames, and the others wait at a barrier
+wherever they go on to read what it wrote. Weights are taken through the accelerator's state
+dict, which gathers DeepSpeed ZeRO-3 and FSDP shards, and saved by the main process.
 """
 
 from __future__ import annotations
@@ -20,7 +25,9 @@ from typing import Any
 
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import write_json_atomic
+from caitool.processes import Processes
 from caitool.provenance import MODEL_MANIFEST
+from caitool.run_key import KeyFile, differing_settings
 
 TRAINING_LOG = "training_log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -41,13 +48,28 @@ def check_output_dir(out: str | Path) -> Path:
 
 
 @contextmanager
-def atomic_model_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a staging directory; on success it replaces ``out`` in one rename."""
+def atomic_model_dir(out: str | Path, processes: Processes | None = None) -> Iterator[Path]:
+    """Yield a staging directory; on success it replaces ``out`` in one rename.
+
+    Every process enters and leaves together: the staging directory exists before any process
+    uses it, and ``out`` is in place (renamed by the main process once every process has finished
+    writing into the staging directory) before any returns.
+    """
+    processes = processes or Processes()
     out = check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(out)
-    staging.mkdir(exist_ok=True)
+    if processes.is_main:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(exist_ok=True)
+    processes.wait()
     yield staging
+    processes.wait()
+    if processes.is_main:
+        publish(staging, out)
+    processes.wait()
+
+
+def publish(staging: Path, out: Path) -> None:
     if not (staging / MODEL_MANIFEST).exists():
         raise CaitoolError(f"internal error: {staging} has no {MODEL_MANIFEST}; not publishing it")
     shutil.rmtree(staging / CHECKPOINTS, ignore_errors=True)
@@ -62,31 +84,39 @@ def atomic_model_dir(out: str | Path) -> Iterator[Path]:
         os.replace(staging, out)
 
 
-def resume_checkpoint(staging: Path, run_key: dict[str, Any], resume: bool) -> str | None:
+def resume_checkpoint(
+    staging: Path, run_key: dict[str, Any], resume: bool, processes: Processes | None = None
+) -> str | None:
     """The latest checkpoint a killed run of the same command left in ``staging``, if any.
 
     Checkpoints of a different command (another ``run_key``) are refused rather than thrown
     away, since a mistyped option should not cost hours of training; ``resume=False``
-    deletes them and starts over.
+    deletes them and starts over. Every process reads the same files and so comes to the
+    same answer before the main process changes anything.
     """
     from transformers.trainer_utils import get_last_checkpoint
 
-    key_file = staging / RUN_KEY
+    processes = processes or Processes()
+    key_file = KeyFile(staging / RUN_KEY)
     checkpoints = staging / CHECKPOINTS
     last = get_last_checkpoint(str(checkpoints)) if checkpoints.exists() else None
     if last is not None and resume:
-        killed_key = json.loads(key_file.read_text()) if key_file.exists() else {}
-        differing = sorted(k for k in {*killed_key, *run_key} if killed_key.get(k) != run_key.get(k))
+        # A checkpoint without a key cannot be told apart from another command's: refused too.
+        differing = differing_settings(key_file.read() or {}, run_key)
         if differing:
             raise CaitoolError(
                 f"{staging} holds {Path(last).name} of a killed run with other settings "
                 f"({', '.join(differing)}); rerun that command to continue it, "
                 "or pass --no-resume to discard it"
             )
-    if not resume and checkpoints.exists():
-        shutil.rmtree(checkpoints)
+    if not resume:
         last = None
-    write_json_atomic(key_file, run_key)
+    processes.wait()
+    if processes.is_main:
+        if not resume and checkpoints.exists():
+            shutil.rmtree(checkpoints)
+        key_file.write(run_key)
+    processes.wait()
     return last
 
 
@@ -94,14 +124,19 @@ def checkpoint_step(checkpoint: str | Path) -> int:
     return int(Path(checkpoint).name.rsplit("-", 1)[-1])
 
 
-def keep_log_until(log_path: Path, step: int) -> list[dict[str, Any]]:
+def keep_log_until(log_path: Path, step: int, processes: Processes | None = None) -> list[dict[str, Any]]:
     """Drop entries a killed run logged after its last checkpoint (the resumed run redoes
-    those steps) and return the entries kept."""
-    if not log_path.exists():
-        return []
-    entries = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    those steps) and return the entries kept (to every process; the main one rewrites the log)."""
+    processes = processes or Processes()
+    entries = (
+        [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+        if log_path.exists()
+        else []
+    )
     kept = [e for e in entries if e.get("step", 0) <= step]
-    log_path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept))
+    processes.wait()
+    if processes.is_main and log_path.exists():
+        log_path.write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in kept))
     return kept
 
 
@@ -118,19 +153,32 @@ def config_dtype(model_dir: str | Path) -> str | None:
     return dtype if isinstance(dtype, str) else None
 
 
-def save_like_base(model: Any, directory: Path, base_dir: str | Path) -> str:
-    """Save ``model`` in its base model's precision and return the dtype saved.
+def save_like_base(
+    model: Any, directory: Path, base_dir: str | Path, state_dict: dict[str, Any] | None = None
+) -> str:
+    """Save ``model`` (or the full ``state_dict`` gathered for it) in its base model's precision
+    and return the dtype saved.
 
     Training keeps fp32 weights (the optimiser needs them); a bf16 or fp16 base is saved back in
-    its own precision, so a fine-tuned 7B model is the size of its base, not twice that.
+    its own precision, so a fine-tuned 7B model is the size of its base, not twice that. Weights
+    gathered in 16 bits (DeepSpeed ZeRO-3) stay in 16 bits.
     """
     import torch
 
+    state = model.state_dict() if state_dict is None else state_dict
     base = config_dtype(base_dir)
-    if base in HALF_PRECISION:
-        model = model.to(getattr(torch, base))
-    model.save_pretrained(directory)
-    return str(model.dtype).removeprefix("torch.")
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    dtype = getattr(torch, base) if base in HALF_PRECISION else (floating[0] if floating else model.dtype)
+    state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
+    model.to(dtype)  # save_pretrained writes the model's own dtype into config.json
+    model.save_pretrained(directory, state_dict=state)
+    return str(dtype).removeprefix("torch.")
+
+
+def gathered_state_dict(accelerator: Any, prepared: Any) -> dict[str, Any]:
+    """The full weights of a model prepared by ``accelerator`` (DeepSpeed ZeRO-3 and FSDP shards
+    gathered). A collective: every process calls it; only the main process's copy is used."""
+    return accelerator.get_state_dict(prepared)
 
 
 def write_model_manifest(directory: Path, manifest: dict[str, Any]) -> None:
@@ -143,39 +191,48 @@ def read_model_manifest(directory: str | Path) -> dict[str, Any] | None:
 
 
 class JsonlLog:
-    """Append-only JSONL log of training steps (one object per logged step)."""
+    """Append-only JSONL log of training steps (one object per logged step).
 
-    def __init__(self, path: Path, *, append: bool = False):
+    ``enabled=False`` (every process but the main one) writes nothing.
+    """
+
+    def __init__(self, path: Path, *, append: bool = False, enabled: bool = True):
         self.path = path
-        if not append:
+        self.enabled = enabled
+        if enabled and not append:
             path.unlink(missing_ok=True)
 
     def write(self, entry: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
-def jsonl_log_callback(path: Path, *, append: bool = False) -> Any:
+def jsonl_log_callback(path: Path, *, append: bool = False, processes: Processes | None = None) -> Any:
     """A transformers TrainerCallback writing each ``on_log`` event to ``path`` as JSONL.
 
-    ``append`` keeps the entries already there (a run resumed from a checkpoint).
+    ``append`` keeps the entries already there (a run resumed from a checkpoint). The Trainer
+    logs on every process, with the loss already averaged over them; the main process writes.
     """
     from transformers import TrainerCallback
 
-    log = JsonlLog(path, append=append)
+    log = JsonlLog(path, append=append, enabled=(processes or Processes()).is_main)
 
     class _JsonlLogCallback(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs:
+            if logs and state.is_world_process_zero:
                 log.write({"step": state.global_step, "epoch": state.epoch, **logs})
 
     return _JsonlLogCallback()
 
 
 def cpu_training_kwargs(device: str) -> dict[str, Any]:
-    """TrainingArguments that keep a CPU run quiet and correct (no bf16, no checkpointing)."""
+    """TrainingArguments that keep a run quiet and correct: on CPU no bf16 and no checkpointing;
+    under DDP no search for unused parameters (every trained weight takes part in every step)."""
+    distributed = {"ddp_find_unused_parameters": False}
     if device.startswith("cuda"):
         import torch
 
-        return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False}
-    return {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": False}
+        return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False, **distributed}
+    return {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": False, **distributed}

@@ -14,13 +14,13 @@ Phases never name a concrete backend: they call :func:`load_backend`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from caitool.backends.base import (
+    SERVED_PREFIX,
     BackendOptions,
     Completion,
     GenerationBackend,
     SamplingParams,
+    ServedSpec,
     derive_seed,
 )
 from caitool.errors import CaitoolError
@@ -36,20 +36,6 @@ __all__ = [
     "load_backend",
     "parse_served_spec",
 ]
-
-SERVED_PREFIX = "openai:"
-
-
-@dataclass(frozen=True)
-class ServedSpec:
-    """A model behind an OpenAI-compatible API: its served name and the replicas that serve it."""
-
-    name: str
-    base_urls: tuple[str, ...]
-
-    @property
-    def spec(self) -> str:
-        return SERVED_PREFIX + self.name
 
 
 def is_served(spec: str) -> bool:

@@ -84,6 +84,21 @@ class BackendOptions:
     tokenizer: str | None = None  # a local tokenizer: render chat templates here, use /v1/completions
 
 
+SERVED_PREFIX = "openai:"
+
+
+@dataclass(frozen=True)
+class ServedSpec:
+    """A model behind an OpenAI-compatible API: its served name and the replicas that serve it."""
+
+    name: str
+    base_urls: tuple[str, ...]
+
+    @property
+    def spec(self) -> str:
+        return SERVED_PREFIX + self.name
+
+
 def derive_seed(seed: int, *parts: object) -> int:
     """A seed for one unit of work that depends only on the run seed and the unit's identity."""
     payload = repr((seed, *parts)).encode()

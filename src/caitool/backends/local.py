@@ -2,9 +2,10 @@
 
 Batches are formed from conversations of similar length (fewer pad tokens), padded on the
 left, and each batch is seeded from the call's seed and the batch position, so the same
-inputs and seed give the same outputs. Letter scoring reads the next-token distribution at
-the end of each prompt, sharing one key/value cache for the prompts' common opening (the
-labeller's few-shot turns) across calls.
+inputs and seed give the same outputs. Samples are drawn from softmax(logits / T) within
+``top_p`` and nothing else, whatever the model's generation config sets (:mod:`caitool.sampling`).
+Letter scoring reads the next-token distribution at the end of each prompt, sharing one
+key/value cache for the prompts' common opening (the labeller's few-shot turns) across calls.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from caitool.backends.base import Completion, SamplingParams, derive_seed
 from caitool.records import Conversation
+from caitool.sampling import plain_generation_config, sample
 from caitool.tokens import cut_at_stop, decode, encode, left_padded, render_chat, right_padded
 
 # Below this many shared tokens a prefix cache saves less than copying it costs.
@@ -106,24 +108,20 @@ class TransformersBackend:
         for batch_index, indices in enumerate(self._length_sorted_batches(rows)):
             torch.manual_seed(derive_seed(seed, batch_index))
             input_ids, attention_mask = left_padded([rows[i] for i in indices], pad, self.device)
-            sampling: dict[str, Any] = (
-                {"do_sample": False}
-                if params.greedy
-                else {"do_sample": True, "temperature": params.temperature, "top_p": params.top_p}
-            )
             # Greedy decoding gives n identical samples, and transformers refuses n > 1 for it.
             copies = 1 if params.greedy else params.n
+            config = plain_generation_config(
+                self.model,
+                temperature=0.0 if params.greedy else params.temperature,
+                top_p=params.top_p,
+                max_new_tokens=params.max_new_tokens,
+                min_new_tokens=params.max_new_tokens if params.ignore_eos else None,
+                num_return_sequences=copies,
+                eos_token_id=self.stop_ids,
+                pad_token_id=pad,
+            )
             with torch.inference_mode():
-                output = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    max_new_tokens=params.max_new_tokens,
-                    min_new_tokens=params.max_new_tokens if params.ignore_eos else None,
-                    num_return_sequences=copies,
-                    eos_token_id=self.stop_ids,
-                    pad_token_id=pad,
-                    **sampling,
-                )
+                output = sample(self.model, input_ids, attention_mask, config)
             new_tokens = output[:, input_ids.shape[1] :]
             for row, tokens in enumerate(new_tokens):
                 completion = self._completion(tokens.tolist())

@@ -36,8 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from caitool.backends import ServedSpec
-from caitool.backends.base import BackendOptions, Completion, SamplingParams, derive_seed
+from caitool.backends.base import BackendOptions, Completion, SamplingParams, ServedSpec, derive_seed
 from caitool.errors import CaitoolError
 from caitool.records import Conversation
 from caitool.tokens import as_dicts, render_chat

@@ -1,0 +1,28 @@
+"""The closed sets of option values, each named once.
+
+The command line offers them as choices (Typer reads the ``Literal``), and the phases called
+from Python check them with :func:`check_choice`, so a new value is added in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, get_args
+
+from caitool.errors import CaitoolError
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+LabelMode = Literal["logprob", "cot", "score"]
+SftRounds = Literal["final", "all"]
+ValueFrom = Literal["rm", "policy"]
+ValueModel = Literal["shared", "separate"]
+
+
+def choices(kind: Any) -> tuple[str, ...]:
+    return get_args(kind)
+
+
+def check_choice(option: str, value: object, kind: Any) -> None:
+    """The one check behind every closed set, for callers that bypass the command line."""
+    allowed = choices(kind)
+    if value not in allowed:
+        raise CaitoolError(f'{option} must be one of {", ".join(allowed)}, got "{value}"')

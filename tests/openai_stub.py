@@ -1,0 +1,132 @@
+"""A small OpenAI-compatible server on loopback for the served backend's unit tests.
+
+It answers ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` from a script:
+``reply(request_body) -> text`` decides generated text, ``letters`` the top log-probs of a
+one-token scoring request, and ``failures`` a queue of status codes (or ``"stall"``) served
+before normal answers. Every request body and its headers are recorded for assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class StubOpenAIServer:
+    def __init__(
+        self,
+        *,
+        model: str = "stub",
+        owned_by: str = "vllm",
+        root: str | None = None,
+        reply: Callable[[dict[str, Any]], str] | None = None,
+        letters: dict[str, float] | None = None,
+        refuse_fields: tuple[str, ...] = (),
+    ):
+        self.model = model
+        self.owned_by = owned_by
+        self.root = root
+        self.reply = reply or (lambda body: "stub answer")
+        self.letters = letters if letters is not None else {"A": -0.5, "B": -1.0, "C": -4.0}
+        self.refuse_fields = refuse_fields
+        self.failures: list[int | str] = []
+        self.fail_from: int | None = None  # every POST from this one on answers 500 (a dying server)
+        self.posts = 0
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self) -> StubOpenAIServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def posted(self, path: str) -> list[dict[str, Any]]:
+        return [r["body"] for r in self.requests if r["path"] == path]
+
+    # -- answers ------------------------------------------------------------------
+    def _answer(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        refused = [f for f in self.refuse_fields if f in body]
+        if refused:
+            return 400, {"error": {"message": f"unknown field {refused[0]}", "code": 400}}
+        if path == "/v1/models":
+            return 200, {"data": [{"id": self.model, "owned_by": self.owned_by, "root": self.root}]}
+        if body.get("model") != self.model:
+            return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}}
+        if body.get("max_tokens") == 1 and (body.get("logprobs") or body.get("top_logprobs")):
+            return 200, self._scoring_answer(path)
+        n = body.get("n", 1)
+        text = self.reply(body)
+        finish = "length" if len(text.split()) >= body.get("max_tokens", 10**6) else "stop"
+        if path == "/v1/completions":
+            choices = [{"index": i, "text": text, "finish_reason": finish} for i in range(n)]
+        else:
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                for i in range(n)
+            ]
+        tokens = len(text.split()) + (finish == "stop")
+        return 200, {"choices": choices, "usage": {"completion_tokens": tokens * n}}
+
+    def _scoring_answer(self, path: str) -> dict[str, Any]:
+        if path == "/v1/completions":
+            logprobs: dict[str, Any] = {"top_logprobs": [dict(self.letters)]}
+        else:
+            top = [{"token": t, "logprob": lp} for t, lp in self.letters.items()]
+            logprobs = {"content": [{"token": top[0]["token"], "top_logprobs": top}]}
+        return {"choices": [{"index": 0, "message": {"content": "A"}, "logprobs": logprobs}]}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                self._respond("GET")
+
+            def do_POST(self) -> None:
+                self._respond("POST")
+
+            def _respond(self, method: str) -> None:
+                length = int(self.headers.get("content-length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else {}
+                with stub._lock:
+                    stub.requests.append({"path": self.path, "body": body})
+                    stub.headers.append(dict(self.headers))
+                    failure = stub.failures.pop(0) if stub.failures and method == "POST" else None
+                    if method == "POST":
+                        stub.posts += 1
+                        if stub.fail_from is not None and stub.posts >= stub.fail_from:
+                            failure = 500
+                if failure == "stall":
+                    time.sleep(3)
+                    return
+                if failure is not None:
+                    auth = self.headers.get("authorization", "")
+                    status, payload = int(failure), {"error": {"message": f"busy (you sent {auth})"}}
+                else:
+                    status, payload = stub._answer(self.path, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        return Handler

@@ -1,0 +1,333 @@
+"""The served backend against a scripted OpenAI-compatible server on loopback (fast; no model).
+
+The same backend against a real vLLM server is tested in tests/test_served_vllm.py.
+"""
+
+import json
+import math
+import random
+import socket
+
+import pytest
+from typer.testing import CliRunner
+
+from caitool.backends import BackendOptions, SamplingParams, load_backend, parse_served_spec
+from caitool.backends import served as served_module
+from caitool.cli import app
+from caitool.errors import CaitoolError
+from caitool.jsonl_io import manifest_path, part_path
+from caitool.records import Message
+from tests.openai_stub import StubOpenAIServer
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def fast_backoff(monkeypatch):
+    monkeypatch.setattr(served_module, "BACKOFF_BASE_SECONDS", 0.01)
+
+
+@pytest.fixture()
+def stub():
+    with StubOpenAIServer(reply=lambda body: f"answer {body.get('seed')}") as server:
+        yield server
+
+
+def write_prompts(path, count):
+    path.write_text(
+        "".join(json.dumps({"id": f"q{i}", "prompt": f"question {i}"}) + "\n" for i in range(count))
+    )
+    return path
+
+
+def lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def served(url, *extra):
+    return ["-m", "openai:stub", "--base-url", url, *extra]
+
+
+def test_generate_sends_sampling_options_and_records_the_server(stub, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "g.jsonl"
+    result = runner.invoke(
+        app,
+        ["generate", str(prompts), "-o", str(out), *served(stub.url), "-n", "2", "--temperature", "0.9"]
+        + ["--top-p", "0.8", "--max-new-tokens", "20", "--seed", "5"],
+    )
+    assert result.exit_code == 0, result.output
+    bodies = stub.posted("/v1/chat/completions")
+    assert len(bodies) == 3
+    assert {(b["n"], b["temperature"], b["top_p"], b["max_tokens"]) for b in bodies} == {(2, 0.9, 0.8, 20)}
+    assert len({b["seed"] for b in bodies}) == 3  # one derived seed per request
+    assert all("continue_final_message" not in b for b in bodies)
+    records = lines(out)
+    assert [r["id"] for r in records] == ["q0", "q1", "q2"]
+    assert all(len(r["responses"]) == 2 and r["finished"] == [True, True] for r in records)
+    assert records[0]["model"] == "openai:stub"  # no local weights to hash: the served name
+    policy = json.loads(manifest_path(out).read_text())["models"]["policy"]
+    assert policy["backend"] == "openai" and policy["base_urls"] == [stub.url]
+    assert policy["served_model"] == "stub" and policy["server"] == "vllm"
+    shown = runner.invoke(app, ["inspect", str(out), "-n", "0"], terminal_width=200).output
+    assert f"model policy: openai:stub served at {stub.url}" in shown
+
+
+def test_same_seed_same_requests(stub, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    for name in ("a", "b"):
+        runner.invoke(
+            app, ["generate", str(prompts), "-o", str(tmp_path / f"{name}.jsonl"), *served(stub.url)]
+        )
+    bodies = stub.posted("/v1/chat/completions")
+    assert sorted(b["seed"] for b in bodies[:2]) == sorted(b["seed"] for b in bodies[2:])
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+
+
+def test_finished_and_token_counts_come_from_the_answer(tmp_path):
+    with StubOpenAIServer(reply=lambda body: "one two three four five six") as stub:
+        backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
+        cut, whole = (
+            backend.generate(
+                [[Message(role="user", content="hi")]] * 2, SamplingParams(max_new_tokens=6), seed=0
+            )[0][0],
+            backend.generate([[Message(role="user", content="hi")]], SamplingParams(), seed=0)[0][0],
+        )
+    assert not cut.finished and cut.num_tokens == 6
+    assert whole.finished and whole.num_tokens == 7  # the end-of-turn token counts, as locally
+
+
+def test_greedy_asks_once_and_copies(stub):
+    backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
+    samples = backend.generate([[Message(role="user", content="hi")]], SamplingParams(temperature=0, n=3), 0)
+    assert len(samples[0]) == 3 and len({s.text for s in samples[0]}) == 1
+    assert stub.posted("/v1/chat/completions")[0]["n"] == 1
+
+
+def test_a_prefilled_assistant_turn_is_continued(stub):
+    backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
+    prefill = [
+        Message(role="user", content="Pick one."),
+        Message(role="assistant", content="The answer is ("),
+    ]
+    backend.generate([prefill], SamplingParams(max_new_tokens=3), seed=0)
+    body = stub.posted("/v1/chat/completions")[0]
+    assert body["continue_final_message"] is True and body["add_generation_prompt"] is False
+    assert body["messages"][-1] == {"role": "assistant", "content": "The answer is ("}
+
+
+def test_letters_are_read_from_the_top_logprobs(stub):
+    backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
+    prefill = [Message(role="user", content="Pick."), Message(role="assistant", content="The answer is (")]
+    assert backend.score_continuations([prefill], ["A", "B"]) == [[-0.5, -1.0]]
+    body = stub.posted("/v1/chat/completions")[0]
+    assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
+
+
+def test_a_letter_missing_from_the_server_answer_is_an_error_not_a_guess(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": "x", "prompt": "q", "responses": ["a", "b"]}) + "\n")
+    with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}) as stub:
+        result = runner.invoke(
+            app, ["label-preferences", str(pairs), "-o", str(tmp_path / "o.jsonl"), *served(stub.url)]
+        )
+    assert result.exit_code == 2
+    assert "'B' are not among the 2 most likely next tokens" in result.output
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_label_preferences_through_a_served_judge(stub, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": "x", "prompt": "q", "responses": ["a", "b"]}) + "\n")
+    out = tmp_path / "prefs.jsonl"
+    result = runner.invoke(app, ["label-preferences", str(pairs), "-o", str(out), *served(stub.url)])
+    assert result.exit_code == 0, result.output
+    (record,) = lines(out)
+    assert record["p_first"] == pytest.approx(1 / (1 + math.exp(-0.5)))  # softmax over -0.5 and -1.0
+    assert record["feedback_model"] == "openai:stub"
+    feedback = json.loads(manifest_path(out).read_text())["models"]["feedback"]
+    assert feedback["backend"] == "openai"
+
+
+def test_transient_failures_are_retried_and_counted(stub, tmp_path):
+    stub.failures = [429, 500, 503, "stall"]
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "g.jsonl"
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            str(prompts),
+            "-o",
+            str(out),
+            *served(stub.url, "--request-timeout", "1", "--concurrency", "1"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(lines(out)) == 3
+    counts = json.loads(manifest_path(out).read_text())["counts"]
+    assert counts["retries"] == 4 and counts["requests"] == 3
+    assert f"retried requests: {counts['retried_requests']}" in result.output
+
+
+def test_a_server_that_is_down_gives_one_line_naming_it(tmp_path):
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    result = runner.invoke(
+        app,
+        ["generate", str(prompts), "-o", str(tmp_path / "g.jsonl"), *served(f"http://127.0.0.1:{port}/v1")],
+    )
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: cannot reach the server at http://127.0.0.1:{port}/v1/models")
+    assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "g.jsonl").exists() and not part_path(tmp_path / "g.jsonl").exists()
+
+
+def test_a_server_dying_mid_run_keeps_finished_records_and_the_rerun_resumes(stub, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 10)
+    out = tmp_path / "g.jsonl"
+    command = [
+        "generate",
+        str(prompts),
+        "-o",
+        str(out),
+        *served(stub.url, "--concurrency", "1", "--max-retries", "1"),
+    ]
+    stub.fail_from = 5  # the first chunk (4 records) is answered, then every request fails
+    result = runner.invoke(app, command)
+    assert result.exit_code == 2 and "answered 500" in result.output and "after 2 tries" in result.output
+    assert not out.exists()
+    assert [r["id"] for r in lines(part_path(out))] == ["q0", "q1", "q2", "q3"]
+    stub.fail_from = None
+    stub.requests.clear()
+    result = runner.invoke(app, command)
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in lines(out)] == [f"q{i}" for i in range(10)]
+    asked = {b["messages"][-1]["content"] for b in stub.posted("/v1/chat/completions")}
+    assert asked == {f"question {i}" for i in range(4, 10)}  # only the missing records
+
+
+def test_the_api_key_is_sent_but_never_written(stub, tmp_path, monkeypatch):
+    secret = "sk-do-not-leak-4242"
+    monkeypatch.setenv("CAITOOL_TEST_KEY", secret)
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    out = tmp_path / "g.jsonl"
+    key_option = ["--api-key-env", "CAITOOL_TEST_KEY"]
+    assert (
+        runner.invoke(
+            app, ["generate", str(prompts), "-o", str(out), *served(stub.url, *key_option)]
+        ).exit_code
+        == 0
+    )
+    assert stub.headers[-1]["Authorization"] == f"Bearer {secret}"
+    stub.failures = [401]  # the stub echoes the Authorization header in its error message
+    failed = runner.invoke(
+        app, ["generate", str(prompts), "-o", str(tmp_path / "f.jsonl"), *served(stub.url, *key_option)]
+    )
+    assert failed.exit_code == 2 and "Bearer ***" in failed.output
+    written = out.read_text() + manifest_path(out).read_text() + failed.output
+    assert secret not in written
+
+
+def test_replicas_share_the_requests_round_robin(tmp_path):
+    with StubOpenAIServer() as first, StubOpenAIServer() as second:
+        prompts = write_prompts(tmp_path / "p.jsonl", 6)
+        result = runner.invoke(
+            app,
+            [
+                "generate",
+                str(prompts),
+                "-o",
+                str(tmp_path / "g.jsonl"),
+                *served(first.url, "--base-url", second.url),
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        assert len(first.posted("/v1/chat/completions")) == len(second.posted("/v1/chat/completions")) == 3
+
+
+def test_a_local_tokenizer_renders_prompts_for_the_completions_endpoint(stub, tiny_model_dir):
+    backend = load_backend(
+        "openai:stub", BackendOptions(base_urls=(stub.url,), tokenizer=str(tiny_model_dir))
+    )
+    prefill = [Message(role="user", content="Pick."), Message(role="assistant", content="The answer is (")]
+    assert backend.score_continuations([prefill], ["A", "B"]) == [[-0.5, -1.0]]
+    (body,) = stub.posted("/v1/completions")
+    assert body["prompt"].endswith("<|im_start|>assistant\nThe answer is (") and body["logprobs"] == 20
+    assert "messages" not in body
+
+
+def test_a_server_refusing_the_prefill_fields_is_told_to_use_a_tokenizer(tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(json.dumps({"id": "x", "prompt": "q", "responses": ["a", "b"]}) + "\n")
+    with StubOpenAIServer(owned_by="openai", refuse_fields=("continue_final_message",)) as stub:
+        result = runner.invoke(
+            app, ["label-preferences", str(pairs), "-o", str(tmp_path / "o.jsonl"), *served(stub.url)]
+        )
+    assert result.exit_code == 2
+    assert "does not continue a prefilled assistant turn: pass --tokenizer" in result.output
+
+
+def test_a_model_the_server_does_not_serve_is_named(stub, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 1)
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            str(prompts),
+            "-o",
+            str(tmp_path / "g.jsonl"),
+            "-m",
+            "openai:other",
+            "--base-url",
+            stub.url,
+        ],
+    )
+    assert result.exit_code == 2 and "does not serve 'other' (it serves: stub)" in result.output
+
+
+def test_served_specs_are_parsed_and_checked():
+    options = BackendOptions(base_urls=("http://a:1/v1/",))
+    assert parse_served_spec("openai:m", options).base_urls == ("http://a:1/v1",)
+    spec = parse_served_spec("openai:m@http://b:2/v1,http://c:3/v1", options)
+    assert spec.name == "m" and spec.base_urls == ("http://b:2/v1", "http://c:3/v1")
+    assert parse_served_spec("runs/sft", options) is None
+    with pytest.raises(CaitoolError, match="--base-url"):
+        parse_served_spec("openai:m", BackendOptions())
+    with pytest.raises(CaitoolError, match="server chooses its precision"):
+        load_backend("openai:m", BackendOptions(base_urls=("http://a:1/v1",), dtype="bfloat16"))
+
+
+def test_urls_in_manifests_lose_their_credentials():
+    assert served_module.public_url("http://user:pw@host:8000/v1") == "http://host:8000/v1"
+
+
+def test_backoff_grows_with_jitter_and_a_cap():
+    rng = random.Random(0)
+    first = [served_module.backoff_seconds(0, rng) for _ in range(200)]
+    assert 0.005 <= min(first) and max(first) < 0.015  # base 0.01 in these tests, times [0.5, 1.5)
+    assert served_module.backoff_seconds(30, rng) <= 1.5 * served_module.BACKOFF_CAP_SECONDS
+
+
+def test_critique_revise_and_eval_run_through_a_served_model(stub, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    critiqued, revised = tmp_path / "c.jsonl", tmp_path / "r.jsonl"
+    assert (
+        runner.invoke(app, ["critique", str(prompts), "-o", str(critiqued), *served(stub.url)]).exit_code == 0
+    )
+    assert (
+        runner.invoke(app, ["revise", str(critiqued), "-o", str(revised), *served(stub.url)]).exit_code == 0
+    )
+    assert all(r["rounds"][0]["revision"] for r in lines(revised))
+    result = runner.invoke(
+        app,
+        ["eval", str(prompts), "-o", str(tmp_path / "eval"), "-m", "a=openai:stub", "-m", "b=openai:stub"]
+        + ["--judge", "openai:stub", "--base-url", stub.url],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["pairwise"][0]["n"] == 2
+    judge = json.loads((tmp_path / "eval" / "caitool_manifest.json").read_text())["models"]["judge"]
+    assert judge["backend"] == "openai"
