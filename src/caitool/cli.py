@@ -575,7 +575,8 @@ def judge_check(
     Example: caitool judge-check examples/judge_check.jsonl -m default --by category --by difficulty
     -o runs/judge-check.json
     """
-    from caitool.judge_check import DEFAULT_MODES, run_judge_check, show_judge_check
+    from caitool.display import show_judge_check
+    from caitool.judge_check import DEFAULT_MODES, run_judge_check
 
     result = run_judge_check(
         input_file,

@@ -27,7 +27,6 @@ its position figures are empty. The verdict per mode (thresholds below, quoted i
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from caitool.backends import GenerationBackend, derive_seed, load_backend
 from caitool.choices import LabelMode, check_choice
 from caitool.constitution import ComparisonPrinciple, Constitution, draw, load_constitution
 from caitool.errors import CaitoolError
-from caitool.eval_stats import TIE_MARGIN, wilson_interval
+from caitool.eval_stats import TIE_MARGIN, percent, wilson_interval
 from caitool.jsonl_io import batched, read_records, write_json_atomic
 from caitool.label import DEFAULT_CLAMP, Comparison, Labeller, Mode, Verdict
 from caitool.pipeline import Runtime, backend_params, validate_input
@@ -269,32 +268,28 @@ def judge_fitness(f: Figures) -> tuple[str, str]:
         gap = abs(f.accuracy_better_as_a - f.accuracy_better_as_b)
         if gap >= POSITION_GAP:
             return "position-biased", (
-                f"the better response was picked {_pct(f.accuracy_better_as_a)} of the time when shown "
-                f"as (A) and {_pct(f.accuracy_better_as_b)} when shown as (B) "
+                f"the better response was picked {percent(f.accuracy_better_as_a)} of the time when shown "
+                f"as (A) and {percent(f.accuracy_better_as_b)} when shown as (B) "
                 f"(gap {gap:.2f} >= {POSITION_GAP:.2f})"
             )
     low, high = f.credit_ci
     if low <= 0.5:
         return "near chance", (
-            f"accuracy {_pct(f.accuracy)} with {f.ties} ties; counting ties as half right, "
-            f"{_pct(f.credit)} with a 95% interval [{_pct(low)}, {_pct(high)}] that reaches 50%"
+            f"accuracy {percent(f.accuracy)} with {f.ties} ties; counting ties as half right, "
+            f"{percent(f.credit)} with a 95% interval [{percent(low)}, {percent(high)}] that reaches 50%"
         )
     consistent = f.order_consistency is None or f.order_consistency >= FIT_CONSISTENCY
     if f.accuracy >= FIT_ACCURACY and consistent:
-        shown = f"accuracy {_pct(f.accuracy)} >= {_pct(FIT_ACCURACY)}"
+        shown = f"accuracy {percent(f.accuracy)} >= {percent(FIT_ACCURACY)}"
         if f.order_consistency is not None:
-            shown += f", order consistency {_pct(f.order_consistency)}"
+            shown += f", order consistency {percent(f.order_consistency)}"
         return "fit", shown
     shortfalls = []
     if f.accuracy < FIT_ACCURACY:
-        shortfalls.append(f"accuracy {_pct(f.accuracy)} < {_pct(FIT_ACCURACY)}")
+        shortfalls.append(f"accuracy {percent(f.accuracy)} < {percent(FIT_ACCURACY)}")
     if not consistent:
-        shortfalls.append(f"order consistency {_pct(f.order_consistency)} < {_pct(FIT_CONSISTENCY)}")
+        shortfalls.append(f"order consistency {percent(f.order_consistency)} < {percent(FIT_CONSISTENCY)}")
     return "weak", "better than chance, but " + " and ".join(shortfalls)
-
-
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.0f}%"
 
 
 # ---------------------------------------------------------------------------
@@ -458,79 +453,3 @@ def report_json(result: JudgeCheckResult, manifest: dict[str, Any]) -> dict[str,
         "comparisons": [{**asdict(o), "result": o.result} for o in result.outcomes],
         "manifest": manifest,
     }
-
-
-# ---------------------------------------------------------------------------
-# Display
-
-
-def verdict_line(report: ModeReport) -> str:
-    return f"verdict ({report.mode}): {report.overall.verdict}: {report.overall.reason}"
-
-
-def show_judge_check(result: JudgeCheckResult, console: Any = None) -> None:
-    """Per mode: a table of the figures (overall and per group), the reliability line, the time; then
-    one verdict line per mode (stdout)."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    # Piped into a log, the table keeps its columns rather than wrapping at 80.
-    console = console or Console(width=None if sys.stdout.isatty() else 140)
-    columns = (
-        "group",
-        "n",
-        "accuracy [95% CI]",
-        "ties",
-        "as (A)",
-        "as (B)",
-        "consistent",
-        "mass",
-        "ECE",
-        "verdict",
-    )
-    for report in result.modes:
-        table = Table(
-            title=f"judge-check {report.mode}: {result.model} ({report.overall.verdict})",
-            box=box.SIMPLE,
-            title_justify="left",
-        )
-        for column in columns:
-            table.add_column(
-                column, justify="left" if column in ("group", "verdict") else "right", no_wrap=True
-            )
-        table.add_row("all", *_figure_cells(report.overall))
-        for name, values in report.groups.items():
-            table.add_section()
-            for value, figures in values.items():
-                table.add_row(f"{name}: {value}", *_figure_cells(figures))
-        console.print(table)
-        bins = ", ".join(
-            f"{row['bin']}: {_pct(row['accuracy'])} right at {row['mean_confidence']:.2f} (n={row['count']})"
-            for row in report.overall.reliability
-        )
-        console.print(f"reliability ({report.mode}, confidence -> accuracy): {bins}", highlight=False)
-        console.print(
-            f"seconds per comparison ({report.mode}): {report.seconds_per_comparison:.3f}", highlight=False
-        )
-    console.print(
-        "accuracy: both orders averaged, ties (within 0.005 of 0.5) apart; as (A)/(B): accuracy of one "
-        "order with the better response shown first/second; mass: P(A)+P(B), score mode P(Yes)+P(No)",
-        highlight=False,
-    )
-    for report in result.modes:
-        console.print(verdict_line(report), highlight=False, soft_wrap=True)
-
-
-def _figure_cells(f: Figures) -> list[str]:
-    return [
-        str(f.n),
-        f"{_pct(f.accuracy)} [{_pct(f.accuracy_ci[0])}, {_pct(f.accuracy_ci[1])}]",
-        str(f.ties),
-        _pct(f.accuracy_better_as_a),
-        _pct(f.accuracy_better_as_b),
-        _pct(f.order_consistency),
-        "-" if f.mean_letter_mass is None else f"{f.mean_letter_mass:.2f}",
-        f"{f.ece:.3f}",
-        f.verdict,
-    ]
