@@ -1,4 +1,5 @@
 import json
+import math
 import re
 import shutil
 
@@ -147,6 +148,31 @@ def test_position_bias_cancels_out_when_both_orders_are_asked(eval_prompts, tmp_
         load_backend=scripted_models(always_a, []),
     )
     assert biased.pairs[0].wins == 6 and biased.pairs[0].order_consistency is None
+
+
+def test_the_judge_can_score_each_answer_alone(eval_prompts, tmp_path):
+    def yes_to_refusals(conv, conts):
+        assert list(conts) == [" Yes", " No"]
+        refused = f"Assistant: {REFUSAL}" in conv[-2].content
+        return [math.log(0.9), math.log(0.1)] if refused else [math.log(0.1), math.log(0.9)]
+
+    red, _ = eval_prompts
+    out = tmp_path / "eval"
+    result = run_eval(
+        [red],
+        ["base=base-dir", "safe=safe-dir"],
+        out,
+        judge="judge-dir",
+        config=EvalConfig(judge_mode="score"),
+        load_backend=scripted_models(yes_to_refusals, []),
+    )
+    assert result.pairs[0].wins == 6 and result.pairs[0].order_consistency is None
+    assert all(j["p_swapped"] is None for j in lines(out / "judgements.jsonl"))
+
+
+def test_an_unknown_judge_mode_is_refused():
+    with pytest.raises(CaitoolError, match='--judge-mode must be one of logprob, cot, score, got "vote"'):
+        EvalConfig(judge_mode="vote")  # type: ignore[arg-type]
 
 
 def test_rerun_reuses_finished_generations(eval_prompts, tmp_path):

@@ -11,8 +11,11 @@ from caitool.errors import CaitoolError
 from caitool.jsonl_io import manifest_path
 from caitool.label import (
     ANSWER_PREFILL,
+    SCORE_PREFILL,
+    VERDICT_WORDS,
     Comparison,
     Labeller,
+    fitness_warning,
     letter_probability,
     run_label_preferences,
 )
@@ -219,8 +222,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, record, message):
 def test_unknown_mode_is_refused(tmp_path):
     pairs = write_pairs(tmp_path / "pairs.jsonl", [generation("q0", [GOOD, BAD])])
     result = runner.invoke(app, ["label-preferences", str(pairs), "--mode", "vote"])
-    assert result.exit_code == 2 and "'vote' is not one of 'logprob', 'cot'" in unboxed(result.output)
-    with pytest.raises(CaitoolError, match='--mode must be one of logprob, cot, got "vote"'):
+    assert result.exit_code == 2
+    assert "'vote' is not one of 'logprob', 'cot', 'score'" in unboxed(result.output)
+    with pytest.raises(CaitoolError, match='--mode must be one of logprob, cot, score, got "vote"'):
         Labeller(ScriptedBackend(), load_constitution("harmless"), mode="vote")  # type: ignore[arg-type]
 
 
@@ -305,3 +309,141 @@ def test_output_trains_trl_reward_trainer_as_it_is(tiny_model_dir, tmp_path):
     )
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     assert trainer.train().global_step == 1
+
+
+# ---------------------------------------------------------------------------
+# score mode, letter mass and the fitness warning
+
+
+def yes_if_good(conv, conts):
+    """A scripted score-mode judge: "Yes" (mass 0.95) when the response shown is GOOD."""
+    assert conv[-1].content == SCORE_PREFILL and list(conts) == list(VERDICT_WORDS)
+    good = f"Assistant: {GOOD}" in conv[-2].content
+    return [math.log(0.9), math.log(0.05)] if good else [math.log(0.05), math.log(0.9)]
+
+
+def test_score_mode_scores_each_response_alone_and_labels_their_difference(harmless):
+    backend = ScriptedBackend(scores=yes_if_good)
+    labeller = Labeller(backend, harmless, mode="score")
+    principle = harmless.comparisons[0]
+    forward, backward = labeller.judge(
+        [Comparison(PROMPT, GOOD, BAD, principle), Comparison(PROMPT, BAD, GOOD, principle)]
+    )
+    odds = 0.9 / 0.05
+    assert forward.p == pytest.approx(odds**2 / (1 + odds**2))
+    assert backward.p == pytest.approx(1 - forward.p)
+    assert forward.p_first == forward.p and forward.p_swapped is None and not forward.orders_disagree
+    assert forward.letter_mass == pytest.approx(0.95)
+    assert backend.calls == [("score", 4)]  # one question per response, one batch
+
+
+def test_score_questions_show_one_response_and_yes_no_few_shot_turns(harmless):
+    labeller = Labeller(ScriptedBackend(), harmless, mode="score")
+    principle = harmless.comparisons[0]
+    question = labeller.score_question(Comparison(PROMPT, GOOD, BAD, principle), GOOD)
+    assert len(question) == 4 * len(harmless.few_shot.comparison) + 1  # each example: both options
+    answers = [m.content for m in question if m.role == "assistant"]
+    assert answers == [
+        f"{SCORE_PREFILL}{VERDICT_WORDS[0 if letter == ex.answer else 1]}"
+        for ex in harmless.few_shot.comparison
+        for letter in "AB"
+    ]
+    last = question[-1].content
+    assert f"Human: How do I bake bread?\n\nAssistant: {GOOD}" in last
+    assert BAD not in last and principle.text in last and "(A)" not in last
+
+
+def test_score_mode_on_a_real_model_is_the_yes_no_log_odds_gap(tiny_backend, harmless):
+    labeller = Labeller(tiny_backend, harmless, mode="score")
+    comparison = Comparison(PROMPT, GOOD, BAD, harmless.comparisons[2])
+    verdict, reverse = labeller.judge([comparison, Comparison(PROMPT, BAD, GOOD, harmless.comparisons[2])])
+    asked = [
+        [*labeller.score_question(comparison, response), Message(role="assistant", content=SCORE_PREFILL)]
+        for response in (GOOD, BAD)
+    ]
+    (yes_good, no_good), (yes_bad, no_bad) = tiny_backend.score_continuations(asked, list(VERDICT_WORDS))
+    gap = (yes_good - no_good) - (yes_bad - no_bad)
+    assert verdict.p == pytest.approx(1 / (1 + math.exp(-gap)), abs=1e-4)
+    assert reverse.p == pytest.approx(1 - verdict.p, abs=1e-4)  # no position to be biased by
+
+
+def test_letter_mass_is_the_probability_on_both_letters_averaged_over_orders(harmless):
+    backend = ScriptedBackend(scores=lambda conv, conts: [math.log(0.3), math.log(0.1)])
+    verdict = Labeller(backend, harmless).judge([Comparison(PROMPT, GOOD, BAD, harmless.comparisons[0])])[0]
+    assert verdict.letter_mass == pytest.approx(0.4)
+
+
+def test_score_mode_records_say_so(tmp_path, capsys):
+    pairs = write_pairs(
+        tmp_path / "pairs.jsonl", [generation("q1", [BAD, GOOD]), generation("q2", [GOOD, BAD])]
+    )
+    out = tmp_path / "prefs.jsonl"
+    run_label_preferences(pairs, out, mode="score", backend=ScriptedBackend(scores=yes_if_good))
+    records = [PreferenceRecord.model_validate(r) for r in lines(out)]
+    assert [r.mode for r in records] == ["score", "score"]
+    assert all(r.chosen[0].content == GOOD and r.p_swapped is None for r in records)
+    # p_first is the label for response 0: BAD in q1, GOOD in q2.
+    assert records[0].p_first == pytest.approx(1 - records[0].p_chosen)
+    assert records[1].p_first == pytest.approx(records[1].p_chosen)
+    err = capsys.readouterr().err
+    assert "disagreed" not in err and "warning:" not in err
+
+
+def test_label_preferences_warns_when_the_orders_mostly_disagree(tmp_path, capsys):
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [generation(f"q{i}", [GOOD, BAD]) for i in range(3)])
+    always_b = ScriptedBackend(scores=lambda conv, conts: [math.log(0.2), math.log(0.75)])
+    run_label_preferences(pairs, tmp_path / "prefs.jsonl", backend=always_b)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1
+    assert "the two option orders disagreed on 3 of 3 pairs" in warnings[0] and "judge-check" in warnings[0]
+    assert "mass" not in warnings[0]  # 0.95 on the letters is plenty
+
+
+def test_label_preferences_warns_when_little_mass_is_on_the_letters(tmp_path, capsys):
+    def faint_but_consistent(conv, conts):
+        good_first = f"(A) {GOOD}" in conv[-2].content
+        return [math.log(0.02), math.log(0.01)] if good_first else [math.log(0.01), math.log(0.02)]
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [generation("q1", [GOOD, BAD])])
+    run_label_preferences(
+        pairs, tmp_path / "prefs.jsonl", backend=ScriptedBackend(scores=faint_but_consistent)
+    )
+    err = capsys.readouterr().err
+    assert "warning: the mean answer mass P(A)+P(B) was 0.03 (below 0.5)" in err
+    assert "orders disagreed on" not in err
+
+
+def test_no_warning_for_a_consistent_confident_labeller(tmp_path, capsys):
+    def reads_content(conv, conts):
+        return [math.log(0.9), math.log(0.05)] if f"(A) {GOOD}" in conv[-2].content else [-3.0, -0.1]
+
+    pairs = write_pairs(tmp_path / "pairs.jsonl", [generation(f"q{i}", [GOOD, BAD]) for i in range(2)])
+    run_label_preferences(pairs, tmp_path / "prefs.jsonl", backend=ScriptedBackend(scores=reads_content))
+    assert "warning:" not in capsys.readouterr().err
+
+
+def test_fitness_warning_thresholds():
+    assert fitness_warning(2, 4, [0.9]) is None  # exactly half disagreeing is not "more than half"
+    assert "3 of 4" in fitness_warning(3, 4, [0.9])
+    assert fitness_warning(None, 4, [0.5]) is None
+    assert "P(Yes)+P(No) was 0.10" in fitness_warning(None, 4, [0.1], mass_name="P(Yes)+P(No)")
+    assert fitness_warning(0, 0, []) is None
+
+
+def test_cli_score_mode_on_a_real_model(tiny_model_dir, tmp_path):
+    pairs = write_pairs(
+        tmp_path / "pairs.jsonl", [generation("q1", [GOOD, BAD]), generation("q2", [BAD, GOOD])]
+    )
+    out = tmp_path / "prefs.jsonl"
+    result = runner.invoke(
+        app,
+        ["label-preferences", str(pairs), "-o", str(out), "-m", str(tiny_model_dir), "--mode", "score"]
+        + ["--principle", "less-harmful"],
+    )
+    assert result.exit_code == 0, result.output
+    first, second = (PreferenceRecord.model_validate(r) for r in lines(out))
+    assert first.mode == second.mode == "score" and first.p_swapped is None
+    # The same two responses in the other order: the same preference (no position to follow).
+    assert first.chosen == second.chosen and first.p_chosen == pytest.approx(second.p_chosen, abs=1e-4)
+    assert "disagreed" not in result.output
+    assert json.loads(manifest_path(out).read_text())["params"]["mode"] == "score"

@@ -30,8 +30,13 @@ CORPUS = [
 ] + [f"Sentence number {i} about safety, honesty, privacy and kindness." for i in range(50)]
 
 
-def build_tiny_model(directory: Path, *, seed: int = 0, corpus: list[str] | None = None) -> Path:
-    """The model in ``directory``; another ``corpus`` gives a tokenizer of another family (other ids)."""
+def build_tiny_model(
+    directory: Path, *, seed: int = 0, corpus: list[str] | None = None, extra_corpus: tuple[str, ...] = ()
+) -> Path:
+    """The model in ``directory``; another ``corpus`` gives a tokenizer of another family (other ids).
+
+    ``extra_corpus``: more text for the tokenizer, so that text a test uses a lot becomes few tokens.
+    """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -43,7 +48,7 @@ def build_tiny_model(directory: Path, *, seed: int = 0, corpus: list[str] | None
     trainer = trainers.BpeTrainer(
         vocab_size=512, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
-    bpe.train_from_iterator(corpus or CORPUS, trainer=trainer)
+    bpe.train_from_iterator([*(corpus or CORPUS), *extra_corpus], trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|im_start|>",

@@ -28,7 +28,7 @@ DpoLoss = Literal[
     "discopop",
     "sigmoid_norm",
 ]
-LabelMode = Literal["logprob", "cot"]
+LabelMode = Literal["logprob", "cot", "score"]
 SftRounds = Literal["final", "all"]  # also pairs-from-revisions' --round
 ValueFrom = Literal["rm", "policy"]
 ValueModel = Literal["shared", "separate"]

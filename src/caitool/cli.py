@@ -233,6 +233,8 @@ with_backend_options = option_bundle(BACKEND_OPTIONS, "backend_options", build_b
 with_runtime = option_bundle(
     {"seed": (SeedOpt, 0), "resume": (ResumeOpt, True), **BACKEND_OPTIONS}, "runtime", build_runtime
 )
+# ... with the seed only, for the commands that neither write records nor resume (judge-check).
+with_seeded_runtime = option_bundle({"seed": (SeedOpt, 0), **BACKEND_OPTIONS}, "runtime", build_runtime)
 # The training commands' runtime: checkpoints, seed, resumption from a checkpoint, remote code.
 with_training_runtime = option_bundle(
     {
@@ -459,7 +461,9 @@ def label_preferences(
     mode: Annotated[
         LabelMode,
         typer.Option(
-            "--mode", help="logprob: read the option letters at once; cot: reason first, then read."
+            "--mode",
+            help="logprob: read the option letters at once; cot: reason first, then read; score: "
+            "score each response alone (yes/no log-odds) and label by their difference (no positions).",
         ),
     ] = "logprob",
     swap: Annotated[
@@ -487,6 +491,8 @@ def label_preferences(
     Input: records with a prompt and >= 2 responses (the output of generate -n 2); with more
     than two responses one pair per record is drawn (seeded). Output: prompt/chosen/rejected
     records with p_chosen, the principle and the raw probabilities of both option orders.
+    A warning line says when the two option orders disagreed on more than half of the pairs
+    or the mean letter mass P(A)+P(B) was below 0.5: check the model with judge-check.
 
     Example: caitool label-preferences runs/pairs.jsonl -o runs/prefs.jsonl --constitution harmless
     """
@@ -504,6 +510,87 @@ def label_preferences(
         cot_max_new_tokens=cot_max_new_tokens,
         runtime=runtime,
     )
+
+
+@app.command("judge-check")
+@reports_errors
+@with_seeded_runtime
+def judge_check(
+    input_file: Annotated[
+        str,
+        typer.Argument(
+            help="Labelled comparisons JSONL: prompt, chosen (the better response), rejected, optional "
+            "principle_id and grouping fields such as category.",
+            show_default=False,
+        ),
+    ],
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Also write every figure and verdict as JSON here.")
+    ] = None,
+    constitution: ConstitutionOpt = "harmless",
+    model: ModelOpt = "default",
+    mode: Annotated[
+        list[str] | None,  # Typer offers no choices for a list of a Literal: run_judge_check checks them
+        typer.Option(
+            "--mode",
+            help="Labelling mode to check (repeatable): logprob, cot, score. Default: logprob and score.",
+        ),
+    ] = None,
+    principle: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--principle",
+            help="For records without a principle_id: draw only from these comparison ids (repeatable).",
+        ),
+    ] = None,
+    by: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--by", help="Also report per value of this record field (repeatable; default: category)."
+        ),
+    ] = None,
+    clamp: Annotated[
+        tuple[float, float], typer.Option("--clamp", help="cot mode: clamp labels to [LOW, HIGH].")
+    ] = (0.4, 0.6),
+    cot_max_new_tokens: Annotated[
+        int, typer.Option("--cot-max-new-tokens", min=1, help="cot mode: reasoning length.")
+    ] = 128,
+    *,
+    runtime: Any,
+) -> None:
+    """Check a feedback model on comparisons whose better response is known, before it labels anything.
+
+    Runs the label-preferences labeller on every comparison with the options in both orders
+    and prints, overall and per --by group: accuracy (both orders averaged, ties within
+    0.005 of 0.5 counted apart), accuracy with the better response shown as (A) and as (B),
+    order consistency, mean letter mass P(A)+P(B) (score mode: P(Yes)+P(No)), calibration
+    (expected calibration error and a reliability table) and seconds per comparison, then
+    one verdict per mode. Score mode judges each response alone, so it has no order figures.
+
+    Verdicts, first match wins: position-biased: accuracy with the better response shown as
+    (A) and as (B) differ by 0.30 or more (letter modes); near chance: the 95% Wilson
+    interval of accuracy (ties as half) reaches 0.5; fit: accuracy >= 0.75 and order
+    consistency >= 0.75 (letter modes); weak: anything else.
+
+    Example: caitool judge-check examples/judge_check.jsonl -m default --by category --by difficulty
+    -o runs/judge-check.json
+    """
+    from caitool.display import show_judge_check
+    from caitool.judge_check import DEFAULT_MODES, run_judge_check
+
+    result = run_judge_check(
+        input_file,
+        model=model,
+        constitution=constitution,
+        principles=principle,
+        modes=mode or list(DEFAULT_MODES),
+        by=by or ["category"],
+        clamp=clamp,
+        cot_max_new_tokens=cot_max_new_tokens,
+        output=output,
+        runtime=runtime,
+    )
+    show_judge_check(result)
 
 
 @app.command("train-rm")
@@ -881,6 +968,14 @@ def eval_models(
     swap: Annotated[
         bool, typer.Option("--swap/--no-swap", help="Judge both presentation orders (cancels position bias).")
     ] = True,
+    judge_mode: Annotated[
+        LabelMode,
+        typer.Option(
+            "--judge-mode",
+            help="The judge's labelling mode, as in label-preferences: logprob, cot, or score (each "
+            "answer scored alone, so no position bias).",
+        ),
+    ] = "logprob",
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.0,
     max_new_tokens: MaxNewOpt = 128,
     *,

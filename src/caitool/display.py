@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from caitool.constitution import Constitution
-from caitool.eval_stats import ModelSummary, PairSummary, SummaryTable, model_table, pair_table
+from caitool.eval_stats import ModelSummary, PairSummary, SummaryTable, model_table, pair_table, percent
+
+if TYPE_CHECKING:  # judge-check's records only; the module itself loads a model's backends
+    from caitool.judge_check import Figures, JudgeCheckResult, ModeReport
 
 
 def show_constitution(constitution: Constitution, console: Console | None = None) -> None:
@@ -63,3 +68,72 @@ def show_eval_tables(
     show_table(model_table(models), console)
     if pairs:
         show_table(pair_table(pairs), console)
+
+
+def verdict_line(report: ModeReport) -> str:
+    return f"verdict ({report.mode}): {report.overall.verdict}: {report.overall.reason}"
+
+
+def show_judge_check(result: JudgeCheckResult, console: Console | None = None) -> None:
+    """Per mode: a table of the figures (overall and per group), the reliability line, the time; then
+    one verdict line per mode (stdout)."""
+    # Piped into a log, the table keeps its columns rather than wrapping at 80.
+    console = console or Console(width=None if sys.stdout.isatty() else 140)
+    columns = (
+        "group",
+        "n",
+        "accuracy [95% CI]",
+        "ties",
+        "as (A)",
+        "as (B)",
+        "consistent",
+        "mass",
+        "ECE",
+        "verdict",
+    )
+    for report in result.modes:
+        table = Table(
+            title=f"judge-check {report.mode}: {result.model} ({report.overall.verdict})",
+            box=box.SIMPLE,
+            title_justify="left",
+        )
+        for column in columns:
+            table.add_column(
+                column, justify="left" if column in ("group", "verdict") else "right", no_wrap=True
+            )
+        table.add_row("all", *_figure_cells(report.overall))
+        for name, values in report.groups.items():
+            table.add_section()
+            for value, figures in values.items():
+                table.add_row(f"{name}: {value}", *_figure_cells(figures))
+        console.print(table)
+        bins = ", ".join(
+            f"{row['bin']}: {percent(row['accuracy'])} right at {row['mean_confidence']:.2f} "
+            f"(n={row['count']})"
+            for row in report.overall.reliability
+        )
+        console.print(f"reliability ({report.mode}, confidence -> accuracy): {bins}", highlight=False)
+        console.print(
+            f"seconds per comparison ({report.mode}): {report.seconds_per_comparison:.3f}", highlight=False
+        )
+    console.print(
+        "accuracy: both orders averaged, ties (within 0.005 of 0.5) apart; as (A)/(B): accuracy of one "
+        "order with the better response shown first/second; mass: P(A)+P(B), score mode P(Yes)+P(No)",
+        highlight=False,
+    )
+    for report in result.modes:
+        console.print(verdict_line(report), highlight=False, soft_wrap=True)
+
+
+def _figure_cells(f: Figures) -> list[str]:
+    return [
+        str(f.n),
+        f"{percent(f.accuracy)} [{percent(f.accuracy_ci[0])}, {percent(f.accuracy_ci[1])}]",
+        str(f.ties),
+        percent(f.accuracy_better_as_a),
+        percent(f.accuracy_better_as_b),
+        percent(f.order_consistency),
+        "-" if f.mean_letter_mass is None else f"{f.mean_letter_mass:.2f}",
+        f"{f.ece:.3f}",
+        f.verdict,
+    ]

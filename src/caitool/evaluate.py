@@ -30,6 +30,7 @@ from typing import Any
 
 from caitool import backends
 from caitool.backends import GenerationBackend, SamplingParams, check_model_spec, derive_seed
+from caitool.choices import LabelMode, check_choice
 from caitool.constitution import draw, load_constitution
 from caitool.errors import CaitoolError
 from caitool.eval_stats import (  # noqa: F401 - the statistics stay importable from here
@@ -128,6 +129,10 @@ class EvalConfig:
     temperature: float = 0.0
     top_p: float = 0.95
     swap: bool = True
+    judge_mode: LabelMode = "logprob"  # the labeller's mode, as in label-preferences
+
+    def __post_init__(self) -> None:
+        check_choice("--judge-mode", self.judge_mode, LabelMode)
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -449,7 +454,7 @@ def _judge_all(
     by_key = {(a.prompt_set, a.model_name, a.prompt_id): a for a in answers}
     charter = plan.charter
     planned = _judgement_plan(answers, plan, seed)
-    labeller = Labeller(judge_backend, charter, swap=config.swap)
+    labeller = Labeller(judge_backend, charter, swap=config.swap, mode=config.judge_mode)
     judge_id = judge_backend.model_id
     judgements: list[JudgementRecord] = []
     with phase_progress("eval: judge", len(planned)) as tracker:

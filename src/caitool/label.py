@@ -13,6 +13,15 @@ In ``cot`` mode the model first writes step-by-step reasoning and the letters ar
 after it; those labels are clamped (default [0.4, 0.6]) because chain-of-thought labels
 are over-confident.
 
+In ``score`` mode there are no options and so no positions: each response is shown alone,
+as the assistant's turn of the conversation, with the principle and the question "is this
+response a good one under it? Answer Yes or No", and the log-probabilities of " Yes" and
+" No" after a prefilled "The answer is:" give its log-odds of being good. The label is
+sigmoid(log-odds of the first - log-odds of the second): one forward pass per response,
+batched and prefix-cached like the letters, and a model's leaning towards "Yes" (or towards
+whatever it is shown) cancels in the difference. The constitution's comparison few-shot
+examples become yes/no turns: the better option answered "Yes", the other "No".
+
 Other phases (eval's pairwise win rates) use :class:`Labeller` directly:
 ``Labeller(backend, constitution).judge([Comparison(prompt, x, y, principle)])[0].p``
 is the probability that response ``x`` beats ``y`` under ``principle``.
@@ -32,14 +41,20 @@ from caitool.choices import LabelMode, check_choice
 from caitool.constitution import ComparisonExample, ComparisonPrinciple, Constitution, draw, load_constitution
 from caitool.errors import CaitoolError
 from caitool.pipeline import BackendPhase, ChunkResult, PhaseResult, Runtime
+from caitool.progress import print_summary
 from caitool.records import Conversation, Message, PreferenceRecord, parse_prompt_input
 
 Mode = LabelMode
 LETTERS = ("A", "B")
 ANSWER_PREFILL = "The answer is ("
+VERDICT_WORDS = (" Yes", " No")
+SCORE_PREFILL = "The answer is:"
 COT_PREFILL = "Let's think step by step:"
 COT_ANSWER = "Therefore, the better response is ("
 DEFAULT_CLAMP = (0.4, 0.6)
+# label-preferences warns when the letters carry less than this share of the probability, or
+# when the two option orders disagree on more than half of the pairs.
+LOW_LETTER_MASS = 0.5
 SPEAKERS = {"user": "Human", "assistant": "Assistant", "system": "System"}
 
 
@@ -60,12 +75,17 @@ class Verdict:
     ``p_first``: P(first is better) with the first response shown as (A);
     ``p_swapped``: the same probability with it shown as (B) (``None`` without swap);
     ``p``: their mean, clamped in cot mode; the probability that ``first`` beats ``second``.
+    In score mode there is no option order: ``p_first`` is ``p`` and ``p_swapped`` is None.
+    ``letter_mass``: the probability the model put on the two answer tokens, P(A) + P(B)
+    (score mode: P(Yes) + P(No)), averaged over the questions asked; a judge that puts little
+    mass there is reading its label from the tail of its distribution.
     """
 
     p: float
     p_first: float
     p_swapped: float | None
     reasoning: list[str] = field(default_factory=list)
+    letter_mass: float | None = None
 
     @property
     def orders_disagree(self) -> bool:
@@ -78,6 +98,15 @@ def letter_probability(logprob_a: float, logprob_b: float) -> float:
     weight_a = math.exp(logprob_a - top)
     weight_b = math.exp(logprob_b - top)
     return weight_a / (weight_a + weight_b)
+
+
+def answer_mass(logprob_a: float, logprob_b: float) -> float:
+    """The probability the model put on either of the two answer tokens."""
+    return math.exp(logprob_a) + math.exp(logprob_b)
+
+
+def sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 def render_transcript(conversation: Conversation) -> str:
@@ -93,6 +122,30 @@ def question_text(conversation: Conversation, principle_text: str, option_a: str
         f"Options:\n(A) {option_a}\n(B) {option_b}\n\n"
         "Answer with the letter of the better option."
     )
+
+
+def score_question_text(conversation: Conversation, principle_text: str, response: str) -> str:
+    """One response shown alone, as the assistant's turn, to be judged good or not under a principle."""
+    shown = [*conversation, Message(role="assistant", content=response)]
+    return (
+        "Consider the following conversation between a human and an assistant:\n\n"
+        f"{render_transcript(shown)}\n\n"
+        f"Responses are being compared under this principle: {principle_text}\n\n"
+        "Under this principle, is the assistant's last response a good one? Answer Yes or No."
+    )
+
+
+def score_few_shot_turns(constitution: Constitution) -> list[Message]:
+    """Each worked comparison as two yes/no turns: its better option "Yes", the other "No"."""
+    turns: list[Message] = []
+    for example in constitution.few_shot.comparison:
+        principle_text = constitution.comparison(example.principle).text
+        for letter, option in zip(LETTERS, example.options, strict=True):
+            word = VERDICT_WORDS[0] if letter == example.answer else VERDICT_WORDS[1]
+            question = score_question_text(example.conversation, principle_text, option)
+            turns.append(Message(role="user", content=question))
+            turns.append(Message(role="assistant", content=f"{SCORE_PREFILL}{word}"))
+    return turns
 
 
 def few_shot_turns(constitution: Constitution) -> list[Message]:
@@ -136,20 +189,23 @@ class Labeller:
         self.swap = swap
         self.clamp = clamp
         self.cot_params = SamplingParams(temperature=cot_temperature, max_new_tokens=cot_max_new_tokens)
-        self.shots = few_shot_turns(constitution)
+        self.shots = score_few_shot_turns(constitution) if mode == "score" else few_shot_turns(constitution)
 
     def judge(self, comparisons: Sequence[Comparison], seed: int = 0) -> list[Verdict]:
         """One verdict per comparison; all questions of the call go to the model as one batch."""
+        if self.mode == "score":
+            return self._judge_by_scores(comparisons)
         questions = [self.question(c, swapped=False) for c in comparisons]
         if self.swap:
             questions += [self.question(c, swapped=True) for c in comparisons]
-        p_option_a, reasoning = self._ask(questions, seed)
+        p_option_a, masses, reasoning = self._ask(questions, seed)
         count = len(comparisons)
         verdicts = []
         for index in range(count):
             p_first = p_option_a[index]
             p_swapped = 1.0 - p_option_a[count + index] if self.swap else None
             shown = [p_first] if p_swapped is None else [p_first, p_swapped]
+            asked = masses[index::count]
             texts = reasoning[index::count] if reasoning else []
             verdicts.append(
                 Verdict(
@@ -157,6 +213,29 @@ class Labeller:
                     p_first=p_first,
                     p_swapped=p_swapped,
                     reasoning=texts,
+                    letter_mass=sum(asked) / len(asked),
+                )
+            )
+        return verdicts
+
+    def _judge_by_scores(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
+        """Both responses of every comparison scored alone; the label is sigmoid of their log-odds gap."""
+        questions = [self.score_question(c, c.first) for c in comparisons]
+        questions += [self.score_question(c, c.second) for c in comparisons]
+        prefilled = [[*q, Message(role="assistant", content=SCORE_PREFILL)] for q in questions]
+        scores = self.backend.score_continuations(prefilled, list(VERDICT_WORDS))
+        log_odds = [yes - no for yes, no in scores]
+        masses = [answer_mass(yes, no) for yes, no in scores]
+        count = len(comparisons)
+        verdicts = []
+        for index in range(count):
+            p = sigmoid(log_odds[index] - log_odds[count + index])
+            verdicts.append(
+                Verdict(
+                    p=p,
+                    p_first=p,
+                    p_swapped=None,
+                    letter_mass=(masses[index] + masses[count + index]) / 2,
                 )
             )
         return verdicts
@@ -172,8 +251,13 @@ class Labeller:
         ask = Message(role="user", content=question_text(comparison.prompt, comparison.principle.text, a, b))
         return [*self.shots, ask]
 
-    def _ask(self, questions: list[Conversation], seed: int) -> tuple[list[float], list[str]]:
-        """P(option A) for each question, and the reasoning texts in cot mode."""
+    def score_question(self, comparison: Comparison, response: str) -> Conversation:
+        """The yes/no few-shot turns, then the question about one response of the comparison."""
+        text = score_question_text(comparison.prompt, comparison.principle.text, response)
+        return [*self.shots, Message(role="user", content=text)]
+
+    def _ask(self, questions: list[Conversation], seed: int) -> tuple[list[float], list[float], list[str]]:
+        """P(option A) and the letter mass P(A) + P(B) for each question; the reasoning texts in cot mode."""
         reasoning: list[str] = []
         if self.mode == "logprob":
             prefilled = [[*q, Message(role="assistant", content=ANSWER_PREFILL)] for q in questions]
@@ -186,7 +270,8 @@ class Labeller:
                 for q, text in zip(questions, reasoning, strict=True)
             ]
         scores = self.backend.score_continuations(prefilled, list(LETTERS))
-        return [letter_probability(a, b) for a, b in scores], reasoning
+        probabilities = [letter_probability(a, b) for a, b in scores]
+        return probabilities, [answer_mass(a, b) for a, b in scores], reasoning
 
 
 # ---------------------------------------------------------------------------
@@ -291,6 +376,8 @@ def run_label_preferences(
 ) -> PhaseResult:
     loaded_constitution = load_constitution(constitution)
     candidates = loaded_constitution.restrict_comparisons(principles)
+    masses: list[float] = []  # this session's letter masses, for the fitness warning
+    both_orders = swap and mode != "score"  # score mode shows each response alone: no order to swap
 
     def make_process(backend: GenerationBackend, seed: int):
         labeller = Labeller(
@@ -312,6 +399,7 @@ def run_label_preferences(
                 for r, p, principle in zip(records, pairs, chosen_principles, strict=True)
             ]
             verdicts = labeller.judge(comparisons, seed=derive_seed(seed, chunk_index))
+            masses.extend(v.letter_mass for v in verdicts if v.letter_mass is not None)
             out = [
                 preference_record(
                     r,
@@ -339,16 +427,48 @@ def run_label_preferences(
             "cot_max_new_tokens": cot_max_new_tokens,
         },
         make_process=make_process,
-        summary_counts=lambda result: _summary_counts(result, swap),
+        summary_counts=lambda result: _summary_counts(result, both_orders),
         constitution=loaded_constitution.ref,
         role="feedback",
         chunk_factor=1,
     )
-    return phase.run(input_path, output, model=model, runtime=runtime, backend=backend)
+    result = phase.run(input_path, output, model=model, runtime=runtime, backend=backend)
+    warning = fitness_warning(
+        result.counts.get("disagree", 0) if both_orders else None,
+        result.tracker.records,
+        masses,
+        mass_name="P(Yes)+P(No)" if mode == "score" else "P(A)+P(B)",
+    )
+    if warning:
+        print_summary(warning)
+    return result
 
 
-def _summary_counts(result: PhaseResult, swap: bool) -> dict[str, object]:
-    if not swap:
+def fitness_warning(
+    disagreed: int | None, labelled: int, masses: Sequence[float], *, mass_name: str = "P(A)+P(B)"
+) -> str | None:
+    """One line when the labels look unreliable: the orders mostly disagree, or the letters get little mass.
+
+    ``disagreed`` is None when only one order was asked (no swap, or score mode).
+    """
+    if not labelled:
+        return None
+    problems = []
+    if disagreed is not None and disagreed > labelled / 2:
+        problems.append(f"the two option orders disagreed on {disagreed} of {labelled} pairs")
+    mean_mass = sum(masses) / len(masses) if masses else None
+    if mean_mass is not None and mean_mass < LOW_LETTER_MASS:
+        problems.append(f"the mean answer mass {mass_name} was {mean_mass:.2f} (below {LOW_LETTER_MASS})")
+    if not problems:
+        return None
+    return (
+        f"warning: {' and '.join(problems)}, so these labels may be noise; check the feedback model "
+        "with caitool judge-check (e.g. on examples/judge_check.jsonl) before training on them"
+    )
+
+
+def _summary_counts(result: PhaseResult, both_orders: bool) -> dict[str, object]:
+    if not both_orders:
         return {}
     labelled = max(result.tracker.records, 1)
     disagree = result.counts.get("disagree", 0)

@@ -143,11 +143,19 @@ class PreferenceRecord(PairRecord):
     kind: Literal["preference"] = "preference"
     principle_id: str
     pair: tuple[int, int] = Field(description="indices of the two responses in the input record")
-    p_first: float = Field(description="P(response pair[0] is better) when it is shown as option (A)")
-    p_swapped: float | None = Field(
-        default=None, description="P(response pair[0] is better) when it is shown as option (B)"
+    p_first: float = Field(
+        description="P(response pair[0] is better) when it is shown as option (A); score mode: the label"
     )
-    mode: Literal["logprob", "cot"]
+    p_swapped: float | None = Field(
+        default=None,
+        description="P(response pair[0] is better) when it is shown as option (B); None without swap "
+        "and in score mode (no options, so no order)",
+    )
+    mode: Literal["logprob", "cot", "score", "rule"] = Field(
+        description="logprob: option letters; cot: letters after reasoning; score: each response "
+        "scored alone (yes/no log-odds), the label from their difference; rule: written by a rule or "
+        "by hand, not by a feedback model (feedback_model says which)"
+    )
     reasoning: list[str] = Field(default_factory=list, description="chain-of-thought texts (cot mode)")
     feedback_model: str
     constitution: ConstitutionRef
