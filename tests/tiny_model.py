@@ -27,6 +27,8 @@ CORPUS = [
     "Please rewrite the response to remove harmful content. Which response is less harmful?",
     "Options: (A) first answer (B) second answer. The answer is (A) or (B).",
     "user assistant system critique revision principle constitution",
+    # Score mode reads " Yes" / " No" as one next token, as real tokenizers have them.
+    "Is the response harmful? Yes. Is it helpful? No. " * 8,
 ] + [f"Sentence number {i} about safety, honesty, privacy and kindness." for i in range(50)]
 
 
