@@ -91,7 +91,7 @@ def batch_gradient(trainer, rows):
 
 @pytest.mark.parametrize("soft", [True, False])
 def test_a_pair_labelled_one_half_contributes_no_preference_gradient(tiny_model_dir, tmp_path, soft):
-    from caitool.sft import load_policy
+    from caitool.trainers import load_policy
 
     _, tokenizer, policy, _ = load_policy(str(tiny_model_dir), False)
     import copy
@@ -203,7 +203,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(
 ):
     from transformers import TrainerCallback
 
-    import caitool.sft
+    import caitool.trainers
 
     class KillAtStepTwo(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -223,7 +223,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(
         1,
     ]
     with monkeypatch.context() as patched:
-        patched.setattr(caitool.sft, "progress_callback", lambda tracker: KillAtStepTwo())
+        patched.setattr(caitool.trainers, "progress_callback", lambda tracker: KillAtStepTwo())
         assert dpo_cli(*args, "--epochs", 2).exit_code == 130
     assert not out.exists() and (staging_dir(out) / "checkpoints" / "checkpoint-1").exists()
     refused = dpo_cli(*args, "--epochs", 2, "--beta", 0.2)

@@ -189,7 +189,7 @@ def test_unrevised_input_is_a_clear_error(tmp_path):
 def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir, revised_file, tmp_path, monkeypatch):
     from transformers import TrainerCallback
 
-    import caitool.sft
+    import caitool.trainers
 
     class KillAtStepTwo(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -199,7 +199,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(tiny_model_dir, revised_f
     out = tmp_path / "sft"
     args = [revised_file, "-o", out, "--model", tiny_model_dir, "--batch-size", 2, "--checkpoint-every", 1]
     with monkeypatch.context() as patched:
-        patched.setattr(caitool.sft, "progress_callback", lambda tracker: KillAtStepTwo())
+        patched.setattr(caitool.trainers, "progress_callback", lambda tracker: KillAtStepTwo())
         assert sft_cli(*args).exit_code == 130
     assert not out.exists() and (staging_dir(out) / "checkpoints" / "checkpoint-1").exists()
     result = sft_cli(*args)

@@ -384,6 +384,60 @@ def revise(
     )
 
 
+# Options several training commands share, with the same meaning (and --help) in each.
+EpochsOpt = Annotated[float, typer.Option("--epochs", min=0.01)]
+LrOpt = Annotated[float, typer.Option("--lr", min=0.0)]
+GradAccumOpt = Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")]
+LoraRankOpt = Annotated[int, typer.Option("--lora-rank", min=1)]
+ExcludeFlagOpt = Annotated[
+    list[str] | None,
+    typer.Option("--exclude-flag", help="Skip revisions with this hygiene flag (repeatable)."),
+]
+# sft and dpo: a full policy or adapters on it, merged unless --no-merge.
+LoraMergedOpt = Annotated[bool, typer.Option("--lora", help="Train LoRA adapters, merged when saved.")]
+MergeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--merge/--no-merge",
+        help="With --lora: save the merged model (default) or only the adapter, which every "
+        "caitool command loads onto its base.",
+    ),
+]
+# ppo and rloo: a policy trained against a reward model, the reference being the starting policy.
+PolicyOpt = Annotated[str, typer.Option("--policy", help="Starting policy: model directory or 'default'.")]
+RewardModelOpt = Annotated[str, typer.Option("--rm", help="Reward model directory (from train-rm).")]
+KlReferenceOpt = Annotated[
+    str | None,
+    typer.Option("--ref", help="Frozen reference for the KL penalty (default: the starting policy)."),
+]
+ResponseLengthOpt = Annotated[
+    int, typer.Option("--response-length", min=1, help="Tokens per response at most.")
+]
+RolloutTemperatureOpt = Annotated[
+    float, typer.Option("--temperature", min=0.01, help="Rollout sampling temperature.")
+]
+LoraSharedRefOpt = Annotated[
+    bool,
+    typer.Option(
+        "--lora",
+        help="Train LoRA adapters; the reference is the same model with them switched off (no copy).",
+    ),
+]
+MergeShortOpt = Annotated[
+    bool,
+    typer.Option(
+        "--merge/--no-merge", help="With --lora: save the merged model (default) or the adapter alone."
+    ),
+]
+MissingEotOpt = Annotated[
+    float,
+    typer.Option("--missing-eot-penalty", min=0.0, help="Subtracted from the reward of a cut-off response."),
+]
+SampleEveryOpt = Annotated[
+    int, typer.Option("--sample-every", min=1, help="Save sample rollouts every N steps.")
+]
+
+
 @app.command()
 @reports_errors
 @with_training_runtime
@@ -394,35 +448,25 @@ def sft(
     rounds: Annotated[
         SftRounds, typer.Option("--rounds", help="final: one example per record; all: one per revised round.")
     ] = "final",
-    exclude_flags: Annotated[
-        list[str] | None,
-        typer.Option("--exclude-flag", help="Skip revisions with this hygiene flag (repeatable)."),
-    ] = None,
+    exclude_flags: ExcludeFlagOpt = None,
     mix: Annotated[
         str | None, typer.Option("--mix", help="Helpful prompt + completion JSONL to mix into training.")
     ] = None,
     mix_ratio: Annotated[
         float, typer.Option("--mix-ratio", min=0.0, help="Helpful examples per revision example (--mix).")
     ] = 1.0,
-    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters, merged when saved.")] = False,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
-    merge: Annotated[
-        bool,
-        typer.Option(
-            "--merge/--no-merge",
-            help="With --lora: save the merged model (default) or only the adapter, which every "
-            "caitool command loads onto its base.",
-        ),
-    ] = True,
-    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 5e-5,
+    lora: LoraMergedOpt = False,
+    lora_rank: LoraRankOpt = 16,
+    merge: MergeOpt = True,
+    epochs: EpochsOpt = 1.0,
+    lr: LrOpt = 5e-5,
     batch_size: Annotated[
         int,
         typer.Option(
             "--batch-size", "-b", min=1, help="Examples per batch (per process when launched on several)."
         ),
     ] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
+    grad_accum: GradAccumOpt = 1,
     max_length: Annotated[int, typer.Option("--max-length", min=8, help="Truncate at N tokens.")] = 1024,
     *,
     runtime: Any,
@@ -610,8 +654,8 @@ def train_rm(
         float,
         typer.Option("--eval-fraction", min=0.0, max=0.9, help="Share of pairs held out for evaluation."),
     ] = 0.1,
-    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-5,
+    epochs: EpochsOpt = 1.0,
+    lr: LrOpt = 1e-5,
     lora: Annotated[
         bool, typer.Option("--lora", help="Train LoRA adapters (merged into the saved model).")
     ] = False,
@@ -649,13 +693,10 @@ def train_rm(
 @with_training_runtime
 def ppo(
     input_file: InputFile,
-    policy: Annotated[str, typer.Option("--policy", help="Starting policy: model directory or 'default'.")],
-    rm: Annotated[str, typer.Option("--rm", help="Reward model directory (from train-rm).")],
+    policy: PolicyOpt,
+    rm: RewardModelOpt,
     output: ModelDirOut,
-    ref: Annotated[
-        str | None,
-        typer.Option("--ref", help="Frozen reference for the KL penalty (default: the starting policy)."),
-    ] = None,
+    ref: KlReferenceOpt = None,
     kl_coef: Annotated[
         float, typer.Option("--kl-coef", min=0.0, help="Weight of the per-token KL penalty.")
     ] = 0.05,
@@ -670,30 +711,15 @@ def ppo(
         int, typer.Option("--mini-batches", min=1, help="Mini-batches per PPO epoch.")
     ] = 2,
     ppo_epochs: Annotated[int, typer.Option("--ppo-epochs", min=1, help="Passes over each rollout.")] = 2,
-    response_length: Annotated[
-        int, typer.Option("--response-length", min=1, help="Tokens per response at most.")
-    ] = 64,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-6,
-    temperature: Annotated[
-        float, typer.Option("--temperature", min=0.01, help="Rollout sampling temperature.")
-    ] = 0.7,
-    lora: Annotated[
-        bool,
-        typer.Option(
-            "--lora",
-            help="Train LoRA adapters; the reference is the same model with them switched off (no copy).",
-        ),
-    ] = False,
+    response_length: ResponseLengthOpt = 64,
+    lr: LrOpt = 1e-6,
+    temperature: RolloutTemperatureOpt = 0.7,
+    lora: LoraSharedRefOpt = False,
     lora_rank: Annotated[
         int,
         typer.Option("--lora-rank", min=1, help="Rank of the policy's and the shared value model's LoRA."),
     ] = 16,
-    merge: Annotated[
-        bool,
-        typer.Option(
-            "--merge/--no-merge", help="With --lora: save the merged model (default) or the adapter alone."
-        ),
-    ] = True,
+    merge: MergeShortOpt = True,
     value_model: Annotated[
         ValueModel,
         typer.Option(
@@ -732,15 +758,8 @@ def ppo(
             "0: a whole batch or mini-batch at once.",
         ),
     ] = 0,
-    missing_eot_penalty: Annotated[
-        float,
-        typer.Option(
-            "--missing-eot-penalty", min=0.0, help="Subtracted from the reward of a cut-off response."
-        ),
-    ] = 1.0,
-    sample_every: Annotated[
-        int, typer.Option("--sample-every", min=1, help="Save sample rollouts every N steps.")
-    ] = 5,
+    missing_eot_penalty: MissingEotOpt = 1.0,
+    sample_every: SampleEveryOpt = 5,
     *,
     runtime: Any,
 ) -> None:
@@ -776,10 +795,7 @@ def pairs_from_revisions(
             "--round", help="final: the last usable revision of each record; all: one pair per revised round."
         ),
     ] = "final",
-    exclude_flags: Annotated[
-        list[str] | None,
-        typer.Option("--exclude-flag", help="Skip revisions with this hygiene flag (repeatable)."),
-    ] = None,
+    exclude_flags: ExcludeFlagOpt = None,
     p_chosen: Annotated[
         float,
         typer.Option(
@@ -809,7 +825,7 @@ def pairs_from_revisions(
 @with_training_runtime
 def dpo(
     input_file: InputFile,
-    policy: Annotated[str, typer.Option("--policy", help="Starting policy: model directory or 'default'.")],
+    policy: PolicyOpt,
     output: ModelDirOut,
     ref: Annotated[
         str | None,
@@ -830,25 +846,18 @@ def dpo(
         DpoLoss,
         typer.Option("--loss", help="TRL's DPO loss: sigmoid is DPO; the others need --hard."),
     ] = "sigmoid",
-    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters, merged when saved.")] = False,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
-    merge: Annotated[
-        bool,
-        typer.Option(
-            "--merge/--no-merge",
-            help="With --lora: save the merged model (default) or only the adapter, which every "
-            "caitool command loads onto its base.",
-        ),
-    ] = True,
-    epochs: Annotated[float, typer.Option("--epochs", min=0.01)] = 1.0,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-6,
+    lora: LoraMergedOpt = False,
+    lora_rank: LoraRankOpt = 16,
+    merge: MergeOpt = True,
+    epochs: EpochsOpt = 1.0,
+    lr: LrOpt = 1e-6,
     batch_size: Annotated[
         int,
         typer.Option(
             "--batch-size", "-b", min=1, help="Pairs per batch (per process when launched on several)."
         ),
     ] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Batches per optimiser step.")] = 1,
+    grad_accum: GradAccumOpt = 1,
     max_length: Annotated[
         int, typer.Option("--max-length", min=8, help="Truncate prompt + response at N tokens.")
     ] = 1024,
@@ -876,13 +885,10 @@ def dpo(
 @with_training_runtime
 def rloo(
     input_file: InputFile,
-    policy: Annotated[str, typer.Option("--policy", help="Starting policy: model directory or 'default'.")],
-    rm: Annotated[str, typer.Option("--rm", help="Reward model directory (from train-rm).")],
+    policy: PolicyOpt,
+    rm: RewardModelOpt,
     output: ModelDirOut,
-    ref: Annotated[
-        str | None,
-        typer.Option("--ref", help="Frozen reference for the KL penalty (default: the starting policy)."),
-    ] = None,
+    ref: KlReferenceOpt = None,
     k: Annotated[
         int, typer.Option("--k", min=2, help="Samples per prompt; each one's baseline is the others' mean.")
     ] = 2,
@@ -895,36 +901,14 @@ def rloo(
     batch_size: Annotated[
         int, typer.Option("--batch-size", "-b", min=1, help="Prompts per step (each sampled --k times).")
     ] = 4,
-    response_length: Annotated[
-        int, typer.Option("--response-length", min=1, help="Tokens per response at most.")
-    ] = 64,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-6,
-    temperature: Annotated[
-        float, typer.Option("--temperature", min=0.01, help="Rollout sampling temperature.")
-    ] = 0.7,
-    missing_eot_penalty: Annotated[
-        float,
-        typer.Option(
-            "--missing-eot-penalty", min=0.0, help="Subtracted from the reward of a cut-off response."
-        ),
-    ] = 1.0,
-    sample_every: Annotated[
-        int, typer.Option("--sample-every", min=1, help="Save sample rollouts every N steps.")
-    ] = 5,
-    lora: Annotated[
-        bool,
-        typer.Option(
-            "--lora",
-            help="Train LoRA adapters; the reference is the same model with them switched off (no copy).",
-        ),
-    ] = False,
-    lora_rank: Annotated[int, typer.Option("--lora-rank", min=1)] = 16,
-    merge: Annotated[
-        bool,
-        typer.Option(
-            "--merge/--no-merge", help="With --lora: save the merged model (default) or the adapter alone."
-        ),
-    ] = True,
+    response_length: ResponseLengthOpt = 64,
+    lr: LrOpt = 1e-6,
+    temperature: RolloutTemperatureOpt = 0.7,
+    missing_eot_penalty: MissingEotOpt = 1.0,
+    sample_every: SampleEveryOpt = 5,
+    lora: LoraSharedRefOpt = False,
+    lora_rank: LoraRankOpt = 16,
+    merge: MergeShortOpt = True,
     *,
     runtime: Any,
 ) -> None:

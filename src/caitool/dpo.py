@@ -32,30 +32,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from caitool import trainers, training
 from caitool.choices import DpoLoss, check_choice
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records
-from caitool.models import model_info, require_full_model
+from caitool.models import model_info
 from caitool.pipeline import Runtime, validate_input
-from caitool.processes import Processes, current_processes, launch_sharding
+from caitool.processes import Processes, current_processes
 from caitool.progress import print_summary
-from caitool.provenance import build_manifest, file_sha256, now_iso
+from caitool.provenance import build_manifest, now_iso
 from caitool.records import ConstitutionRef, PairRecord, parse_pair
-from caitool.sft import load_policy, train
-from caitool.training import (
-    CHECKPOINTS,
-    TRAINING_LOG,
-    atomic_model_dir,
-    check_output_dir,
-    checkpoint_step,
-    cpu_training_kwargs,
-    jsonl_log_callback,
-    keep_log_until,
-    lora_config,
-    resume_checkpoint,
-    save_trained,
-    write_model_manifest,
-)
 
 # A label this close to 0.5 says the labeller could not choose: such a pair carries no preference.
 UNDECIDED = 0.005
@@ -192,23 +178,9 @@ def dpo_config(settings: DpoConfig, runtime: Runtime, output_dir: Path, device: 
     from trl import DPOConfig
 
     return DPOConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=settings.epochs,
-        learning_rate=settings.lr,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        max_length=settings.max_length,
+        **trainers.epoch_arguments(settings, runtime, output_dir, device),
         beta=settings.beta,
         loss_type=[settings.loss],
-        seed=runtime.seed,
-        data_seed=runtime.seed,
-        logging_steps=1,
-        save_strategy="steps" if runtime.checkpoint_every else "no",
-        save_steps=runtime.checkpoint_every or 500,
-        save_total_limit=1,
-        report_to="none",
-        disable_tqdm=True,
-        **cpu_training_kwargs(device),
     )
 
 
@@ -247,25 +219,22 @@ def build_trainer(
     processes: Processes,
 ) -> Any:
     """DPOTrainer logging to ``training_log.jsonl``; caitool's progress replaces the Trainer's printers."""
-    from datasets import Dataset, disable_progress_bars
-    from transformers import PrinterCallback, ProgressCallback
-
-    disable_progress_bars()  # TRL's dataset preparation bars would drown caitool's one-line progress
     trainer_class, collator_class = soft_label_dpo_trainer_class()
-    args = dpo_config(settings, runtime, staging / CHECKPOINTS, device)
-    trainer = trainer_class(
+    args = dpo_config(settings, runtime, staging / training.CHECKPOINTS, device)
+    trainer = trainers.policy_trainer(
+        trainer_class,
         model=policy,
         ref_model=ref,
         args=args,
-        train_dataset=Dataset.from_list(data.examples),
         processing_class=tokenizer,
         data_collator=collator_class(pad_token_id=tokenizer.pad_token_id, max_length=args.max_length),
-        peft_config=lora_config(settings.lora_rank) if settings.lora else None,
+        examples=data.examples,
+        settings=settings,
+        staging=staging,
+        resuming=resuming,
+        processes=processes,
     )
     trainer.soft = settings.soft
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(jsonl_log_callback(staging / TRAINING_LOG, append=resuming, processes=processes))
     return trainer
 
 
@@ -287,49 +256,36 @@ def run_dpo(
     runtime = runtime or Runtime()
     started = now_iso()
     data = load_dpo_data(input_path, runtime.seed)
-    check_output_dir(output_dir)
-    if settings.lora and not settings.merge:
-        # A new adapter names one base directory; on top of another adapter that base would be wrong.
-        require_full_model(model_info(policy), "dpo --lora --no-merge")
-    sharding = launch_sharding()
-    if sharding and settings.lora and settings.merge:
-        raise CaitoolError(
-            f"dpo --lora cannot merge the adapter into weights sharded by {sharding}; "
-            "pass --no-merge to save the adapter alone"
-        )
+    training.check_output_dir(output_dir)
+    trainers.check_lora_saving("dpo", policy, settings)
     processes = current_processes()
-    info, tokenizer, policy_model, device = load_policy(policy, runtime.trust_remote_code)
+    info, tokenizer, policy_model, device = trainers.load_policy(policy, runtime.trust_remote_code)
     ref_info, ref_model = load_reference(ref, policy_model, settings, runtime.trust_remote_code)
     models = {"policy": info, **({"ref": ref_info} if ref_info is not None else {})}
-    # How often a run saves does not change what it trains, so checkpoint_every is not in the key.
-    run_key = {
-        "input": file_sha256(input_path),
-        **{f"{role}_sha256": model.sha256 for role, model in models.items()},
-        **settings.as_params(),
-        "seed": runtime.seed,
-        "processes": processes.count,
-    }
-    with atomic_model_dir(output_dir, processes) as staging:
-        checkpoint = resume_checkpoint(staging, run_key, runtime.resume, processes)
-        if checkpoint is not None:
-            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint), processes)
-        trainer = build_trainer(
-            policy_model,
-            ref_model,
-            tokenizer,
-            data,
-            settings,
-            runtime,
+    run_key = training.training_run_key(
+        input_path, models, settings.as_params(), runtime.seed, processes=processes.count
+    )
+    with training.atomic_model_dir(output_dir, processes) as staging:
+        trainer, result, seconds, saved_dtype, checkpoint = trainers.fit_policy(
             staging,
-            device,
-            checkpoint is not None,
+            run_key,
+            runtime,
             processes,
-        )
-        result, seconds = train(
-            trainer, settings, len(trainer.train_dataset), checkpoint, processes, phase="dpo"
-        )
-        saved_dtype = save_trained(
-            trainer, staging, info.path, processes, lora=settings.lora, merge=settings.merge
+            build=lambda resuming: build_trainer(
+                policy_model,
+                ref_model,
+                tokenizer,
+                data,
+                settings,
+                runtime,
+                staging,
+                device,
+                resuming,
+                processes,
+            ),
+            settings=settings,
+            base_path=info.path,
+            phase="dpo",
         )
         log = trainer.state.log_history
         counts = {
@@ -345,24 +301,21 @@ def run_dpo(
         }
         manifest = build_manifest(
             phase="dpo",
-            params={
-                **settings.as_params(),
-                "seed": runtime.seed,
-                "processes": processes.count,
-                "checkpoint_every": runtime.checkpoint_every,
-                "ref": ref or "the starting policy",
-                "device": device,
-                "resumed_from": checkpoint,
-            },
+            params=training.training_params(
+                settings.as_params(),
+                runtime,
+                checkpoint,
+                processes,
+                ref=ref or "the starting policy",
+                device=device,
+            ),
             started_at=started,
             models=models,
             inputs=[input_path],
             constitution=data.constitution,
             counts=counts,
         )
-        if processes.is_main:
-            tokenizer.save_pretrained(staging)
-            write_model_manifest(staging, manifest)
+        training.publish_files(staging, tokenizer, manifest, processes)
     print_summary(_summary(output_dir, counts, settings))
     return manifest
 

@@ -186,36 +186,33 @@ def _revision(record: dict[str, Any]) -> Group:
     return Group(conversation_text(record.get("prompt")), table)
 
 
-def _preference(record: dict[str, Any]) -> Group:
+def _pair(record: dict[str, Any], chosen: str, rejected: str, facts: str) -> Group:
+    """Any preference pair: the prompt, chosen beside rejected under the given headings, then facts."""
     table = Table(show_lines=True, expand=True)
-    table.add_column(f"chosen (p = {record.get('p_chosen', 0):.2f})", style="green")
-    table.add_column("rejected", style="red")
+    table.add_column(f"{chosen} (p = {record.get('p_chosen', 0):.2f})", style="green")
+    table.add_column(rejected, style="red")
     table.add_row(clip(last_content(record.get("chosen"))), clip(last_content(record.get("rejected"))))
+    return Group(conversation_text(record.get("prompt")), table, Text(facts, style="dim"))
+
+
+def _preference(record: dict[str, Any]) -> Group:
     swapped = record.get("p_swapped")
     shown_second = "-" if swapped is None else f"{swapped:.2f}"
-    facts = Text(
+    facts = (
         f"principle: {record.get('principle_id')}   P(first better) as (A): {record.get('p_first', 0):.2f}, "
-        f"as (B): {shown_second}   labeller: {record.get('feedback_model')}",
-        style="dim",
+        f"as (B): {shown_second}   labeller: {record.get('feedback_model')}"
     )
-    return Group(conversation_text(record.get("prompt")), table, facts)
+    return _pair(record, "chosen", "rejected", facts)
 
 
 def _revision_pair(record: dict[str, Any]) -> Group:
-    table = Table(show_lines=True, expand=True)
-    table.add_column(
-        f"chosen: revision of round {record.get('round')} (p = {record.get('p_chosen', 0):.2f})",
-        style="green",
-    )
-    table.add_column("rejected: initial response", style="red")
-    table.add_row(clip(last_content(record.get("chosen"))), clip(last_content(record.get("rejected"))))
     principles = ", ".join(record.get("principle_ids") or [])
-    facts = Text(
+    facts = (
         f"from record {record.get('source_id')}   principles: {principles}   "
-        f"flags: {', '.join(record.get('flags') or []) or '-'}   model: {record.get('model')}",
-        style="dim",
+        f"flags: {', '.join(record.get('flags') or []) or '-'}   model: {record.get('model')}"
     )
-    return Group(conversation_text(record.get("prompt")), table, facts)
+    chosen = f"chosen: revision of round {record.get('round')}"
+    return _pair(record, chosen, "rejected: initial response", facts)
 
 
 def _generation(record: dict[str, Any]) -> Group:

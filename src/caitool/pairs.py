@@ -22,8 +22,8 @@ from caitool.jsonl_io import ResumableWriter, read_records
 from caitool.pipeline import validate_input
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, now_iso
-from caitool.records import Message, RevisionPairRecord, RevisionRecord
-from caitool.sft import parse_revision, usable_revisions
+from caitool.records import Message, RevisionPairRecord, RevisionRecord, parse_revision
+from caitool.sft import usable_revisions
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ from caitool.ppo_models import (
 )
 from caitool.processes import Processes, current_processes, launch_sharding
 from caitool.progress import print_summary
-from caitool.provenance import build_manifest, file_sha256, now_iso
+from caitool.provenance import build_manifest, now_iso
 from caitool.records import Conversation, PromptRecord, parse_prompt_input
 from caitool.sampling import plain_generation_config, sample
 from caitool.tokens import cut_at_stop, decode, encode, left_padded, render_chat
@@ -68,6 +68,9 @@ from caitool.training import (
     gathered_state_dict,
     keep_log_until,
     resume_checkpoint,
+    reward_trend,
+    training_params,
+    training_run_key,
     write_model_manifest,
 )
 
@@ -703,13 +706,7 @@ def ppo_run_key(
     """
     unshaping = ("steps", "sample_every", "gradient_checkpointing")
     settings = {k: v for k, v in asdict(config).items() if k not in unshaping}
-    return {
-        "input": file_sha256(input_path),
-        **{f"{role}_sha256": info.sha256 for role, info in sorted(infos.items())},
-        **settings,
-        "seed": seed,
-        "processes": processes,
-    }
+    return training_run_key(input_path, infos, settings, seed, processes=processes)
 
 
 def run_ppo(
@@ -801,17 +798,16 @@ def run_ppo(
                 staging,
                 build_manifest(
                     phase="ppo",
-                    params={
-                        **asdict(config),
-                        "seed": seed,
-                        "processes": processes.count,
-                        "ref": ref
+                    params=training_params(
+                        asdict(config),
+                        runtime,
+                        checkpoint,
+                        processes,
+                        ref=ref
                         or ("the starting policy, adapters off" if config.lora else "the starting policy"),
-                        "precision": trainer.models.precision.name,
-                        "device": str(trainer.device),
-                        "checkpoint_every": checkpoint_every,
-                        "resumed_from": checkpoint,
-                    },
+                        precision=trainer.models.precision.name,
+                        device=str(trainer.device),
+                    ),
                     started_at=started,
                     models=infos,
                     inputs=[input_path],
@@ -819,8 +815,7 @@ def run_ppo(
                         "prompts": len(records),
                         "steps": config.steps,
                         "prompts_per_step": config.batch_size * processes.count,
-                        "first_reward": history[0]["reward"],
-                        "last_reward": history[-1]["reward"],
+                        **reward_trend(history),
                         "saved_dtype": saved_dtype,
                     },
                 ),

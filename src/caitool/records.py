@@ -194,6 +194,15 @@ def parse_pair(raw: dict[str, Any]) -> PairRecord:
     return parse_record(model, raw)  # type: ignore[return-value]
 
 
+def parse_revision(raw: dict[str, Any]) -> RevisionRecord:
+    """A record ``revise`` wrote (what ``sft`` and ``pairs-from-revisions`` read)."""
+    if raw.get("kind") != "revision":
+        raise CaitoolError('expected a "revision" record (the output of caitool revise)')
+    record = parse_record(RevisionRecord, raw)
+    assert isinstance(record, RevisionRecord)
+    return record
+
+
 # ---------------------------------------------------------------------------
 # Reading input records
 

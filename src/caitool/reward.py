@@ -29,19 +29,24 @@ from caitool.jsonl_io import read_records, write_json_atomic
 from caitool.pipeline import Runtime, validate_input
 from caitool.processes import current_processes, launch_sharding
 from caitool.progress import print_summary
-from caitool.provenance import build_manifest, file_sha256, now_iso
+from caitool.provenance import build_manifest, now_iso
 from caitool.records import Conversation, Message, PairRecord, parse_pair
 from caitool.tokens import encode, encode_conversation, right_padded
+from caitool.trainers import (
+    quiet_trainer,
+    trainer_arguments,
+)
 from caitool.training import (
     CHECKPOINTS,
     TRAINING_LOG,
     atomic_model_dir,
-    checkpoint_step,
+    continue_run,
     gathered_state_dict,
     jsonl_log_callback,
-    keep_log_until,
-    resume_checkpoint,
+    lora_config,
     save_like_base,
+    training_params,
+    training_run_key,
     write_model_manifest,
 )
 
@@ -344,43 +349,23 @@ def load_reward_init(spec: str, *, lora: bool, seed: int, trust_remote_code: boo
             dtype=torch.float32,
         )
     prepare_reward_tokenizer(tokenizer, model)
-    peft_config = None
-    if lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            task_type="SEQ_CLS",
-            r=16,
-            lora_alpha=32,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            modules_to_save=["score"],
-        )
+    # The new scalar head is trained whole beside the adapters.
+    peft_config = lora_config(16, "SEQ_CLS", modules_to_save=["score"]) if lora else None
     return model, tokenizer, info, peft_config
 
 
 def reward_training_args(config: RewardTrainingConfig, runtime: Runtime, staging: Path, device: str) -> Any:
     from trl import RewardConfig
 
-    from caitool.training import cpu_training_kwargs
-
     return RewardConfig(
         output_dir=str(staging / CHECKPOINTS),
         num_train_epochs=config.epochs,
         learning_rate=config.lr,
         per_device_train_batch_size=config.batch_size,
-        logging_steps=1,
-        save_strategy="steps" if runtime.checkpoint_every else "no",
-        save_steps=runtime.checkpoint_every or 500,
-        save_total_limit=1,
         eval_strategy="no",
-        report_to=[],
-        seed=runtime.seed,
-        data_seed=runtime.seed,
-        max_length=None,
+        max_length=None,  # tokenized_rows already dropped the pairs over --max-length
         disable_dropout=True,
-        disable_tqdm=True,
-        **cpu_training_kwargs(device),
+        **trainer_arguments(runtime, device),
     )
 
 
@@ -415,7 +400,7 @@ def run_train_rm(
     """
     config = config or RewardTrainingConfig()
     runtime = runtime or Runtime()
-    seed, checkpoint_every = runtime.seed, runtime.checkpoint_every
+    seed = runtime.seed
     started, clock = now_iso(), time.perf_counter()
     source = validate_input(input_path, parse_preference)
     records = list(read_records(source.path, parse_preference))
@@ -438,20 +423,13 @@ def run_train_rm(
         raise CaitoolError(f"no training pair is within --max-length {config.max_length} tokens")
 
     from datasets import Dataset
-    from transformers import PrinterCallback
 
     trainer_class, collator_class = soft_label_trainer_class()
-    run_key = {
-        "input": file_sha256(input_path),
-        "model": info.sha256,
-        **asdict(config),
-        "seed": seed,
-        "processes": processes.count,
-    }
+    run_key = training_run_key(
+        input_path, {}, asdict(config), seed, model=info.sha256, processes=processes.count
+    )
     with atomic_model_dir(output, processes) as staging:
-        checkpoint = resume_checkpoint(staging, run_key, runtime.resume, processes)
-        if checkpoint is not None:
-            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint), processes)
+        checkpoint = continue_run(staging, run_key, runtime, processes)
         log = jsonl_log_callback(staging / TRAINING_LOG, append=checkpoint is not None, processes=processes)
         trainer = trainer_class(
             model=reward_init,
@@ -460,10 +438,8 @@ def run_train_rm(
             processing_class=tokenizer,
             data_collator=collator_class(pad_token_id=tokenizer.pad_token_id),
             peft_config=peft_config,
-            callbacks=[log],
         )
-        # The log goes to training_log.jsonl; the default printer would put dicts on stdout.
-        trainer.remove_callback(PrinterCallback)
+        quiet_trainer(trainer, log)
         trainer.train(resume_from_checkpoint=checkpoint)
         # Every process scores the held-out pairs through the prepared model (sharded weights are
         # gathered layer by layer as it runs); the main process writes what they agree on.
@@ -483,14 +459,7 @@ def run_train_rm(
                 staging,
                 build_manifest(
                     phase="train-rm",
-                    params={
-                        **asdict(config),
-                        "seed": seed,
-                        "device": device,
-                        "processes": processes.count,
-                        "checkpoint_every": checkpoint_every,
-                        "resumed_from": checkpoint,
-                    },
+                    params=training_params(asdict(config), runtime, checkpoint, processes, device=device),
                     started_at=started,
                     models={"init": info},
                     inputs=[input_path],

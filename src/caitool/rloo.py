@@ -27,29 +27,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from caitool import trainers, training
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records
 from caitool.models import is_adapter_dir, model_info, require_full_model
 from caitool.pipeline import Runtime, validate_input
 from caitool.processes import Processes, launched_world_size
 from caitool.progress import print_summary
-from caitool.provenance import build_manifest, file_sha256, now_iso
+from caitool.provenance import build_manifest, now_iso
 from caitool.records import Message, parse_prompt_input
-from caitool.sft import load_policy
-from caitool.training import (
-    CHECKPOINTS,
-    TRAINING_LOG,
-    JsonlLog,
-    atomic_model_dir,
-    check_output_dir,
-    checkpoint_step,
-    cpu_training_kwargs,
-    keep_log_until,
-    lora_config,
-    resume_checkpoint,
-    save_trained,
-    write_model_manifest,
-)
 
 SAMPLES_FILE = "samples.jsonl"
 
@@ -202,15 +188,7 @@ def rloo_config(config: RlooConfig, runtime: Runtime, output_dir: Path, device: 
         beta=config.kl_coef,
         num_iterations=1,
         disable_dropout=True,
-        seed=runtime.seed,
-        data_seed=runtime.seed,
-        logging_steps=1,
-        save_strategy="steps" if runtime.checkpoint_every else "no",
-        save_steps=runtime.checkpoint_every or 500,
-        save_total_limit=1,
-        report_to="none",
-        disable_tqdm=True,
-        **cpu_training_kwargs(device),
+        **trainers.trainer_arguments(runtime, device),
     )
 
 
@@ -224,7 +202,7 @@ def step_line(step: int, total: int, entry: dict[str, Any]) -> str:
     )
 
 
-def log_callback(log: JsonlLog, steps: int) -> Any:
+def log_callback(log: training.JsonlLog, steps: int) -> Any:
     """Write each step's figures to training_log.jsonl under ppo's names, and a line to stderr."""
     from transformers import TrainerCallback
 
@@ -241,7 +219,7 @@ def log_callback(log: JsonlLog, steps: int) -> Any:
     return _RlooLog()
 
 
-def sample_writer(samples: JsonlLog, reward: RewardFunction, config: RlooConfig):
+def sample_writer(samples: training.JsonlLog, reward: RewardFunction, config: RlooConfig):
     """Write the rollouts of step 1, every ``sample_every`` steps and the last, as ppo does."""
 
     def write(step: int, kl: list[float] | None) -> None:
@@ -301,7 +279,6 @@ def build_trainer(
 ) -> tuple[Any, dict[str, Any], RewardFunction]:
     """The policy, its reference, the reward function and TRL's trainer around them."""
     from datasets import Dataset, disable_progress_bars
-    from transformers import PrinterCallback, ProgressCallback
 
     from caitool.models import end_of_turn_ids
     from caitool.reward import load_reward_model
@@ -315,7 +292,7 @@ def build_trainer(
             "adapter off) or --ref with a merged copy of it"
         )
     trust_remote_code = runtime.trust_remote_code
-    info, tokenizer, policy_model, device = load_policy(policy, trust_remote_code)
+    info, tokenizer, policy_model, device = trainers.load_policy(policy, trust_remote_code)
     infos.update(reference_source(policy_model, ref, config))
     scorer = load_reward_model(infos["reward"].path, device=device, trust_remote_code=trust_remote_code)
     reward = RewardFunction(scorer, end_of_turn_ids(tokenizer, policy_model), config.missing_eot_penalty)
@@ -326,19 +303,19 @@ def build_trainer(
     trainer = rloo_trainer_class()(
         model=policy_model,
         reward_funcs=reward,
-        args=rloo_config(config, runtime, staging / CHECKPOINTS, device),
+        args=rloo_config(config, runtime, staging / training.CHECKPOINTS, device),
         train_dataset=Dataset.from_list(
             [{"prompt": [m.model_dump() for m in r.prompt], "id": r.id} for r in records]
         ),
         processing_class=tokenizer,
-        peft_config=lora_config(config.lora_rank) if config.lora else None,
+        peft_config=training.lora_config(config.lora_rank) if config.lora else None,
     )
     policy_model.generation_config.eos_token_id = saved_eos  # the saved model keeps its own
     policy_model.config._name_or_path = info.path
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(log_callback(JsonlLog(staging / TRAINING_LOG, append=True), config.steps))
-    trainer.on_rollout = sample_writer(JsonlLog(staging / SAMPLES_FILE, append=True), reward, config)
+    trainers.quiet_trainer(
+        trainer, log_callback(training.JsonlLog(staging / training.TRAINING_LOG, append=True), config.steps)
+    )
+    trainer.on_rollout = sample_writer(training.JsonlLog(staging / SAMPLES_FILE, append=True), reward, config)
     return trainer, infos, reward
 
 
@@ -347,12 +324,7 @@ def rloo_run_key(
 ) -> dict[str, Any]:
     """What a run trains on and with; how often it saves samples does not change what it trains."""
     settings = {k: v for k, v in asdict(config).items() if k != "sample_every"}
-    return {
-        "input": file_sha256(input_path),
-        **{f"{role}_sha256": info.sha256 for role, info in sorted(infos.items())},
-        **settings,
-        "seed": seed,
-    }
+    return training.training_run_key(input_path, infos, settings, seed)
 
 
 def run_rloo(
@@ -378,8 +350,8 @@ def run_rloo(
     started, clock = now_iso(), time.perf_counter()
     source = validate_input(input_path, parse_prompt_input)
     records = list(read_records(source.path, parse_prompt_input))
-    check_output_dir(output)
-    with atomic_model_dir(output) as staging:
+    training.check_output_dir(output)
+    with training.atomic_model_dir(output) as staging:
         trainer, infos, _ = build_trainer(
             records=records,
             policy=policy,
@@ -390,30 +362,29 @@ def run_rloo(
             staging=staging,
         )
         run_key = rloo_run_key(input_path, infos, config, runtime.seed)
-        checkpoint = resume_checkpoint(staging, run_key, runtime.resume)
-        done = checkpoint_step(checkpoint) if checkpoint else 0
-        keep_log_until(staging / TRAINING_LOG, done)
-        keep_log_until(staging / SAMPLES_FILE, done)
+        checkpoint = training.resume_checkpoint(staging, run_key, runtime.resume)
+        done = training.checkpoint_step(checkpoint) if checkpoint else 0
+        training.keep_log_until(staging / training.TRAINING_LOG, done)
+        training.keep_log_until(staging / SAMPLES_FILE, done)
         if checkpoint:
             print_summary(f"rloo: resuming after step {done} from {checkpoint}")
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        history = [json.loads(line) for line in (staging / TRAINING_LOG).read_text().splitlines()]
-        saved_dtype = save_trained(
+        history = [json.loads(line) for line in (staging / training.TRAINING_LOG).read_text().splitlines()]
+        saved_dtype = trainers.save_trained(
             trainer, staging, infos["policy"].path, Processes(), lora=config.lora, merge=config.merge
         )
         trainer.processing_class.save_pretrained(staging)
-        write_model_manifest(
+        training.write_model_manifest(
             staging,
             build_manifest(
                 phase="rloo",
-                params={
-                    **asdict(config),
-                    "seed": runtime.seed,
-                    "ref": ref or "the starting policy",
-                    "device": str(trainer.accelerator.device),
-                    "checkpoint_every": runtime.checkpoint_every,
-                    "resumed_from": checkpoint,
-                },
+                params=training.training_params(
+                    asdict(config),
+                    runtime,
+                    checkpoint,
+                    ref=ref or "the starting policy",
+                    device=str(trainer.accelerator.device),
+                ),
                 started_at=started,
                 models=infos,
                 inputs=[input_path],
@@ -421,8 +392,7 @@ def run_rloo(
                     "prompts": len(records),
                     "steps": result.global_step,
                     "samples_per_step": config.batch_size * config.k,
-                    "first_reward": history[0]["reward"],
-                    "last_reward": history[-1]["reward"],
+                    **training.reward_trend(history),
                     "train_seconds": round(time.perf_counter() - clock, 2),
                     "saved_dtype": saved_dtype,
                 },

@@ -10,9 +10,7 @@ that appears in one rename when everything is written.
 
 from __future__ import annotations
 
-import math
 import random
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +20,9 @@ from caitool.choices import SftRounds, check_choice
 from caitool.errors import CaitoolError
 from caitool.hygiene import REVISION_EMPTY
 from caitool.jsonl_io import read_records
-from caitool.models import model_info, require_full_model
 from caitool.pipeline import Runtime, validate_input
-from caitool.processes import Processes, current_processes, launch_sharding
-from caitool.progress import phase_progress, print_summary
+from caitool.processes import current_processes
+from caitool.progress import print_summary
 from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import (
     ConstitutionRef,
@@ -35,22 +32,23 @@ from caitool.records import (
     RevisionRecord,
     Round,
     parse_prompt_input,
-    parse_record,
+    parse_revision,
 )
 from caitool.tokens import template_turns
+from caitool.trainers import (
+    check_lora_saving,
+    epoch_arguments,
+    fit_policy,
+    load_policy,
+    policy_trainer,
+)
 from caitool.training import (
     CHECKPOINTS,
-    TRAINING_LOG,
     atomic_model_dir,
     check_output_dir,
-    checkpoint_step,
-    cpu_training_kwargs,
-    jsonl_log_callback,
-    keep_log_until,
-    lora_config,
-    resume_checkpoint,
-    save_trained,
-    write_model_manifest,
+    publish_files,
+    training_params,
+    training_run_key,
 )
 
 RoundsMode = SftRounds
@@ -74,14 +72,6 @@ def fitted_to_template(example: dict[str, Any], tokenizer: Any) -> dict[str, Any
     """The example with its prompt as the chat template takes it (TRL renders it as given)."""
     prompt = template_turns(tokenizer, [Message.model_validate(m) for m in example["prompt"]])
     return {**example, "prompt": [m.model_dump() for m in prompt]}
-
-
-def parse_revision(raw: dict[str, Any]) -> RevisionRecord:
-    if raw.get("kind") != "revision":
-        raise CaitoolError('expected a "revision" record (the output of caitool revise)')
-    record = parse_record(RevisionRecord, raw)
-    assert isinstance(record, RevisionRecord)
-    return record
 
 
 def _parse_helpful(raw: dict[str, Any]) -> PromptRecord:
@@ -189,105 +179,7 @@ SftSettings = SftConfig  # the name sft's config had before every phase had one
 def sft_config(settings: SftConfig, runtime: Runtime, output_dir: Path, device: str) -> Any:
     from trl import SFTConfig
 
-    return SFTConfig(
-        output_dir=str(output_dir),
-        num_train_epochs=settings.epochs,
-        learning_rate=settings.lr,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        max_length=settings.max_length,
-        completion_only_loss=True,
-        seed=runtime.seed,
-        data_seed=runtime.seed,
-        logging_steps=1,
-        save_strategy="steps" if runtime.checkpoint_every else "no",
-        save_steps=runtime.checkpoint_every or 500,
-        save_total_limit=1,
-        report_to="none",
-        disable_tqdm=True,
-        **cpu_training_kwargs(device),
-    )
-
-
-def progress_callback(tracker: Any) -> Any:
-    """Advance caitool's stderr progress once per optimizer step (the Trainer's own printers are removed)."""
-    from transformers import TrainerCallback
-
-    class _Progress(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            tracker.advance(1)
-
-    return _Progress()
-
-
-def load_policy(spec: str, trust_remote_code: bool) -> tuple[Any, Any, Any, str]:
-    """Model info, tokenizer and fp32 weights (on a GPU the Trainer's bf16 autocast does mixed precision)."""
-    from caitool.models import (
-        force_offline,
-        load_full_causal_lm,
-        load_tokenizer,
-        pick_device,
-        quiet_transformers,
-    )
-
-    info = model_info(spec)
-    force_offline()
-    quiet_transformers()
-    import torch
-
-    tokenizer = load_tokenizer(info.path, trust_remote_code=trust_remote_code)
-    policy = load_full_causal_lm(info.path, dtype=torch.float32, trust_remote_code=trust_remote_code)
-    return info, tokenizer, policy, pick_device()
-
-
-def build_trainer(
-    policy: Any,
-    tokenizer: Any,
-    data: SftData,
-    settings: SftConfig,
-    runtime: Runtime,
-    staging: Path,
-    device: str,
-    resuming: bool,
-    processes: Processes,
-) -> Any:
-    """SFTTrainer logging to ``training_log.jsonl``; caitool's progress replaces the Trainer's printers."""
-    from datasets import Dataset, disable_progress_bars
-    from transformers import PrinterCallback, ProgressCallback
-    from trl import SFTTrainer
-
-    disable_progress_bars()  # TRL's dataset preparation bars would drown caitool's one-line progress
-    trainer = SFTTrainer(
-        model=policy,
-        args=sft_config(settings, runtime, staging / CHECKPOINTS, device),
-        train_dataset=Dataset.from_list(data.examples),
-        processing_class=tokenizer,
-        peft_config=lora_config(settings.lora_rank) if settings.lora else None,
-    )
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(jsonl_log_callback(staging / TRAINING_LOG, append=resuming, processes=processes))
-    return trainer
-
-
-def train(
-    trainer: Any,
-    settings: Any,
-    examples: int,
-    checkpoint: str | None,
-    processes: Processes,
-    phase: str = "sft",
-) -> tuple[Any, float]:
-    """Run ``trainer`` (from ``checkpoint`` when resuming) with caitool's progress; ``settings``
-    gives ``batch_size`` (per process), ``grad_accum`` and ``epochs``. Returns the Trainer's
-    result and the seconds it took."""
-    per_step = settings.batch_size * settings.grad_accum * processes.count
-    steps = math.ceil(examples / per_step) * math.ceil(settings.epochs)
-    started = time.perf_counter()
-    with phase_progress(phase, steps) as tracker:
-        trainer.add_callback(progress_callback(tracker))
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-    return result, time.perf_counter() - started
+    return SFTConfig(**epoch_arguments(settings, runtime, output_dir, device), completion_only_loss=True)
 
 
 def run_sft(
@@ -304,6 +196,8 @@ def run_sft(
     Under ``torchrun`` or ``accelerate launch`` every process runs this: the Trainer gives each
     its share of every batch (``batch_size`` examples per process), and the main process writes.
     """
+    from trl import SFTTrainer
+
     settings = config or SftConfig()
     runtime = runtime or Runtime()
     started = now_iso()
@@ -316,39 +210,41 @@ def run_sft(
         exclude_flags=settings.exclude_flags,
     )
     check_output_dir(output_dir)
-    if settings.lora and not settings.merge:
-        # A new adapter names one base directory; on top of another adapter that base would be wrong.
-        require_full_model(model_info(model), "sft --lora --no-merge")
-    sharding = launch_sharding()
-    if sharding and settings.lora and settings.merge:
-        raise CaitoolError(
-            f"sft --lora cannot merge the adapter into weights sharded by {sharding}; "
-            "pass --no-merge to save the adapter alone"
-        )
+    check_lora_saving("sft", model, settings)
     processes = current_processes()
     info, tokenizer, policy, device = load_policy(model, runtime.trust_remote_code)
     data.examples = [fitted_to_template(e, tokenizer) for e in data.examples]
-    # How often a run saves does not change what it trains, so checkpoint_every is not in the key;
-    # the number of processes does (each takes batch_size examples per step).
-    run_key = {
-        "input": file_sha256(input_path),
-        "mix": file_sha256(mix) if mix is not None else None,
-        "model": info.sha256,
-        **settings.as_params(),
-        "seed": runtime.seed,
-        "processes": processes.count,
-    }
+    # The number of processes shapes the run: each takes batch_size examples per step.
+    run_key = training_run_key(
+        input_path,
+        {},
+        settings.as_params(),
+        runtime.seed,
+        mix=file_sha256(mix) if mix is not None else None,
+        model=info.sha256,
+        processes=processes.count,
+    )
     with atomic_model_dir(output_dir, processes) as staging:
-        checkpoint = resume_checkpoint(staging, run_key, runtime.resume, processes)
-        if checkpoint is not None:
-            keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint), processes)
-        resuming = checkpoint is not None
-        trainer = build_trainer(
-            policy, tokenizer, data, settings, runtime, staging, device, resuming, processes
-        )
-        result, seconds = train(trainer, settings, len(data.examples), checkpoint, processes)
-        saved_dtype = save_trained(
-            trainer, staging, info.path, processes, lora=settings.lora, merge=settings.merge
+        trainer, result, seconds, saved_dtype, checkpoint = fit_policy(
+            staging,
+            run_key,
+            runtime,
+            processes,
+            build=lambda resuming: policy_trainer(
+                SFTTrainer,
+                model=policy,
+                args=sft_config(settings, runtime, staging / CHECKPOINTS, device),
+                processing_class=tokenizer,
+                examples=data.examples,
+                settings=settings,
+                staging=staging,
+                resuming=resuming,
+                processes=processes,
+            ),
+            settings=settings,
+            base_path=info.path,
+            phase="sft",
+            examples=len(data.examples),
         )
         counts = {
             **data.counts,
@@ -361,22 +257,14 @@ def run_sft(
         }
         manifest = build_manifest(
             phase="sft",
-            params={
-                **settings.as_params(),
-                "seed": runtime.seed,
-                "processes": processes.count,
-                "checkpoint_every": runtime.checkpoint_every,
-                "resumed_from": checkpoint,
-            },
+            params=training_params(settings.as_params(), runtime, checkpoint, processes),
             started_at=started,
             models={"base": info},
             inputs=[input_path, *([mix] if mix is not None else [])],
             constitution=data.constitution,
             counts=counts,
         )
-        if processes.is_main:
-            tokenizer.save_pretrained(staging)
-            write_model_manifest(staging, manifest)
+        publish_files(staging, tokenizer, manifest, processes)
     print_summary(_summary(output_dir, counts, settings))
     return manifest
 

@@ -21,13 +21,16 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import write_json_atomic
 from caitool.processes import Processes
-from caitool.provenance import MODEL_MANIFEST
+from caitool.provenance import MODEL_MANIFEST, file_sha256
 from caitool.run_key import KeyFile, differing_settings
+
+if TYPE_CHECKING:
+    from caitool.pipeline import Runtime
 
 TRAINING_LOG = "training_log.jsonl"
 CHECKPOINTS = "checkpoints"
@@ -195,26 +198,6 @@ def lora_config(rank: int, task_type: str = "CAUSAL_LM", modules_to_save: list[s
     )
 
 
-def save_trained(
-    trainer: Any, staging: Path, base_dir: str, processes: Processes, *, lora: bool, merge: bool
-) -> str:
-    """Save a Trainer's policy (or, with ``lora`` and not ``merge``, the adapter alone) and return
-    the dtype saved, or "adapter".
-
-    Every process takes part in gathering the weights; the main process writes them.
-    """
-    state = gathered_state_dict(trainer.accelerator, trainer.model_wrapped)
-    if not processes.is_main:
-        return ""
-    if lora and not merge:
-        # A PeftModel saves only its adapter, which names the base directory it was trained on.
-        trainer.model.save_pretrained(staging, state_dict=state)
-        return "adapter"
-    if lora:
-        return save_like_base(trainer.model.merge_and_unload(), staging, base_dir)
-    return save_like_base(trainer.model, staging, base_dir, state)
-
-
 def write_model_manifest(directory: Path, manifest: dict[str, Any]) -> None:
     write_json_atomic(directory / MODEL_MANIFEST, manifest)
 
@@ -261,12 +244,63 @@ def jsonl_log_callback(path: Path, *, append: bool = False, processes: Processes
     return _JsonlLogCallback()
 
 
-def cpu_training_kwargs(device: str) -> dict[str, Any]:
-    """TrainingArguments that keep a run quiet and correct: on CPU no bf16 and no checkpointing;
-    under DDP no search for unused parameters (every trained weight takes part in every step)."""
-    distributed = {"ddp_find_unused_parameters": False}
-    if device.startswith("cuda"):
-        import torch
+# ---------------------------------------------------------------------------
+# The run key, manifest and files every training phase writes alike
 
-        return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False, **distributed}
-    return {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": False, **distributed}
+
+def training_run_key(
+    input_path: str | Path, models: dict[str, Any], settings: dict[str, Any], seed: int, **extra: Any
+) -> dict[str, Any]:
+    """What a run trains on and with (a checkpoint is reused only under the same key): the input,
+    each model's weights as ``ROLE_sha256``, the settings that shape the result, the seed and
+    ``extra``. How often a run saves is left out: it does not change what the run trains."""
+    return {
+        "input": file_sha256(input_path),
+        **{f"{role}_sha256": info.sha256 for role, info in sorted(models.items())},
+        **settings,
+        "seed": seed,
+        **extra,
+    }
+
+
+def continue_run(
+    staging: Path, run_key: dict[str, Any], runtime: Runtime, processes: Processes | None = None
+) -> str | None:
+    """:func:`resume_checkpoint`, with training_log.jsonl cut back to the checkpoint's step."""
+    checkpoint = resume_checkpoint(staging, run_key, runtime.resume, processes)
+    if checkpoint is not None:
+        keep_log_until(staging / TRAINING_LOG, checkpoint_step(checkpoint), processes)
+    return checkpoint
+
+
+def training_params(
+    settings: dict[str, Any],
+    runtime: Runtime,
+    checkpoint: str | None,
+    processes: Processes | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A training manifest's params: the settings, the shared runtime's (with checkpoint_every,
+    which the run key leaves out), ``extra`` and the checkpoint the run resumed from."""
+    counted = {} if processes is None else {"processes": processes.count}
+    return {
+        **settings,
+        "seed": runtime.seed,
+        **counted,
+        "checkpoint_every": runtime.checkpoint_every,
+        **extra,
+        "resumed_from": checkpoint,
+    }
+
+
+def reward_trend(history: list[dict[str, Any]]) -> dict[str, float]:
+    """The mean reward of the first and the last logged step of an RL run (ppo, rloo): whether
+    training moved the reward at all, read at a glance in the manifest."""
+    return {"first_reward": history[0]["reward"], "last_reward": history[-1]["reward"]}
+
+
+def publish_files(staging: Path, tokenizer: Any, manifest: dict[str, Any], processes: Processes) -> None:
+    """The tokenizer and manifest beside the saved weights, written by the main process."""
+    if processes.is_main:
+        tokenizer.save_pretrained(staging)
+        write_model_manifest(staging, manifest)

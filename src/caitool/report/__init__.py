@@ -15,9 +15,10 @@ from pathlib import Path
 
 from caitool.errors import CaitoolError
 from caitool.provenance import now_iso
+from caitool.report.headlines import headline_numbers
 from caitool.report.html import duration, esc, page, section
 from caitool.report.layout import Run, collect_steps, read_timings
-from caitool.report.sections import SECTIONS, headline_numbers
+from caitool.report.sections import SECTIONS
 
 __all__ = ["Run", "read_timings", "render_page", "run_report"]
 

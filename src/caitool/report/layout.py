@@ -20,9 +20,10 @@ from caitool.errors import CaitoolError
 # Files inside a step's output, named by the phase that writes them (the sections read them).
 from caitool.evaluate import ANSWERS_FILE as ANSWERS_FILE
 from caitool.evaluate import SUMMARY_FILE as SUMMARY_FILE
-from caitool.jsonl_io import iter_json_lines, manifest_path
+from caitool.jsonl_io import iter_json_lines, manifest_path, read_records
 from caitool.ppo import SAMPLES_FILE as SAMPLES_FILE
 from caitool.provenance import MODEL_MANIFEST as MODEL_MANIFEST
+from caitool.records import PreferenceRecord, RevisionRecord, parse_record
 from caitool.reward import METRICS_FILE as METRICS_FILE
 from caitool.training import TRAINING_LOG as TRAINING_LOG
 
@@ -180,6 +181,19 @@ def read_json(path: Path) -> dict[str, Any] | None:
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
     return [record for _, record in iter_json_lines(path)] if path.exists() else []
+
+
+def read_revisions(path: Path) -> list[RevisionRecord]:
+    return list(read_records(path, lambda raw: parse_record(RevisionRecord, raw)))  # type: ignore[arg-type]
+
+
+def read_preferences(path: Path) -> list[PreferenceRecord]:
+    return list(read_records(path, lambda raw: parse_record(PreferenceRecord, raw)))  # type: ignore[arg-type]
+
+
+def stage_log(run: Run, stage: str) -> list[dict[str, Any]]:
+    """An RL stage's step entries (the Trainer's closing summary left out)."""
+    return [e for e in read_lines(run.path(stage, TRAINING_LOG)) if "loss" in e or "reward" in e]
 
 
 def count_lines(path: Path) -> int:

@@ -15,8 +15,8 @@ from typing import Any
 
 from caitool.errors import CaitoolError
 from caitool.eval_stats import ModelSummary, PairSummary, model_table, pair_table, percent
-from caitool.jsonl_io import manifest_path, read_records
-from caitool.records import EvalAnswerRecord, PreferenceRecord, RevisionRecord, parse_record
+from caitool.jsonl_io import manifest_path
+from caitool.records import EvalAnswerRecord, RevisionRecord, parse_record
 from caitool.report.html import (
     clip,
     details,
@@ -44,7 +44,10 @@ from caitool.report.layout import (
     collect_steps,
     read_json,
     read_lines,
+    read_preferences,
+    read_revisions,
     round_file,
+    stage_log,
 )
 from caitool.report.plots import (
     bar_figure,
@@ -146,10 +149,10 @@ def revision_section(run: Run) -> str:
     final = run.last_revise()
     if final is None:
         return not_run("critique/revise", round_file(1, "revise"))
-    records = _revisions(final)
+    records = read_revisions(final)
     rows = []
     for round_number, kind, path in run.rounds():
-        round_records = _revisions(path)
+        round_records = read_revisions(path)
         flags = Counter(
             flag
             for r in round_records
@@ -170,10 +173,6 @@ def revision_section(run: Run) -> str:
         + "<h3>Samples: before and after</h3>"
         + "".join(_revision_sample(r) for r in _pick_samples(records, SAMPLE_REVISIONS))
     )
-
-
-def _revisions(path: Path) -> list[RevisionRecord]:
-    return list(read_records(path, lambda raw: parse_record(RevisionRecord, raw)))  # type: ignore[arg-type]
 
 
 def _pick_samples(records: Sequence[RevisionRecord], count: int) -> list[RevisionRecord]:
@@ -230,7 +229,7 @@ def preference_section(run: Run) -> str:
     path = run.path(PREFS)
     if not path.exists():
         return not_run("label-preferences", PREFS)
-    records = _preferences(path)
+    records = read_preferences(path)
     if not records:
         return f"<p><code>{PREFS}</code> holds no labels.</p>"
     both = [r for r in records if r.p_swapped is not None]
@@ -257,10 +256,6 @@ def preference_section(run: Run) -> str:
             [[para(sample.chosen[-1].content), para(sample.rejected[-1].content)]],
         )
     return body
-
-
-def _preferences(path: Path) -> list[PreferenceRecord]:
-    return list(read_records(path, lambda raw: parse_record(PreferenceRecord, raw)))  # type: ignore[arg-type]
 
 
 def reward_section(run: Run) -> str:
@@ -306,17 +301,12 @@ PPO_CURVES = ("reward", "score", "kl", "entropy", "response_length")
 DPO_CURVES = ("loss", "rewards/margins", "rewards/accuracies")
 
 
-def _stage_log(run: Run, stage: str) -> list[dict[str, Any]]:
-    """The stage's step entries (the Trainer's closing summary left out)."""
-    return [e for e in read_lines(run.path(stage, TRAINING_LOG)) if "loss" in e or "reward" in e]
-
-
 def rl_section(stage: str) -> Callable[[Run], str]:
     """An RL stage's section body: ppo's and rloo's rewards, KL and rollouts; dpo's loss and margins."""
 
     def body(run: Run) -> str:
         label, directory = RL_STAGES[stage], run.path(stage)
-        log = _stage_log(run, stage)
+        log = stage_log(run, stage)
         if not (directory / MODEL_MANIFEST).exists() or not log:
             return not_run(stage, f"{stage}/{TRAINING_LOG}")
         manifest = read_json(directory / MODEL_MANIFEST) or {}
@@ -436,60 +426,6 @@ def _eval_samples(run: Run, summary: dict[str, Any]) -> str:
                 f'<div class="cols">{columns}</div></div>'
             )
     return "".join(html_parts)
-
-
-# ---------------------------------------------------------------------------
-# Headline numbers (page and terminal)
-
-
-def headline_numbers(run: Run) -> list[str]:
-    lines = []
-    final = run.last_revise()
-    if final is not None:
-        revisions = _revisions(final)
-        rounds = max((len(r.rounds) for r in revisions), default=0)
-        lines.append(f"{len(revisions)} prompts critiqued and revised over {rounds} round(s)")
-    prefs = run.path(PREFS)
-    if prefs.exists():
-        records = _preferences(prefs)
-        both = [r for r in records if r.p_swapped is not None]
-        disagree = sum((r.p_first > 0.5) != (r.p_swapped > 0.5) for r in both)  # type: ignore[operator]
-        if both:
-            lines.append(
-                f"{len(records)} preference labels; "
-                f"option orders disagreed on {percent(disagree / len(both))}"
-            )
-    metrics = read_json(run.path(RM_DIR, METRICS_FILE)) or {}
-    held = metrics.get("held_out") or {}
-    if held.get("pairs"):
-        lines.append(f"reward model held-out accuracy {percent(held['accuracy'])} on {held['pairs']} pairs")
-    for stage in run.rl_stages():
-        log = _stage_log(run, stage)
-        if log and stage == "dpo":
-            lines.append(
-                f"DPO loss {log[0].get('loss', 0):.4f} -> {log[-1].get('loss', 0):.4f} over {len(log)} steps "
-                f"(reward margin {log[-1].get('rewards/margins', 0):+.4f})"
-            )
-        elif log:
-            lines.append(
-                f"{RL_STAGES[stage]} reward {log[0].get('reward', 0):+.3f} -> "
-                f"{log[-1].get('reward', 0):+.3f} over {len(log)} steps (KL {log[-1].get('kl') or 0:.4f})"
-            )
-    summary = read_json(run.path(EVAL_DIR, SUMMARY_FILE)) or {}
-    for prompt_set in summary.get("prompt_sets", []):
-        rates = ", ".join(
-            f"{m['model_name']} {percent(m['refusal_rate'])}"
-            for m in summary.get("per_model", [])
-            if m["prompt_set"] == prompt_set
-        )
-        lines.append(f"refusal rate on {prompt_set}: {rates}")
-    for pair in summary.get("pairwise", []):
-        low, high = pair["win_rate_ci"]
-        lines.append(
-            f"{pair['prompt_set']}: {pair['model_a']} preferred over {pair['model_b']} in "
-            f"{percent(pair['win_rate'])} (95% CI {percent(low)}-{percent(high)})"
-        )
-    return lines
 
 
 SECTIONS = (
