@@ -43,7 +43,7 @@ from caitool.label import DEFAULT_CLAMP, Comparison, Labeller, Mode, Verdict
 from caitool.pipeline import Runtime, backend_params, validate_input
 from caitool.progress import phase_progress
 from caitool.provenance import build_manifest, now_iso
-from caitool.records import Message, describe_validation_error, parse_prompt_input
+from caitool.records import Message, describe_validation_error, parse_prompt_without_response
 
 POSITION_GAP = 0.30
 FIT_ACCURACY = 0.75
@@ -116,9 +116,9 @@ def labelled_parser(constitution: Constitution):
                 f'principle_id "{principle_id}" is not a comparison of the {constitution.name} '
                 f"constitution (it has: {', '.join(sorted(known))})"
             )
-        record = parse_prompt_input({k: v for k, v in raw.items() if k not in ("kind",)})
-        if record.response is not None:
-            raise CaitoolError('give the responses as "chosen" and "rejected", not "completion"/"response"')
+        record = parse_prompt_without_response(
+            {k: v for k, v in raw.items() if k != "kind"}, '"chosen" and "rejected"'
+        )
         return LabelledComparison(
             id=record.id,
             prompt=record.prompt,

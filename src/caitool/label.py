@@ -42,7 +42,7 @@ from caitool.constitution import ComparisonExample, ComparisonPrinciple, Constit
 from caitool.errors import CaitoolError
 from caitool.pipeline import BackendPhase, ChunkResult, PhaseResult, Runtime
 from caitool.progress import print_summary
-from caitool.records import Conversation, Message, PreferenceRecord, parse_prompt_input
+from caitool.records import Conversation, Message, PreferenceRecord, parse_prompt_without_response
 
 Mode = LabelMode
 LETTERS = ("A", "B")
@@ -304,9 +304,7 @@ def parse_responses_input(raw: dict[str, Any]) -> ResponsesInput:
     if raw.get("kind") == "generation":
         for name in GENERATION_FIELDS:
             raw.pop(name, None)
-    prompt_record = parse_prompt_input(raw)
-    if prompt_record.response is not None:
-        raise CaitoolError('give the responses in "responses" only, not also as "completion"/"response"')
+    prompt_record = parse_prompt_without_response(raw, '"responses"')
     return ResponsesInput(
         id=prompt_record.id,
         prompt=prompt_record.prompt,

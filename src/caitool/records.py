@@ -231,6 +231,16 @@ def _as_messages(value: Any, field: str, *, text_allowed: bool = True) -> Conver
     raise CaitoolError(f'field "{field}" must be a string or a list of messages, got {type(value).__name__}')
 
 
+def parse_prompt_without_response(raw: dict[str, Any], responses_field: str) -> PromptRecord:
+    """A prompt record whose responses come in ``responses_field``, never also as a response."""
+    record = parse_prompt_input(raw)
+    if record.response is not None:
+        raise CaitoolError(
+            f'give the responses as {responses_field} only, not also as "completion"/"response"'
+        )
+    return record
+
+
 def parse_prompt_input(raw: dict[str, Any]) -> PromptRecord:
     """Normalise any accepted input form into a PromptRecord.
 
