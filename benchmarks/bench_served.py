@@ -37,6 +37,7 @@ from caitool.generate import run_generate  # noqa: E402
 from caitool.pipeline import Runtime  # noqa: E402
 from caitool.records import parse_prompt_input  # noqa: E402
 from caitool.tokens import as_dicts  # noqa: E402
+from tests.vllm_server import default_model_server  # noqa: E402
 
 SERVED = "smol"
 
@@ -128,19 +129,7 @@ def main() -> None:
         best = max(local, key=local.get)
         print(f"local backend at its best batch size ({best}): {local[best]:.0f} tok/s")
 
-        server = None
-        base_url = args.base_url
-        if base_url is None:
-            from caitool.models import ensure_default_model
-            from tests.vllm_server import VLLMServer, vllm_python
-
-            if vllm_python() is None:
-                raise SystemExit("no vLLM venv: run make vllm-venv, or pass --base-url")
-            started = time.perf_counter()
-            server = VLLMServer(vllm_python(), ensure_default_model(), tmp_dir, eager=args.eager).start()
-            base_url = server.url
-            print(f"vLLM CPU server up in {time.perf_counter() - started:.0f}s at {base_url}")
-        try:
+        with default_model_server(args.base_url, tmp_dir, eager=args.eager) as base_url:
             for concurrency in args.concurrency:
                 options = BackendOptions(base_urls=(base_url,), concurrency=concurrency)
                 bodies = plain_bodies(prompts, params, concurrency)
@@ -157,9 +146,6 @@ def main() -> None:
                     f"concurrency {concurrency}: caitool -> server {max(ours):.0f} tok/s, plain client "
                     f"{max(plain):.0f} tok/s, ratio {max(ours) / max(plain):.3f} (runs: {runs})"
                 )
-        finally:
-            if server is not None:
-                server.kill()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,6 +29,7 @@ from caitool.label import run_label_preferences  # noqa: E402
 from caitool.pipeline import Runtime  # noqa: E402
 from caitool.records import Message  # noqa: E402
 from caitool.tokens import encode, render_chat  # noqa: E402
+from tests.vllm_server import default_model_server  # noqa: E402
 
 SERVED = "openai:smol"
 
@@ -106,19 +106,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        server = None
-        base_url = args.base_url
-        if base_url is None:
-            from caitool.models import ensure_default_model
-            from tests.vllm_server import VLLMServer, vllm_python
-
-            if vllm_python() is None:
-                raise SystemExit("no vLLM venv: run make vllm-venv, or pass --base-url")
-            started = time.perf_counter()
-            server = VLLMServer(vllm_python(), ensure_default_model(), tmp, eager=args.eager).start()
-            base_url = server.url
-            print(f"vLLM CPU server up in {time.perf_counter() - started:.0f}s (eager: {args.eager})")
-        try:
+        with default_model_server(args.base_url, tmp, eager=args.eager) as base_url:
             served = Runtime(backend=BackendOptions(base_urls=(base_url,), concurrency=16))
             gaps = letter_gaps(tmp, args.pairs, served)
             print(
@@ -126,9 +114,6 @@ def main() -> None:
                 f"largest gap {max(gaps):.2e}, mean gap {sum(gaps) / len(gaps):.2e}"
             )
             greedy_agreement(tmp, args.greedy, args.new_tokens, served)
-        finally:
-            if server is not None:
-                server.kill()
 
 
 if __name__ == "__main__":

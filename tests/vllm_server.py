@@ -16,6 +16,8 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 SERVED_NAME = "smol"
@@ -108,3 +110,24 @@ class VLLMServer:
 
     def is_running(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+
+@contextmanager
+def default_model_server(base_url: str | None, log_dir: Path, *, eager: bool) -> Iterator[str]:
+    """``base_url`` when given (a server already serving the default model as ``smol``), else
+    the URL of one started here for the duration of the block (the benchmarks' shared setup)."""
+    if base_url is not None:
+        yield base_url
+        return
+    from caitool.models import ensure_default_model
+
+    python = vllm_python()
+    if python is None:
+        raise SystemExit("no vLLM venv: run make vllm-venv, or pass --base-url")
+    started = time.perf_counter()
+    server = VLLMServer(python, ensure_default_model(), log_dir, eager=eager).start()
+    print(f"vLLM CPU server up in {time.perf_counter() - started:.0f}s (eager: {eager}) at {server.url}")
+    try:
+        yield server.url
+    finally:
+        server.kill()
