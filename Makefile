@@ -50,7 +50,7 @@ test: install vllm-venv
 	CAITOOL_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not vllm"
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
