@@ -144,7 +144,9 @@ def test_dpo_changes_the_weights_and_lowers_the_loss(tiny_model_dir, separable_p
     assert [entry["step"] for entry in log] == list(range(1, 9))
     # The first step sees the policy equal to its reference: every margin is 0 and the loss log 2.
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
-    assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    # The trained policy and the frozen reference run different fp32 CPU kernels (with and
+    # without autograd), whose sums over a response differ by up to ~1e-3 nats under load.
+    assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
     assert log[-1]["loss"] < log[0]["loss"] - 0.05
     assert log[-1]["rewards/margins"] > 0 and log[-1]["rewards/accuracies"] == 1.0
     assert log[0]["labels/p_chosen"] == pytest.approx(0.89, abs=0.1)
@@ -264,5 +266,7 @@ def test_one_dpo_step_on_the_real_default_model(tmp_path):
     assert result.exit_code == 0, result.output
     log = [entry for entry in read_log(out) if "loss" in entry]
     assert log[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
-    assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-4)
+    # The trained policy and the frozen reference run different fp32 CPU kernels (with and
+    # without autograd), whose sums over a response differ by up to ~1e-3 nats under load.
+    assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
     assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["undecided_pairs"] == 1
