@@ -212,19 +212,9 @@ def test_cli_refuses_a_bad_value_source_and_bad_prompts(tmp_path, prompts_file):
 )
 def test_one_ppo_step_on_the_real_default_model(tmp_path, holding):
     """The default policy against a reward model with an untrained head: runs, KL starts at zero."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
+    from caitool.models import ensure_default_model
 
-    from caitool.models import ensure_default_model, load_tokenizer
-    from caitool.reward import prepare_reward_tokenizer
-
-    torch.manual_seed(0)
-    rm_dir = tmp_path / "rm"
-    model = AutoModelForSequenceClassification.from_pretrained(ensure_default_model(), num_labels=1)
-    tokenizer = load_tokenizer(ensure_default_model())
-    prepare_reward_tokenizer(tokenizer, model)
-    model.save_pretrained(rm_dir)
-    tokenizer.save_pretrained(rm_dir)
+    rm_dir = save_reward_model(ensure_default_model(), tmp_path / "rm", seed=0)
     trainer, _ = build_trainer(
         policy="default",
         reward_model=str(rm_dir),

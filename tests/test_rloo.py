@@ -9,6 +9,7 @@ from caitool.records import Message, parse_prompt_input
 from caitool.reward import load_reward_model
 from caitool.rloo import RewardFunction
 from caitool.training import TRAINING_LOG, staging_dir
+from tests.tiny_model import save_reward_model
 
 runner = CliRunner()
 
@@ -196,19 +197,9 @@ def test_bad_prompts_and_a_single_sample_are_one_line(tiny_model_dir, tiny_rm_di
 @pytest.mark.slow
 def test_one_rloo_step_on_the_real_default_model(tmp_path):
     """The default policy against a reward model with an untrained head: runs, KL starts at zero."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
+    from caitool.models import ensure_default_model
 
-    from caitool.models import ensure_default_model, load_tokenizer
-    from caitool.reward import prepare_reward_tokenizer
-
-    torch.manual_seed(0)
-    rm_dir = tmp_path / "rm"
-    model = AutoModelForSequenceClassification.from_pretrained(ensure_default_model(), num_labels=1)
-    tokenizer = load_tokenizer(ensure_default_model())
-    prepare_reward_tokenizer(tokenizer, model)
-    model.save_pretrained(rm_dir)
-    tokenizer.save_pretrained(rm_dir)
+    rm_dir = save_reward_model(ensure_default_model(), tmp_path / "rm", seed=0)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         '{"id": "a", "prompt": "How do I bake bread?"}\n{"id": "b", "prompt": "Tell me a joke."}\n'

@@ -294,15 +294,16 @@ def build_family_model(directory: Path, family: Family, *, seed: int = 0) -> Pat
     return directory
 
 
-def save_reward_model(model_dir, directory):
-    """A reward model with a random head on ``model_dir``'s backbone, saved the way train-rm saves one."""
+def save_reward_model(model_dir, directory, *, seed: int = 1):
+    """A reward model with a random head (drawn from ``seed``) on ``model_dir``'s backbone, saved the
+    way train-rm saves one."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     from caitool.models import load_tokenizer
     from caitool.reward import prepare_reward_tokenizer
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
     tokenizer = load_tokenizer(model_dir)
     prepare_reward_tokenizer(tokenizer, model)
