@@ -652,7 +652,12 @@ def train_rm(
     ] = True,
     eval_fraction: Annotated[
         float,
-        typer.Option("--eval-fraction", min=0.0, max=0.9, help="Share of pairs held out for evaluation."),
+        typer.Option(
+            "--eval-fraction",
+            min=0.0,
+            max=0.9,
+            help="Share of prompts whose pairs are held out for evaluation (a prompt's pairs stay together).",
+        ),
     ] = 0.1,
     epochs: EpochsOpt = 1.0,
     lr: LrOpt = 1e-5,

@@ -242,17 +242,24 @@ def parse_preference(raw: dict[str, Any]) -> PairRecord:
 
 
 def split_held_out(records: list[PairRecord], fraction: float, seed: int):
-    """A fixed-seed split; at least one pair on each side whenever a fraction is asked for."""
+    """A fixed-seed split by prompt: pairs that share an id stay on one side.
+
+    Several pairs are often drawn for one prompt (``generate -n 4``, every revision round); split
+    pair by pair, the held-out accuracy would be measured on prompts the model trained on. At
+    least one prompt is on each side whenever a fraction is asked for.
+    """
     if fraction <= 0.0:
         return records, []
-    if len(records) < 2:
-        raise CaitoolError(f"--eval-fraction needs at least 2 pairs, the input has {len(records)}")
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    held = min(max(1, round(fraction * len(records))), len(records) - 1)
-    held_ids = set(order[:held])
-    train = [r for i, r in enumerate(records) if i not in held_ids]
-    return train, [r for i, r in enumerate(records) if i in held_ids]
+    groups = list(dict.fromkeys(r.id for r in records))
+    if len(groups) < 2:
+        raise CaitoolError(
+            f"--eval-fraction holds out whole prompts and needs pairs of at least 2 prompts, the input has "
+            f"{len(groups)} (use --eval-fraction 0 to train on every pair)"
+        )
+    random.Random(seed).shuffle(groups)
+    held = min(max(1, round(fraction * len(groups))), len(groups) - 1)
+    held_ids = set(groups[:held])
+    return [r for r in records if r.id not in held_ids], [r for r in records if r.id in held_ids]
 
 
 def tokenized_rows(tokenizer: Any, records: Sequence[PairRecord], soft: bool, max_length: int):
