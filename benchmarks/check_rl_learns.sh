@@ -30,22 +30,27 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 CAITOOL=${CAITOOL:-.venv/bin/caitool}
 WORK=${WORK:-$(mktemp -d)}
-ALGO=${ALGO:-ppo}                 # ppo; dpo and rloo once their commands exist (see train_policy)
+ALGO=${ALGO:-ppo}                 # ppo, rloo (both against the reward model) or dpo (on the pairs)
 POLICY=${POLICY:-default}
-RED=${RED:-examples/red_team.jsonl}
-HELPFUL=${HELPFUL:-examples/helpful.jsonl}
+# Training prompts (space-separated files): the examples and 60 + 60 more written for this check,
+# so the reward model sees enough prompts to learn which ones are harmful.
+RED=${RED:-examples/red_team.jsonl benchmarks/data/rl_learns_red_team.jsonl}
+HELPFUL=${HELPFUL:-examples/helpful.jsonl benchmarks/data/rl_learns_helpful.jsonl}
 EVAL_RED=${EVAL_RED:-examples/eval_red_team.jsonl}
 EVAL_HELPFUL=${EVAL_HELPFUL:-examples/eval_helpful.jsonl}
 RESPONSE_LENGTH=${RESPONSE_LENGTH:-32}  # tokens per PPO rollout, and per candidate (the RM sees what PPO will)
 CANDIDATE_TOKENS=${CANDIDATE_TOKENS:-$RESPONSE_LENGTH}
 EVAL_TOKENS=${EVAL_TOKENS:-48}    # eval answer length (eval looks for a refusal in the first 200 characters)
-SAMPLES=${SAMPLES:-1}             # candidates per prompt, for answers and for refusals
-RM_EPOCHS=${RM_EPOCHS:-3}
+SAMPLES=${SAMPLES:-2}             # candidates per prompt, for answers and for refusals
+PAIRS_PER_PROMPT=${PAIRS_PER_PROMPT:-2}  # (refusal, answer) pairs per prompt, each candidate used once where possible
+RM_EPOCHS=${RM_EPOCHS:-2}
 RM_LR=${RM_LR:-5e-5}
 PPO_STEPS=${PPO_STEPS:-24}
 PPO_BATCH=${PPO_BATCH:-8}
 PPO_LR=${PPO_LR:-1e-5}
 KL_COEF=${KL_COEF:-0.05}
+DPO_EPOCHS=${DPO_EPOCHS:-1}
+DPO_LR=${DPO_LR:-5e-6}
 SEED=${SEED:-0}
 UNTIL=${UNTIL:-eval}              # stop after this stage: labels, rm, policy or eval (to tune one stage)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
@@ -69,8 +74,8 @@ from caitool.records import parse_prompt_input
 
 red, helpful, work = sys.argv[1:4]
 with open(f"{work}/prompts.jsonl", "w") as prompts:
-    for path, prompt_set in ((red, "red_team"), (helpful, "helpful")):
-        for record in read_records(path, parse_prompt_input):
+    for paths, prompt_set in ((red, "red_team"), (helpful, "helpful")):
+        for record in (r for path in paths.split() for r in read_records(path, parse_prompt_input)):
             turns = [m.model_dump() for m in record.prompt]
             prompts.write(json.dumps({"id": record.id, "prompt": turns, "set": prompt_set}) + "\n")
 PY
@@ -111,7 +116,8 @@ PY
 fi
 
 # -- 2. rule labels ---------------------------------------------------------------------------
-"$PY" - "$WORK" <<'PY'
+"$PY" - "$WORK" "$PAIRS_PER_PROMPT" <<'PY'
+import itertools
 import json
 import sys
 
@@ -120,7 +126,7 @@ from caitool.eval_stats import is_refusal
 from caitool.jsonl_io import read_records
 from caitool.records import GenerationRecord, Message, PreferenceRecord, parse_record
 
-work = sys.argv[1]
+work, pairs_per_prompt = sys.argv[1], int(sys.argv[2])
 
 
 def generations(name):
@@ -142,28 +148,32 @@ with open(f"{work}/prefs.jsonl", "w") as out:
         if not refused or not complied:
             counts["no_pair"] += 1
             continue
-        refusal, answer = refused[0], complied[0]
-        # The rule: refuse what is harmful, answer what is harmless.
-        chosen, rejected = (refusal, answer) if prompt_set == "red_team" else (answer, refusal)
-        principle = "less-harmful" if prompt_set == "red_team" else "more-helpful-benign"
-        counts[prompt_set] += 1
-        out.write(
-            PreferenceRecord(
-                id=record_id,
-                prompt=generation.prompt,
-                chosen=[Message(role="assistant", content=chosen)],
-                rejected=[Message(role="assistant", content=rejected)],
-                p_chosen=1.0,
-                principle_id=principle,
-                pair=(0, 1),
-                p_first=1.0,
-                mode="rule",
-                feedback_model="rule: refusal preferred on red-team prompts, an answer on helpful ones",
-                constitution=charter.ref,
-                set=prompt_set,
-            ).to_json()
-            + "\n"
-        )
+        # Pairs that use each candidate once come first (refusal i with answer i), then the others.
+        pairings = sorted(itertools.product(range(len(refused)), range(len(complied))), key=lambda p: (p[0] - p[1]) % len(complied))
+        for refusal_index, answer_index in pairings[:pairs_per_prompt]:
+            refusal, answer = refused[refusal_index], complied[answer_index]
+            # The rule: refuse what is harmful, answer what is harmless.
+            chosen, rejected = (refusal, answer) if prompt_set == "red_team" else (answer, refusal)
+            principle = "less-harmful" if prompt_set == "red_team" else "more-helpful-benign"
+            counts[prompt_set] += 1
+            out.write(
+                PreferenceRecord(
+                    # One id per pair (ids are unique in a file); train-rm holds out whole prompts.
+                    id=f"{record_id}/{refusal_index}-{answer_index}",
+                    prompt=generation.prompt,
+                    chosen=[Message(role="assistant", content=chosen)],
+                    rejected=[Message(role="assistant", content=rejected)],
+                    p_chosen=1.0,
+                    principle_id=principle,
+                    pair=(refusal_index, answer_index),  # refusal i of the prefilled ones, answer j of the sampled ones
+                    p_first=1.0,
+                    mode="rule",
+                    feedback_model="rule: refusal preferred on red-team prompts, an answer on helpful ones",
+                    constitution=charter.ref,
+                    set=prompt_set,
+                ).to_json()
+                + "\n"
+            )
 print(
     f"rule labels: {counts['red_team']} red-team pairs (refusal chosen), {counts['helpful']} helpful pairs "
     f"(answer chosen); {counts['no_pair']} prompts without both a refusal and an answer; "
@@ -194,10 +204,20 @@ train_policy() {
                 --response-length "$RESPONSE_LENGTH" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
             ;;
-        # dpo (trains on $WORK/prefs.jsonl, no reward model) and rloo (against $WORK/rm) go here
-        # once caitool has those commands.
+        dpo)
+            # No reward model and no sampling: DPO learns from the rule-labelled pairs themselves.
+            "$CAITOOL" dpo "$WORK/prefs.jsonl" --policy "$POLICY" -o "$WORK/policy-$ALGO" --hard \
+                --epochs "$DPO_EPOCHS" --lr "$DPO_LR" --beta 0.1 --batch-size 4 --max-length 256 --seed "$SEED"
+            ;;
+        rloo)
+            # As ppo, with the group of --k samples of a prompt as its baseline (no value model).
+            "$CAITOOL" rloo "$WORK/prompts.jsonl" --policy "$POLICY" --rm "$WORK/rm" -o "$WORK/policy-$ALGO" \
+                --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH / 2))" --k 2 \
+                --response-length "$RESPONSE_LENGTH" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
+                --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
+            ;;
         *)
-            echo "ALGO=$ALGO is not wired into this script yet; add a case to train_policy" >&2
+            echo "ALGO must be ppo, rloo or dpo, not $ALGO" >&2
             exit 2
             ;;
     esac
@@ -224,13 +244,20 @@ work, algo, eval_red, eval_helpful = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 held = json.loads((work / "rm" / "metrics.json").read_text())["held_out"]
 print(f"reward model: held-out accuracy {held['accuracy']:.3f} on {held['pairs']} pairs (target > 0.80)")
 log = [json.loads(line) for line in (work / f"policy-{algo}" / "training_log.jsonl").read_text().splitlines()]
-print(f"{algo} per step (reward: mean RM score of the rollouts; kl: sum over the response of log pi - log pi_ref)")
-for entry in log:
-    print(f"  step {entry['step']:>3}  reward {entry['reward']:+.3f}  kl {entry['kl']:+.4f}  "
-          f"length {entry['response_length']:.1f}")
-last = log[-3:]
-print(f"{algo}: KL to the starting policy, mean of the last {len(last)} steps: "
-      f"{sum(e['kl'] for e in last) / len(last):.3f}")
+if algo == "dpo":
+    steps = [e for e in log if "rewards/margins" in e]
+    print("dpo per logged step (loss; margin: beta * implied reward of chosen minus rejected)")
+    for entry in steps:
+        print(f"  step {entry['step']:>3}  loss {entry['loss']:.4f}  margin {entry['rewards/margins']:+.3f}  "
+              f"accuracy {entry['rewards/accuracies']:.2f}")
+else:
+    print(f"{algo} per step (reward: mean RM score of the rollouts; kl: sum over the response of log pi - log pi_ref)")
+    for entry in log:
+        print(f"  step {entry['step']:>3}  reward {entry['reward']:+.3f}  kl {entry['kl']:+.4f}  "
+              f"length {entry['response_length']:.1f}")
+    last = log[-3:]
+    print(f"{algo}: KL to the starting policy, mean of the last {len(last)} steps: "
+          f"{sum(e['kl'] for e in last) / len(last):.3f}")
 summary = json.loads((work / f"eval-{algo}" / "summary.json").read_text())
 rate = {(m["prompt_set"], m["model_name"]): m for m in summary["per_model"]}
 red, helpful = (Path(p).name.split(".")[0] for p in (eval_red, eval_helpful))

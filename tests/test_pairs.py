@@ -114,7 +114,8 @@ def test_the_pairs_train_a_reward_model_as_they_are(tiny_model_dir, revise_file,
         ["train-rm", str(pairs), "-o", str(out), "--model", str(tiny_model_dir), "--eval-fraction", "0.25"],
     )
     assert result.exit_code == 0, result.output
-    assert json.loads((out / "metrics.json").read_text())["held_out"]["pairs"] == 1
+    # One of the two prompts is held out with all its pairs: here rt-0, with both its rounds.
+    assert json.loads((out / "metrics.json").read_text())["held_out"]["pairs"] == 2
 
 
 def test_input_that_is_not_revise_output_is_one_line(tmp_path, prompts_file):

@@ -89,26 +89,31 @@ def test_hard_labels_train_on_one(tiny_model_dir):
     assert tokenized_rows(tokenizer, [record], soft=True, max_length=3) == []
 
 
+def pair_of(prompt: str, index: int = 0) -> SimpleNamespace:
+    return SimpleNamespace(id=f"{prompt}/{index}", prompt=[Message(role="user", content=prompt)])
+
+
 def test_held_out_split_is_fixed_and_never_empty():
-    items = [SimpleNamespace(id=f"p{i}") for i in range(10)]
+    items = [pair_of(f"question {i}") for i in range(10)]
     train, held = split_held_out(items, 0.2, seed=0)
-    assert len(held) == 2 and sorted(train + held, key=lambda r: r.id) == items
+    assert len(held) == 2 and sorted(train + held, key=items.index) == items
     assert split_held_out(items, 0.2, seed=0) == (train, held)
     assert len(split_held_out(items, 0.01, seed=0)[1]) == 1
     assert split_held_out(items, 0.0, seed=0) == (items, [])
 
 
 def test_held_out_split_keeps_the_pairs_of_one_prompt_together():
-    # Three pairs per prompt: a pair-by-pair split would score held-out pairs of trained prompts.
-    items = [SimpleNamespace(id=f"p{i}", pair=k) for i in range(10) for k in range(3)]
+    # Three pairs per prompt, each with its own id: a pair-by-pair split would score held-out
+    # pairs of prompts the model trained on.
+    items = [pair_of(f"question {i}", k) for i in range(10) for k in range(3)]
     train, held = split_held_out(items, 0.2, seed=0)
-    held_ids = {r.id for r in held}
-    assert len(held_ids) == 2 and len(held) == 6
-    assert not held_ids & {r.id for r in train}
+    held_prompts = {r.prompt[0].content for r in held}
+    assert len(held_prompts) == 2 and len(held) == 6
+    assert not held_prompts & {r.prompt[0].content for r in train}
 
 
 def test_held_out_split_of_a_single_prompt_is_refused():
-    items = [SimpleNamespace(id="p0", pair=k) for k in range(4)]
+    items = [pair_of("the only question", k) for k in range(4)]
     with pytest.raises(CaitoolError, match="at least 2 prompts"):
         split_held_out(items, 0.2, seed=0)
     assert split_held_out(items, 0.0, seed=0) == (items, [])

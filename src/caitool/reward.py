@@ -16,6 +16,7 @@ Other phases import :func:`load_reward_model` and call ``.score(prompts, respons
 
 from __future__ import annotations
 
+import json
 import math
 import random
 import time
@@ -242,24 +243,30 @@ def parse_preference(raw: dict[str, Any]) -> PairRecord:
 
 
 def split_held_out(records: list[PairRecord], fraction: float, seed: int):
-    """A fixed-seed split by prompt: pairs that share an id stay on one side.
+    """A fixed-seed split by prompt: every pair of one prompt is on the same side.
 
-    Several pairs are often drawn for one prompt (``generate -n 4``, every revision round); split
-    pair by pair, the held-out accuracy would be measured on prompts the model trained on. At
-    least one prompt is on each side whenever a fraction is asked for.
+    Several pairs are often made for one prompt (every round of ``pairs-from-revisions --round
+    all``, several samples of a prompt); split pair by pair, the held-out accuracy would be
+    measured on prompts the model trained on. At least one prompt is on each side whenever a
+    fraction is asked for.
     """
     if fraction <= 0.0:
         return records, []
-    groups = list(dict.fromkeys(r.id for r in records))
-    if len(groups) < 2:
+    prompt_of = [prompt_key(r) for r in records]
+    prompts = list(dict.fromkeys(prompt_of))
+    if len(prompts) < 2:
         raise CaitoolError(
             f"--eval-fraction holds out whole prompts and needs pairs of at least 2 prompts, the input has "
-            f"{len(groups)} (use --eval-fraction 0 to train on every pair)"
+            f"{len(prompts)} (use --eval-fraction 0 to train on every pair)"
         )
-    random.Random(seed).shuffle(groups)
-    held = min(max(1, round(fraction * len(groups))), len(groups) - 1)
-    held_ids = set(groups[:held])
-    return [r for r in records if r.id not in held_ids], [r for r in records if r.id in held_ids]
+    random.Random(seed).shuffle(prompts)
+    held = set(prompts[: min(max(1, round(fraction * len(prompts))), len(prompts) - 1)])
+    train = [r for r, key in zip(records, prompt_of, strict=True) if key not in held]
+    return train, [r for r, key in zip(records, prompt_of, strict=True) if key in held]
+
+
+def prompt_key(record: PairRecord) -> str:
+    return json.dumps([(m.role, m.content) for m in record.prompt])
 
 
 def tokenized_rows(tokenizer: Any, records: Sequence[PairRecord], soft: bool, max_length: int):
