@@ -170,12 +170,13 @@ $(RUN)/rm/caitool_manifest.json: $(RUN)/prefs.jsonl $(call vars,MODEL SEED)
 		--lr 2e-5 --max-length 384 --seed $(SEED)
 
 # LoRA adapters on the policy (the reference is the same weights with them off) and the shared value
-# model (adapters on the reward model, which also gives the reward): no model is held twice.
+# model (adapters on the reward model, which also gives the reward): no model is held twice. Gradient
+# checkpointing keeps the update's activations from doubling the step's memory (README, ppo).
 $(RUN)/ppo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(RUN)/rm/caitool_manifest.json \
 		$(call vars,MAX_NEW PPO_STEPS PPO_BATCH SEED)
 	$(call step,ppo) $(CAITOOL) ppo $< --policy $(RUN)/sft --rm $(RUN)/rm -o $(RUN)/ppo --steps $(PPO_STEPS) \
 		-b $(PPO_BATCH) --mini-batches 1 --response-length $(MAX_NEW) --seed $(SEED) \
-		--lora --value-model shared --lr 1e-5
+		--lora --value-model shared --lr 1e-5 --gradient-checkpointing
 
 # rloo as the demo's ppo: LoRA adapters on the policy (the reference is the same weights with them off);
 # the group of --k samples per prompt is the baseline, so there is no value model at all.

@@ -6,7 +6,8 @@ prompts, ``--steps 10 -b 4 --mini-batches 1 --response-length 64 --seed 0``) und
 
 * full + separate: the demo's command before issue 10, a full-parameter policy and a separate
   value model started from the reward model (``--value-model separate``, default ``--lr``);
-* LoRA + shared: the demo's command now (``--lora --value-model shared --lr 1e-5``).
+* LoRA + shared: the demo's command now (``--lora --value-model shared --lr 1e-5
+  --gradient-checkpointing``).
 
 The demo's policy is its SFT model; here it is the default model it is fine-tuned from (same
 architecture and size). The reward model is the default backbone with a seeded random head, as
@@ -44,7 +45,9 @@ DEMO_PROMPTS, DEMO_N = ROOT / "examples/red_team.jsonl", 24
 DEMO_ARGS = ["-b", "4", "--mini-batches", "1", "--response-length", "64", "--seed", "0"]
 CONFIGURATIONS = {
     "full + separate (old demo)": ["--value-model", "separate"],
-    "LoRA + shared (demo now)": ["--lora", "--value-model", "shared", "--lr", "1e-5"],
+    "LoRA + shared (demo now)": [
+        *("--lora", "--value-model", "shared", "--lr", "1e-5", "--gradient-checkpointing"),
+    ],
 }
 
 

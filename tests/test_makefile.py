@@ -112,3 +112,17 @@ def test_a_served_generation_model_reaches_the_steps_that_generate(finished_run)
     assert "--base-url http://127.0.0.1:8000/v1 --base-url http://127.0.0.1:8001/v1" in generate
     sft = next(line for line in commands.splitlines() if "caitool sft" in line)
     assert "-m default" in sft  # training needs the local weights
+
+
+def test_the_demo_runs_ppo_with_the_settings_its_memory_benchmark_measures(finished_run):
+    """benchmarks/bench_demo_ppo.py reports the demo's ppo memory; it must run the demo's command."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_demo_ppo", ROOT / "benchmarks/bench_demo_ppo.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    commands = make(*finished_run, "-n", "PPO_STEPS=3").replace("\\\n", " ")
+    ppo_line = next(line for line in commands.splitlines() if "caitool ppo" in line)
+    settings = [*bench.DEMO_ARGS, *bench.CONFIGURATIONS["LoRA + shared (demo now)"]]
+    assert " ".join(settings) in " ".join(ppo_line.split())
+    assert "--gradient-checkpointing" in settings

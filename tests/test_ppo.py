@@ -121,6 +121,16 @@ def test_one_full_parameter_step_changes_the_policy_and_logs_every_metric(tiny_m
     )  # after the update the policy has moved away from the reference
 
 
+def test_a_step_hands_freed_memory_back_after_the_rollout_and_every_update(
+    tiny_model_dir, tiny_rm_dir, monkeypatch
+):
+    trainer = make_trainer(tiny_model_dir, tiny_rm_dir, lora=True, mini_batches=2, ppo_epochs=2)
+    calls = []
+    monkeypatch.setattr("caitool.ppo.release_freed_memory", lambda: calls.append("released"))
+    trainer.step(PROMPTS, seed=0)
+    assert len(calls) == 1 + 2 * 2  # after the rollout, then after each of the 2 x 2 updates
+
+
 def test_value_model_can_start_from_the_policy(tiny_model_dir, tiny_rm_dir):
     trainer = make_trainer(tiny_model_dir, tiny_rm_dir, value_model="separate", value_from="policy")
     assert trainer.rollout(PROMPTS, seed=0).values.abs().max().item() == 0.0  # zero head: no value yet

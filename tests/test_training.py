@@ -1,4 +1,5 @@
 import json
+import platform
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from caitool.training import (
     checkpoint_step,
     config_dtype,
     keep_log_until,
+    release_freed_memory,
     resume_checkpoint,
     save_like_base,
     staging_dir,
@@ -146,3 +148,24 @@ def test_only_the_main_process_creates_deletes_writes_and_renames(tmp_path):
     with atomic_model_dir(out, follower):
         pass
     assert not out.exists() and staging_dir(out).exists()  # a follower never publishes
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+@pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim"
+)
+def test_release_freed_memory_hands_freed_heap_pages_back():
+    # 64 KB blocks stay below glibc's mmap threshold: they live in the heap, and freeing them
+    # (with a live block above, so the heap's top is not trimmed) keeps their pages resident.
+    blocks = [b"x" * (64 * 1024) for _ in range(3200)]
+    keep = blocks[-1]
+    del blocks
+    before = resident_bytes()
+    release_freed_memory()
+    assert before - resident_bytes() > 100e6
+    assert len(keep) == 64 * 1024

@@ -67,6 +67,7 @@ from caitool.training import (
     checkpoint_step,
     gathered_state_dict,
     keep_log_until,
+    release_freed_memory,
     resume_checkpoint,
     reward_trend,
     training_params,
@@ -467,6 +468,7 @@ class PPOTrainer:
         config = self.config
         started = time.perf_counter()
         rollout = self.rollout(prompts, seed, first_row)
+        release_freed_memory()
         mask = rollout.response_mask
         rewards = per_token_rewards(rollout, config.kl_coef)
         advantages, returns = gae(rewards, rollout.values, mask, config.gamma, config.lam)
@@ -485,6 +487,7 @@ class PPOTrainer:
             for indices in torch.tensor_split(order, groups):
                 for key, value in self.update(rollout, advantages, returns, indices).items():
                     losses[key].append(value)
+                release_freed_memory()
         return rollout, self._metrics(rollout, losses, time.perf_counter() - started)
 
     def _metrics(self, rollout: Rollout, losses: dict[str, list[float]], seconds: float) -> dict[str, float]:
