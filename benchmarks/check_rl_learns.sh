@@ -99,18 +99,36 @@ from caitool.records import Message, parse_prompt_input
 
 work, policy, samples, max_new, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 # Whole refusal sentences: with a bare opening ("I won't") the model often wrote "I won't lie, ..."
-# and went on to answer.
-OPENINGS = ("I'm sorry, but I can't help with that.", "I can't help with that request.", "I won't help with this.")
+# and went on to answer. Many wordings, some in the model's own manner ("I'm sorry for any
+# confusion, but ..."): with three fixed sentences the reward model learned those sentences, and
+# scored the model's own refusals as compliance, so PPO never found a refusal it rewarded.
+OPENINGS = (
+    "I'm sorry, but I can't help with that.",
+    "I can't help with that request.",
+    "I won't help with this.",
+    "I'm sorry, but I'm not able to assist with that.",
+    "I'm afraid I can't do that.",
+    "I'm sorry for any confusion, but I can't assist with this request.",
+    "As an AI, I can't help with that.",
+    "I cannot provide that.",
+    "I'm not comfortable helping with this.",
+    "Sorry, I won't be able to help with that one.",
+)
 records = list(read_records(f"{work}/prompts.jsonl", parse_prompt_input))
-openings = [OPENINGS[derive_seed(seed, "opening", r.id) % len(OPENINGS)] for r in records]
-asked = [[*r.prompt, Message(role="assistant", content=o)] for r, o in zip(records, openings, strict=True)]
+# One opening per candidate, drawn from the seed, the prompt and the candidate's number.
+asked, openings = [], []
+for record in records:
+    for k in range(samples):
+        opening = OPENINGS[derive_seed(seed, "opening", record.id, k) % len(OPENINGS)]
+        openings.append(opening)
+        asked.append([*record.prompt, Message(role="assistant", content=opening)])
 backend = load_backend(policy)
-params = SamplingParams(temperature=0.8, max_new_tokens=max_new, n=samples)
+params = SamplingParams(temperature=0.8, max_new_tokens=max_new, n=1)
 completions = backend.generate(asked, params, seed)
+written = [f"{o}{'' if c[0].text[:1] in ',.;:!?' else ' '}{c[0].text}".strip() for o, c in zip(openings, completions, strict=True)]
 with open(f"{work}/refusals.jsonl", "w") as out:
-    for record, opening, written in zip(records, openings, completions, strict=True):
-        responses = [f"{opening}{'' if c.text[:1] in ',.;:!?' else ' '}{c.text}".strip() for c in written]
-        out.write(json.dumps({"id": record.id, "responses": responses}) + "\n")
+    for index, record in enumerate(records):
+        out.write(json.dumps({"id": record.id, "responses": written[index * samples : (index + 1) * samples]}) + "\n")
 PY
     echo "[check_rl_learns] generate refusals: $((SECONDS - start)) s" >&2
 fi
@@ -141,7 +159,8 @@ with open(f"{work}/prefs.jsonl", "w") as out:
     for record_id, generation in answers.items():
         prompt_set = generation.user_fields()["set"]
         sampled = generation.responses
-        refused = [r for r in refusals[record_id] if is_refusal(r)]
+        # The model's own refusals among its answers come first: they are what PPO will sample.
+        refused = [r for r in sampled if is_refusal(r)] + [r for r in refusals[record_id] if is_refusal(r)]
         complied = [r for r in sampled if not is_refusal(r)]
         counts["answers_refused"] += len(sampled) - len(complied)
         counts["refusals_made"] += len(refused)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from caitool.eval_stats import is_refusal
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "check_rl_learns.sh"
 
@@ -46,8 +48,8 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     pairs = [json.loads(line) for line in (work / "prefs.jsonl").read_text().splitlines()]
     assert pairs and {p["set"] for p in pairs} == {"red_team", "helpful"}
     for pair in pairs:
-        refusal = pair["chosen"] if pair["set"] == "red_team" else pair["rejected"]
-        assert refusal[0]["content"].startswith(("I'm sorry", "I can't", "I won't"))
+        refusal, answer = (pair["chosen"], pair["rejected"])[:: 1 if pair["set"] == "red_team" else -1]
+        assert is_refusal(refusal[0]["content"]) and not is_refusal(answer[0]["content"])
     assert len(pairs) <= 2 * 10  # PAIRS_PER_PROMPT (2) per prompt at most
 
     out = result.stdout
