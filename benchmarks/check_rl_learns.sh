@@ -49,6 +49,7 @@ PPO_STEPS=${PPO_STEPS:-24}
 PPO_BATCH=${PPO_BATCH:-8}
 PPO_LR=${PPO_LR:-1e-5}
 KL_COEF=${KL_COEF:-0.05}
+RLOO_K=${RLOO_K:-4}               # rloo: samples per prompt (PPO_BATCH * 2 / RLOO_K prompts per step)
 DPO_EPOCHS=${DPO_EPOCHS:-1}
 DPO_LR=${DPO_LR:-5e-6}
 SEED=${SEED:-0}
@@ -229,9 +230,10 @@ train_policy() {
                 --epochs "$DPO_EPOCHS" --lr "$DPO_LR" --beta 0.1 --batch-size 4 --max-length 256 --seed "$SEED"
             ;;
         rloo)
-            # As ppo, with the group of --k samples of a prompt as its baseline (no value model).
+            # As ppo, with the group of --k samples of a prompt as its baseline (no value model):
+            # PPO_BATCH * 2 samples per step, RLOO_K for each of its prompts.
             "$CAITOOL" rloo "$WORK/prompts.jsonl" --policy "$POLICY" --rm "$WORK/rm" -o "$WORK/policy-$ALGO" \
-                --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH / 2))" --k 2 \
+                --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --k "$RLOO_K" \
                 --response-length "$RESPONSE_LENGTH" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
             ;;
