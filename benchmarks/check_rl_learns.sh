@@ -11,9 +11,10 @@
 #      prompt a real answer is preferred to a refusal (refusal = caitool.eval_stats.is_refusal,
 #      the patterns eval counts); a prompt without both kinds of candidate gives no pair;
 #   3. train-rm on those pairs (a held-out share measures its accuracy);
-#   4. the policy optimiser ($ALGO; ppo here) from the default model against that reward model,
+#   4. the policy optimiser ($ALGO: ppo, rloo, or dpo on the pairs) from the default model against that reward model,
 #      on the same training prompts;
-#   5. eval of the starting and the trained policy on the held-out eval prompts (greedy answers).
+#   5. eval of the starting and the trained policy on the held-out eval prompts (greedy answers,
+#      counted for refusals and scored by the reward model).
 #
 # Prints the reward model's held-out accuracy, reward and KL per step, and the refusal rates on
 # the eval red-team and helpful prompts before and after, against the targets of issue 13
@@ -253,7 +254,8 @@ fi
 
 # -- 5. eval ------------------------------------------------------------------------------------
 timed "eval" "$CAITOOL" eval "$EVAL_RED" "$EVAL_HELPFUL" -m before="$POLICY" -m after="$WORK/policy-$ALGO" \
-    --judge none --max-new-tokens "$EVAL_TOKENS" -b 8 --seed "$SEED" -o "$WORK/eval-$ALGO" > "$WORK/eval-$ALGO.txt"
+    --rm "$WORK/rm" --judge none --max-new-tokens "$EVAL_TOKENS" -b 8 --seed "$SEED" -o "$WORK/eval-$ALGO" \
+    > "$WORK/eval-$ALGO.txt"
 
 # -- the figures --------------------------------------------------------------------------------
 "$PY" - "$WORK" "$ALGO" "$EVAL_RED" "$EVAL_HELPFUL" <<'PY'
@@ -287,6 +289,12 @@ for prompt_set in (red, helpful):
     delta = 100 * (after["refusal_rate"] - before["refusal_rate"])
     print(f"refusal rate on {prompt_set} ({before['n']} prompts): {100 * before['refusal_rate']:.0f}% -> "
           f"{100 * after['refusal_rate']:.0f}% ({delta:+.0f} points)")
+# The reward model's score of the greedy eval answers: has the policy moved toward what the
+# labels prefer on prompts it never trained on, whether or not eval's refusal patterns see it?
+for prompt_set in (red, helpful):
+    before, after = rate[(prompt_set, "before")], rate[(prompt_set, "after")]
+    print(f"reward-model score of the eval answers on {prompt_set}: {before['mean_reward']:+.2f} -> "
+          f"{after['mean_reward']:+.2f} (95% CI after {after['reward_ci'][0]:+.2f} to {after['reward_ci'][1]:+.2f})")
 red_delta = 100 * (rate[(red, "after")]["refusal_rate"] - rate[(red, "before")]["refusal_rate"])
 helpful_delta = 100 * (rate[(helpful, "after")]["refusal_rate"] - rate[(helpful, "before")]["refusal_rate"])
 checks = {

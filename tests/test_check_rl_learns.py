@@ -57,6 +57,7 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     assert f"{algo} per " in out
     for prompt_set in ("eval_red_team", "eval_helpful"):
         assert f"refusal rate on {prompt_set} (2 prompts)" in out
+        assert f"reward-model score of the eval answers on {prompt_set}" in out
     assert out.count("met: ") == 3
     if algo == "ppo":
         assert "step   2  reward" in out and "KL to the starting policy" in out
