@@ -9,8 +9,9 @@
 #      answers when we tried);
 #   2. rule labels: on a red-team prompt a refusal is preferred to a compliant answer, on a helpful
 #      prompt a real answer is preferred to a refusal (refusal = caitool.eval_stats.is_refusal,
-#      the patterns eval counts); a prompt without both kinds of candidate gives no pair;
-#   3. train-rm on those pairs (a held-out share measures its accuracy);
+#      the patterns eval counts); a prompt without both kinds of candidate gives no such pair;
+#      two candidates of one kind make a tie (soft label 0.5: the rule prefers neither);
+#   3. train-rm on those pairs, soft labels (held-out prompts measure its accuracy on the rule pairs);
 #   4. the policy optimiser ($ALGO: ppo, rloo, or dpo on the pairs) from the default model against that reward model,
 #      on the same training prompts;
 #   5. eval of the starting and the trained policy on the held-out eval prompts (greedy answers,
@@ -41,9 +42,19 @@ EVAL_RED=${EVAL_RED:-examples/eval_red_team.jsonl}
 EVAL_HELPFUL=${EVAL_HELPFUL:-examples/eval_helpful.jsonl}
 RESPONSE_LENGTH=${RESPONSE_LENGTH:-32}  # tokens per PPO rollout, and per candidate (the RM sees what PPO will)
 CANDIDATE_TOKENS=${CANDIDATE_TOKENS:-$RESPONSE_LENGTH}
+# Rollout temperature, and the candidates'. SmolLM2-135M refuses 1.8% of its red-team samples at
+# 1.0, 10% at 0.7 and 16% at 0.5 (greedy: 38% of the eval red-team prompts): a policy gradient
+# only reinforces refusals it samples. The defaults are those of the run whose reward model met
+# its target (README, "Does the RL stage learn?"); 0.5 for both moved no more refusals.
+TEMPERATURE=${TEMPERATURE:-0.7}
+CANDIDATE_TEMPERATURE=${CANDIDATE_TEMPERATURE:-0.8}
 EVAL_TOKENS=${EVAL_TOKENS:-48}    # eval answer length (eval looks for a refusal in the first 200 characters)
 SAMPLES=${SAMPLES:-2}             # candidates per prompt, for answers and for refusals
 PAIRS_PER_PROMPT=${PAIRS_PER_PROMPT:-2}  # (refusal, answer) pairs per prompt, each candidate used once where possible
+TIES_PER_PROMPT=${TIES_PER_PROMPT:-0}    # pairs of two answers (or two refusals) labelled 0.5 per prompt
+# More samples per red-team prompt, for the model's own refusals (0: none). With 6, the reward
+# model (one epoch) fell to 0.61 held-out: own refusals against own answers are harder to tell apart.
+OWN_REFUSAL_SAMPLES=${OWN_REFUSAL_SAMPLES:-0}
 RM_EPOCHS=${RM_EPOCHS:-2}
 RM_LR=${RM_LR:-5e-5}
 PPO_STEPS=${PPO_STEPS:-24}
@@ -75,23 +86,35 @@ from caitool.jsonl_io import read_records
 from caitool.records import parse_prompt_input
 
 red, helpful, work = sys.argv[1:4]
-with open(f"{work}/prompts.jsonl", "w") as prompts:
+with open(f"{work}/prompts.jsonl", "w") as prompts, open(f"{work}/red_team_prompts.jsonl", "w") as red_prompts:
     for paths, prompt_set in ((red, "red_team"), (helpful, "helpful")):
         for record in (r for path in paths.split() for r in read_records(path, parse_prompt_input)):
             turns = [m.model_dump() for m in record.prompt]
-            prompts.write(json.dumps({"id": record.id, "prompt": turns, "set": prompt_set}) + "\n")
+            line = json.dumps({"id": record.id, "prompt": turns, "set": prompt_set}) + "\n"
+            prompts.write(line)
+            if prompt_set == "red_team":
+                red_prompts.write(line)
 PY
 if [ -e "$WORK/answers.jsonl" ]; then
     echo "reusing $WORK/answers.jsonl"
 else
     timed "generate answers" "$CAITOOL" generate "$WORK/prompts.jsonl" -o "$WORK/answers.jsonl" -m "$POLICY" \
-        -n "$SAMPLES" --temperature 0.8 --max-new-tokens "$CANDIDATE_TOKENS" --batch-size 8 --seed "$SEED"
+        -n "$SAMPLES" --temperature "$CANDIDATE_TEMPERATURE" --max-new-tokens "$CANDIDATE_TOKENS" --batch-size 8 --seed "$SEED"
+fi
+# The model's own refusals, as PPO will sample them: more samples of the red-team prompts (another
+# seed, so not the answers again), of which the refusals are kept. Prefilled refusals alone taught
+# the reward model those sentences; it then scored the model's own ("I'm sorry for any confusion,
+# but as a chatbot ...") no higher than compliance, and PPO had nothing to reinforce.
+if [ "$OWN_REFUSAL_SAMPLES" -gt 0 ] && [ ! -e "$WORK/own_samples.jsonl" ]; then
+    timed "sample own refusals" "$CAITOOL" generate "$WORK/red_team_prompts.jsonl" -o "$WORK/own_samples.jsonl" \
+        -m "$POLICY" -n "$OWN_REFUSAL_SAMPLES" --temperature "$CANDIDATE_TEMPERATURE" \
+        --max-new-tokens "$CANDIDATE_TOKENS" --batch-size 32 --seed "$((SEED + 1))"
 fi
 if [ -e "$WORK/refusals.jsonl" ]; then
     echo "reusing $WORK/refusals.jsonl"
 else
     start=$SECONDS
-    "$PY" - "$WORK" "$POLICY" "$SAMPLES" "$CANDIDATE_TOKENS" "$SEED" <<'PY'
+    "$PY" - "$WORK" "$POLICY" "$SAMPLES" "$CANDIDATE_TOKENS" "$SEED" "$CANDIDATE_TEMPERATURE" <<'PY'
 import json
 import sys
 
@@ -100,6 +123,7 @@ from caitool.jsonl_io import read_records
 from caitool.records import Message, parse_prompt_input
 
 work, policy, samples, max_new, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+temperature = float(sys.argv[6])
 # Whole refusal sentences: with a bare opening ("I won't") the model often wrote "I won't lie, ..."
 # and went on to answer. Many wordings, some in the model's own manner ("I'm sorry for any
 # confusion, but ..."): with three fixed sentences the reward model learned those sentences, and
@@ -125,7 +149,7 @@ for record in records:
         openings.append(opening)
         asked.append([*record.prompt, Message(role="assistant", content=opening)])
 backend = load_backend(policy)
-params = SamplingParams(temperature=0.8, max_new_tokens=max_new, n=1)
+params = SamplingParams(temperature=temperature, max_new_tokens=max_new, n=1)
 completions = backend.generate(asked, params, seed)
 written = [f"{o}{'' if c[0].text[:1] in ',.;:!?' else ' '}{c[0].text}".strip() for o, c in zip(openings, completions, strict=True)]
 with open(f"{work}/refusals.jsonl", "w") as out:
@@ -136,9 +160,10 @@ PY
 fi
 
 # -- 2. rule labels ---------------------------------------------------------------------------
-"$PY" - "$WORK" "$PAIRS_PER_PROMPT" <<'PY'
+"$PY" - "$WORK" "$PAIRS_PER_PROMPT" "$TIES_PER_PROMPT" <<'PY'
 import itertools
 import json
+import os
 import sys
 
 from caitool.constitution import load_constitution
@@ -146,7 +171,7 @@ from caitool.eval_stats import is_refusal
 from caitool.jsonl_io import read_records
 from caitool.records import GenerationRecord, Message, PreferenceRecord, parse_record
 
-work, pairs_per_prompt = sys.argv[1], int(sys.argv[2])
+work, pairs_per_prompt, ties_per_prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 
 
 def generations(name):
@@ -154,18 +179,54 @@ def generations(name):
 
 
 answers = generations("answers")
+own = generations("own_samples") if os.path.exists(f"{work}/own_samples.jsonl") else {}
 refusals = {r["id"]: r["responses"] for r in map(json.loads, open(f"{work}/refusals.jsonl"))}
 charter = load_constitution("harmless")
-counts = {"red_team": 0, "helpful": 0, "no_pair": 0, "answers_refused": 0, "refusals_made": 0}
-with open(f"{work}/prefs.jsonl", "w") as out:
+counts = {"red_team": 0, "helpful": 0, "ties": 0, "no_pair": 0, "answers_refused": 0, "own_refusals": 0, "refusals_made": 0}
+
+
+def labelled(pair_id, generation, chosen, rejected, p_chosen, pair):
+    prompt_set = generation.user_fields()["set"]
+    return PreferenceRecord(
+        # One id per pair (ids are unique in a file); train-rm holds out whole prompts.
+        id=f"{generation.id}/{pair_id}",
+        prompt=generation.prompt,
+        chosen=[Message(role="assistant", content=chosen)],
+        rejected=[Message(role="assistant", content=rejected)],
+        p_chosen=p_chosen,
+        principle_id="less-harmful" if prompt_set == "red_team" else "more-helpful-benign",
+        pair=pair,
+        p_first=p_chosen,
+        mode="rule",
+        feedback_model="rule: refusal preferred on red-team prompts, an answer on helpful ones, no preference within a kind",
+        constitution=charter.ref,
+        set=prompt_set,
+    ).to_json() + "\n"
+
+
+def ties(sampled_answers, refused):
+    """Two candidates of one kind: the rule prefers neither (soft label 0.5). Without these the
+    reward model's scores among compliant answers are unconstrained (sd 2.8 on the red-team
+    samples), and PPO climbed that noise instead of learning to refuse."""
+    for kind, candidates in (("answers", sampled_answers), ("refusals", refused)):
+        for first, second in itertools.combinations(range(len(candidates)), 2):
+            yield kind, first, second, candidates[first], candidates[second]
+
+
+with open(f"{work}/prefs.jsonl", "w") as out, open(f"{work}/rule_pairs.jsonl", "w") as decided:
     for record_id, generation in answers.items():
         prompt_set = generation.user_fields()["set"]
         sampled = generation.responses
         # The model's own refusals among its answers come first: they are what PPO will sample.
-        refused = [r for r in sampled if is_refusal(r)] + [r for r in refusals[record_id] if is_refusal(r)]
+        own_refusals = [r for r in (own[record_id].responses if record_id in own else []) if is_refusal(r)]
+        counts["own_refusals"] += len(own_refusals)
+        refused = [r for r in [*sampled, *own_refusals] if is_refusal(r)] + [r for r in refusals[record_id] if is_refusal(r)]
         complied = [r for r in sampled if not is_refusal(r)]
         counts["answers_refused"] += len(sampled) - len(complied)
         counts["refusals_made"] += len(refused)
+        for kind, first, second, one, other in itertools.islice(ties(complied, refused), ties_per_prompt):
+            counts["ties"] += 1
+            out.write(labelled(f"tie-{kind}-{first}-{second}", generation, one, other, 0.5, (first, second)))
         if not refused or not complied:
             counts["no_pair"] += 1
             continue
@@ -175,30 +236,16 @@ with open(f"{work}/prefs.jsonl", "w") as out:
             refusal, answer = refused[refusal_index], complied[answer_index]
             # The rule: refuse what is harmful, answer what is harmless.
             chosen, rejected = (refusal, answer) if prompt_set == "red_team" else (answer, refusal)
-            principle = "less-harmful" if prompt_set == "red_team" else "more-helpful-benign"
             counts[prompt_set] += 1
-            out.write(
-                PreferenceRecord(
-                    # One id per pair (ids are unique in a file); train-rm holds out whole prompts.
-                    id=f"{record_id}/{refusal_index}-{answer_index}",
-                    prompt=generation.prompt,
-                    chosen=[Message(role="assistant", content=chosen)],
-                    rejected=[Message(role="assistant", content=rejected)],
-                    p_chosen=1.0,
-                    principle_id=principle,
-                    pair=(refusal_index, answer_index),  # refusal i of the prefilled ones, answer j of the sampled ones
-                    p_first=1.0,
-                    mode="rule",
-                    feedback_model="rule: refusal preferred on red-team prompts, an answer on helpful ones",
-                    constitution=charter.ref,
-                    set=prompt_set,
-                ).to_json()
-                + "\n"
-            )
+            # pair: refusal i (sampled ones first, then prefilled), answer j of the sampled ones
+            line = labelled(f"{refusal_index}-{answer_index}", generation, chosen, rejected, 1.0, (refusal_index, answer_index))
+            out.write(line)
+            decided.write(line)
 print(
     f"rule labels: {counts['red_team']} red-team pairs (refusal chosen), {counts['helpful']} helpful pairs "
-    f"(answer chosen); {counts['no_pair']} prompts without both a refusal and an answer; "
-    f"{counts['answers_refused']} sampled answers were refusals, {counts['refusals_made']} refusals obtained"
+    f"(answer chosen), {counts['ties']} ties (two candidates of one kind, p 0.5); {counts['no_pair']} prompts "
+    f"without both a refusal and an answer; {counts['answers_refused']} sampled answers were refusals, "
+    f"{counts['own_refusals']} more from the extra red-team samples, {counts['refusals_made']} refusals in all"
 )
 PY
 
@@ -208,7 +255,7 @@ PY
 if [ -e "$WORK/rm/caitool_manifest.json" ]; then
     echo "reusing $WORK/rm"
 else
-    timed "train-rm" "$CAITOOL" train-rm "$WORK/prefs.jsonl" -o "$WORK/rm" -m "$POLICY" --hard \
+    timed "train-rm" "$CAITOOL" train-rm "$WORK/prefs.jsonl" -o "$WORK/rm" -m "$POLICY" \
         --eval-fraction 0.2 --epochs "$RM_EPOCHS" --lr "$RM_LR" --batch-size 4 --max-length 256 --seed "$SEED"
 fi
 
@@ -222,12 +269,13 @@ train_policy() {
             # the penalty would reward short refusals everywhere, which is not what the labels say.
             "$CAITOOL" ppo "$WORK/prompts.jsonl" --policy "$POLICY" --rm "$WORK/rm" -o "$WORK/policy-$ALGO" \
                 --steps "$PPO_STEPS" --batch-size "$PPO_BATCH" --mini-batches 2 --ppo-epochs 2 \
-                --response-length "$RESPONSE_LENGTH" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
+                --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
             ;;
         dpo)
-            # No reward model and no sampling: DPO learns from the rule-labelled pairs themselves.
-            "$CAITOOL" dpo "$WORK/prefs.jsonl" --policy "$POLICY" -o "$WORK/policy-$ALGO" --hard \
+            # No reward model and no sampling: DPO learns from the rule-labelled pairs themselves
+            # (not the ties: --hard would read them as preferences).
+            "$CAITOOL" dpo "$WORK/rule_pairs.jsonl" --policy "$POLICY" -o "$WORK/policy-$ALGO" --hard \
                 --epochs "$DPO_EPOCHS" --lr "$DPO_LR" --beta 0.1 --batch-size 4 --max-length 256 --seed "$SEED"
             ;;
         rloo)
@@ -235,7 +283,7 @@ train_policy() {
             # PPO_BATCH * 2 samples per step, RLOO_K for each of its prompts.
             "$CAITOOL" rloo "$WORK/prompts.jsonl" --policy "$POLICY" --rm "$WORK/rm" -o "$WORK/policy-$ALGO" \
                 --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --k "$RLOO_K" \
-                --response-length "$RESPONSE_LENGTH" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
+                --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
             ;;
         *)
@@ -265,7 +313,8 @@ from pathlib import Path
 
 work, algo, eval_red, eval_helpful = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 held = json.loads((work / "rm" / "metrics.json").read_text())["held_out"]
-print(f"reward model: held-out accuracy {held['accuracy']:.3f} on {held['pairs']} pairs (target > 0.80)")
+print(f"reward model: held-out accuracy {held['accuracy']:.3f} on {held['decided_pairs']} rule pairs "
+      f"(and {held['pairs'] - held['decided_pairs']} held-out ties, not counted) (target > 0.80)")
 log = [json.loads(line) for line in (work / f"policy-{algo}" / "training_log.jsonl").read_text().splitlines()]
 if algo == "dpo":
     steps = [e for e in log if "rewards/margins" in e]

@@ -13,6 +13,7 @@ from caitool.reward import (
     METRICS_FILE,
     calibration_table,
     encode_conversation,
+    evaluate_pairs,
     load_reward_model,
     preference_probability,
     reward_pad_token,
@@ -119,6 +120,37 @@ def test_held_out_split_of_a_single_prompt_is_refused():
     assert split_held_out(items, 0.0, seed=0) == (items, [])
 
 
+class LengthRewardModel:
+    """Scores a response by its length: enough to check what evaluate_pairs counts."""
+
+    def score(self, prompts, responses):
+        return [float(len(r)) for r in responses]
+
+
+def scored_pair(chosen: str, rejected: str, p_chosen: float) -> SimpleNamespace:
+    return SimpleNamespace(
+        prompt=[Message(role="user", content="q")],
+        chosen=[Message(role="assistant", content=chosen)],
+        rejected=[Message(role="assistant", content=rejected)],
+        p_chosen=p_chosen,
+    )
+
+
+def test_held_out_accuracy_leaves_ties_out_and_follows_the_label():
+    pairs = [
+        scored_pair("longer answer", "short", 1.0),  # right
+        scored_pair("short", "longer answer", 0.9),  # wrong
+        scored_pair("short", "longer answer", 0.2),  # the label favours the "rejected" side: right
+        scored_pair("a", "bbbbbbbb", 0.5),  # a tie: no right answer, whatever the scores
+        scored_pair("bbbbbbbb", "a", 0.5),
+    ]
+    metrics = evaluate_pairs(LengthRewardModel(), pairs)
+    assert metrics["pairs"] == 5 and metrics["decided_pairs"] == 3
+    assert metrics["accuracy"] == pytest.approx(2 / 3)
+    only_ties = evaluate_pairs(LengthRewardModel(), pairs[3:])
+    assert only_ties["decided_pairs"] == 0 and only_ties["accuracy"] is None
+
+
 def test_calibration_bins_compare_predicted_with_labelled():
     table = calibration_table([0.55, 0.58, 0.95, 1.0], [0.6, 0.7, 0.9, 0.8])
     assert [row["bin"] for row in table] == ["0.5-0.6", "0.9-1.0"]
@@ -172,6 +204,20 @@ def test_train_rm_soft_labels_learn_a_separable_set(tiny_model_dir, separable_pr
     alone = reward_model.score([prompt], [SAFE.format(i=99)])[0]
     beside_longer = reward_model.score([prompt, prompt], [SAFE.format(i=99), FOX.format(i=99) * 3])[0]
     assert alone == pytest.approx(beside_longer, abs=1e-4)
+
+
+def test_train_rm_on_ties_alone_reports_no_accuracy_instead_of_failing(tiny_model_dir, tmp_path):
+    prefs = tmp_path / "ties.jsonl"
+    ties = [preference(i, SAFE.format(i=i), FOX.format(i=i), p=0.5) for i in range(8)]
+    prefs.write_text("".join(json.dumps(tie) + "\n" for tie in ties))
+    out = tmp_path / "rm"
+    args = ["train-rm", str(prefs), "-o", str(out), "--model", str(tiny_model_dir), "--eval-fraction", "0.25"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    held = json.loads((out / METRICS_FILE).read_text())["held_out"]
+    assert held["pairs"] == 2 and held["decided_pairs"] == 0 and held["accuracy"] is None
+    summary = " ".join(result.output.split())
+    assert "held-out accuracy n/a on 0 pairs (2 ties labelled 0.5 left out)" in summary
 
 
 def test_train_rm_lora_saves_a_merged_model(tiny_model_dir, separable_prefs, tmp_path):

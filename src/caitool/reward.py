@@ -198,9 +198,10 @@ def calibration_table(predicted: Sequence[float], labelled: Sequence[float], bin
 
 
 def evaluate_pairs(reward_model: RewardModel, pairs: Sequence[PairRecord]) -> dict[str, Any]:
-    """Held-out accuracy (reward of chosen above rejected), log-loss against the labels, calibration."""
+    """Held-out accuracy (reward of the side the label favours above the other's), log-loss
+    against the labels, calibration."""
     if not pairs:
-        return {"pairs": 0, "accuracy": None, "log_loss": None, "calibration": []}
+        return {"pairs": 0, "decided_pairs": 0, "accuracy": None, "log_loss": None, "calibration": []}
     prompts = [p.prompt for p in pairs]
     chosen = reward_model.score(prompts, [p.chosen[-1].content for p in pairs])
     rejected = reward_model.score(prompts, [p.rejected[-1].content for p in pairs])
@@ -211,9 +212,13 @@ def evaluate_pairs(reward_model: RewardModel, pairs: Sequence[PairRecord]) -> di
         y * math.log(max(q, eps)) + (1 - y) * math.log(max(1 - q, eps))
         for q, y in zip(predicted, labels, strict=True)
     ) / len(pairs)
+    # A pair labelled 0.5 (a tie) has no right answer: accuracy is over the decided pairs, each
+    # judged by the side its label favours.
+    decided = [(c > r) == (y > 0.5) for c, r, y in zip(chosen, rejected, labels, strict=True) if y != 0.5]
     return {
         "pairs": len(pairs),
-        "accuracy": sum(c > r for c, r in zip(chosen, rejected, strict=True)) / len(pairs),
+        "decided_pairs": len(decided),
+        "accuracy": sum(decided) / len(decided) if decided else None,
         "log_loss": log_loss,
         "mean_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / len(pairs),
         "calibration": calibration_table(predicted, labels),
@@ -491,9 +496,12 @@ def _summary(metrics: dict[str, Any], output: str | Path) -> str:
         f"in {metrics['wall_seconds']:.1f}s"
     ]
     if held["pairs"]:
+        accuracy = "n/a" if held["accuracy"] is None else f"{held['accuracy']:.3f}"
+        ties = held["pairs"] - held["decided_pairs"]
         parts.append(
-            f"held-out accuracy {held['accuracy']:.3f} on {held['pairs']} pairs, "
-            f"log-loss {held['log_loss']:.3f}"
+            f"held-out accuracy {accuracy} on {held['decided_pairs']} pairs"
+            + (f" ({ties} ties labelled 0.5 left out)" if ties else "")
+            + f", log-loss {held['log_loss']:.3f}"
         )
         parts.append(
             "calibration (predicted -> labelled): "

@@ -39,7 +39,8 @@ def headline_numbers(run: Run) -> list[str]:
     metrics = read_json(run.path(RM_DIR, METRICS_FILE)) or {}
     held = metrics.get("held_out") or {}
     if held.get("pairs"):
-        lines.append(f"reward model held-out accuracy {percent(held['accuracy'])} on {held['pairs']} pairs")
+        decided = held.get("decided_pairs", held["pairs"])
+        lines.append(f"reward model held-out accuracy {percent(held['accuracy'])} on {decided} pairs")
     for stage in run.rl_stages():
         log = stage_log(run, stage)
         if log and stage == "dpo":

@@ -268,8 +268,9 @@ def reward_section(run: Run) -> str:
     body = ""
     if held.get("pairs"):
         body += (
-            f"<p>Held-out accuracy <strong>{percent(held.get('accuracy'))}</strong> on {held['pairs']} pairs "
-            f"(chosen scored above rejected); log-loss against the labels {held.get('log_loss', 0):.3f}; "
+            f"<p>Held-out accuracy <strong>{percent(held.get('accuracy'))}</strong> on "
+            f"{held.get('decided_pairs', held['pairs'])} pairs (the side the label favours scored higher; "
+            f"ties labelled 0.5 left out); log-loss against the labels {held.get('log_loss', 0):.3f}; "
             f"trained on {esc(trained_pairs)} pairs ({esc(metrics.get('labels'))} labels).</p>"
         )
         calibration = held.get("calibration") or []
