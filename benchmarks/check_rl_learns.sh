@@ -206,8 +206,9 @@ def labelled(pair_id, generation, chosen, rejected, p_chosen, pair):
 
 def ties(sampled_answers, refused):
     """Two candidates of one kind: the rule prefers neither (soft label 0.5). Without these the
-    reward model's scores among compliant answers are unconstrained (sd 2.8 on the red-team
-    samples), and PPO climbed that noise instead of learning to refuse."""
+    reward model's scores among compliant answers are unconstrained (sd 2.8 on red-team samples,
+    as wide as its refusal margin); with them the spread fell to 1.0, but so did the margin, and
+    ppo moved no more refusals (README)."""
     for kind, candidates in (("answers", sampled_answers), ("refusals", refused)):
         for first, second in itertools.combinations(range(len(candidates)), 2):
             yield kind, first, second, candidates[first], candidates[second]
@@ -220,7 +221,7 @@ with open(f"{work}/prefs.jsonl", "w") as out, open(f"{work}/rule_pairs.jsonl", "
         # The model's own refusals among its answers come first: they are what PPO will sample.
         own_refusals = [r for r in (own[record_id].responses if record_id in own else []) if is_refusal(r)]
         counts["own_refusals"] += len(own_refusals)
-        refused = [r for r in [*sampled, *own_refusals] if is_refusal(r)] + [r for r in refusals[record_id] if is_refusal(r)]
+        refused = [r for r in sampled if is_refusal(r)] + own_refusals + [r for r in refusals[record_id] if is_refusal(r)]
         complied = [r for r in sampled if not is_refusal(r)]
         counts["answers_refused"] += len(sampled) - len(complied)
         counts["refusals_made"] += len(refused)
