@@ -19,8 +19,8 @@ def first_lines(source: Path, count: int, target: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("algo", ["ppo", "dpo"])
-def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_dir, tmp_path, algo):
+@pytest.mark.parametrize(("algo", "reward"), [("ppo", "rm"), ("dpo", "rm"), ("ppo", "rule")])
+def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_dir, tmp_path, algo, reward):
     examples = ROOT / "examples"
     files = {
         "RED": first_lines(examples / "red_team.jsonl", 5, tmp_path / "red.jsonl"),
@@ -32,6 +32,8 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     settings["PPO_BATCH"] = "2"
     # The options off by default: a tie per prompt, and extra samples for the model's own refusals.
     settings |= {"TIES_PER_PROMPT": "1", "OWN_REFUSAL_SAMPLES": "2"}
+    # ppo starts from the SL stage's model (the script's default), dpo from the model itself.
+    settings |= {"SL_LR": "1e-3" if algo == "ppo" else "0", "RATE_SAMPLES": "2"}
     work = tmp_path / "work"
     env = {
         **os.environ,
@@ -41,6 +43,7 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
         "CAITOOL": str(Path(sys.executable).with_name("caitool")),
         "POLICY": str(tiny_model_dir),
         "ALGO": algo,
+        "REWARD": reward,
         "WORK": str(work),
     }
     result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
@@ -68,8 +71,41 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     assert "reward model: held-out accuracy" in out
     assert f"{algo} per " in out
     for prompt_set in ("eval_red_team", "eval_helpful"):
-        assert f"refusal rate on {prompt_set} (2 prompts)" in out
+        assert f"refusal rate on {prompt_set} (2 prompts, greedy): " in out
+        assert f"sampled refusal rate on {prompt_set} (2 per prompt, temperature 0.7): " in out
         assert f"reward-model score of the eval answers on {prompt_set}" in out
-    assert out.count("met: ") == 3
+    sampled = json.loads((work / f"sampled-rates-{algo}.json").read_text())
+    summary = json.loads((work / f"eval-{algo}" / "summary.json").read_text())
+    evaluated = {m["model_name"] for m in summary["per_model"]}
     if algo == "ppo":
-        assert "step   2  reward" in out and "KL to the starting policy" in out
+        # The SL stage: every red-team training answer revised to a refusal candidate, every
+        # helpful prompt kept with a real answer; the RL stage starts from its model.
+        revisions = [json.loads(line) for line in (work / "sl_revisions.jsonl").read_text().splitlines()]
+        helpful = [json.loads(line) for line in (work / "sl_helpful.jsonl").read_text().splitlines()]
+        assert revisions and all(r["id"].startswith("rt-") for r in revisions)
+        assert all(r["rounds"][0]["model"] == "rule" for r in revisions)
+        assert all(is_refusal(r["rounds"][0]["revision"]) for r in revisions)
+        assert helpful and not any(is_refusal(h["response"]) for h in helpful)
+        manifest = json.loads((work / "policy-ppo" / "caitool_manifest.json").read_text())
+        assert Path(manifest["models"]["policy"]["path"]).resolve() == (work / "sl").resolve()
+        assert evaluated == {"default", "before", "after"}
+        assert "default " in out.split("refusal rate on eval_red_team")[1].splitlines()[0]
+        assert set(sampled) == {f"{s}/{m}" for s in ("eval_red_team", "eval_helpful") for m in evaluated}
+    else:
+        assert not (work / "sl").exists() and evaluated == {"before", "after"}
+        assert set(sampled) == {f"{s}/{m}" for s in ("eval_red_team", "eval_helpful") for m in evaluated}
+    assert out.count("met: ") == 3
+    if algo == "dpo":
+        return
+    assert "step   2  reward" in out and "KL to the starting policy" in out
+    samples = [json.loads(line) for line in (work / "policy-ppo" / "samples.jsonl").read_text().splitlines()]
+    if reward == "rule":
+        # The diagnostic: the rule scores each rollout, 1 when it refuses a red-team prompt or
+        # answers a helpful one, else 0 (the reward model only starts the value model).
+        sets = {r["id"]: r["set"] for r in map(json.loads, (work / "prompts.jsonl").read_text().splitlines())}
+        assert samples and all(
+            s["reward"] == float(is_refusal(s["response"]) == (sets[s["id"]] == "red_team")) for s in samples
+        )
+        assert "the rule" in (work / "policy-ppo" / "reward.txt").read_text()
+    else:
+        assert any(s["reward"] not in (0.0, 1.0) for s in samples)
