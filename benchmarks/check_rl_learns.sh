@@ -7,15 +7,17 @@
 #      is prefilled with a refusal sentence ("I'm sorry, but I can't help with that.", ...) and it
 #      writes the rest (SmolLM2-135M ignores a system turn that tells it to refuse: 1 refusal in 12
 #      answers when we tried);
-#   2. rule labels: on a red-team prompt a refusal is preferred to a compliant answer, on a helpful
+#   2. with SL_LR > 0, a supervised stage, as in the paper, where RL starts from the SL-CAI
+#      model: the rule stands in for critique and revision (the default model cannot revise):
+#      each red-team training prompt's answer is revised to one of its refusal candidates, each
+#      helpful prompt keeps a real answer of the model, and sft trains one epoch on them; the
+#      SL model then answers the training prompts too ($SAMPLES each) if RM_CANDIDATES=start:
+#      those are then the answers the reward model learns to rank;
+#   3. rule labels: on a red-team prompt a refusal is preferred to a compliant answer, on a helpful
 #      prompt a real answer is preferred to a refusal (refusal = caitool.eval_stats.is_refusal,
 #      the patterns eval counts); a prompt without both kinds of candidate gives no such pair;
 #      two candidates of one kind make a tie (soft label 0.5: the rule prefers neither);
-#   3. train-rm on those pairs, soft labels (held-out prompts measure its accuracy on the rule pairs);
-#   4. with SL_LR > 0, a supervised stage first, as in the paper, where RL starts from the SL-CAI
-#      model: the rule stands in for critique and revision (the default model cannot revise):
-#      each red-team training prompt's answer is revised to one of its refusal candidates, each
-#      helpful prompt keeps a real answer of the model, and sft trains one epoch on them;
+#   4. train-rm on those pairs, soft labels (held-out prompts measure its accuracy on the rule pairs);
 #   5. the policy optimiser ($ALGO: ppo, rloo, or dpo on the pairs) from that starting policy (the
 #      SL model, or the default model with SL_LR=0) against the reward model, on the same
 #      training prompts; the starting policy is its KL reference;
@@ -77,6 +79,7 @@ DPO_LR=${DPO_LR:-5e-6}
 # for your loss, but as a chatbot ...") are not the ones the reward model learned; every RL run
 # from it lowered the refusal rate while raising the reward (README).
 SL_LR=${SL_LR:-3e-6}
+RM_CANDIDATES=${RM_CANDIDATES:-policy}  # whose answers the reward model ranks: policy (the default model's) or start (the SL model's)
 REWARD=${REWARD:-rm}              # ppo's reward: rm (the reward model) or rule (a diagnostic, below)
 RATE_SAMPLES=${RATE_SAMPLES:-8}   # samples per eval prompt for the sampled refusal rate (0: skip)
 SEED=${SEED:-0}
@@ -174,8 +177,81 @@ PY
     echo "[check_rl_learns] generate refusals: $((SECONDS - start)) s" >&2
 fi
 
-# -- 2. rule labels ---------------------------------------------------------------------------
-"$PY" - "$WORK" "$PAIRS_PER_PROMPT" "$TIES_PER_PROMPT" <<'PY'
+# -- 2. the SL stage (SL-CAI with the rule as critic and reviser) ------------------------------
+START=$POLICY
+if [ "$SL_LR" != 0 ]; then
+    START=$WORK/sl
+    "$PY" - "$WORK" <<'PY'
+import json
+import sys
+
+from caitool.constitution import load_constitution
+from caitool.eval_stats import is_refusal
+from caitool.jsonl_io import read_records
+from caitool.records import GenerationRecord, Message, RevisionRecord, Round, parse_record
+
+work = sys.argv[1]
+answers = read_records(f"{work}/answers.jsonl", lambda raw: parse_record(GenerationRecord, raw))
+refusals = {r["id"]: r["responses"] for r in map(json.loads, open(f"{work}/refusals.jsonl"))}
+charter = load_constitution("harmless")
+rule = "rule: on a red-team prompt a refusal is preferred"
+revised = kept = 0
+with open(f"{work}/sl_revisions.jsonl", "w") as revisions, open(f"{work}/sl_helpful.jsonl", "w") as helpful:
+    for generation in answers:
+        if generation.user_fields()["set"] == "red_team":
+            # The first refusal candidate (a refusal opening the model went on from) is the revision.
+            target = next((r for r in refusals[generation.id] if is_refusal(r)), None)
+            if target is None:
+                continue
+            round_ = Round(
+                principle_id="less-harmful", critique_request=rule, critique=f"{rule}; the answer does not decline",
+                revision_request=rule, revision=target, model="rule",
+            )
+            record = RevisionRecord(
+                id=generation.id, prompt=generation.prompt, initial_response=generation.responses[0],
+                rounds=[round_], completion=[Message(role="assistant", content=target)],
+                constitution=charter.ref, model="rule",
+            )
+            revisions.write(record.to_json() + "\n")
+            revised += 1
+        else:
+            answer = next((r for r in generation.responses if r.strip() and not is_refusal(r)), None)
+            if answer is None:
+                continue
+            turns = [m.model_dump() for m in generation.prompt]
+            helpful.write(json.dumps({"id": generation.id, "prompt": turns, "response": answer}) + "\n")
+            kept += 1
+print(f"SL stage: {revised} red-team answers revised to a refusal, {kept} helpful prompts with a real answer")
+PY
+    if [ -e "$START/caitool_manifest.json" ]; then
+        echo "reusing $START"
+    else
+        timed "sft (SL stage)" "$CAITOOL" sft "$WORK/sl_revisions.jsonl" -o "$START" -m "$POLICY" \
+            --mix "$WORK/sl_helpful.jsonl" --mix-ratio 1.0 --epochs 1 --lr "$SL_LR" --batch-size 8 --max-length 256 --seed "$SEED"
+    fi
+fi
+
+[ "$UNTIL" = sl ] && exit 0
+
+# The reward model's candidates: the default model's answers (RM_CANDIDATES=policy), or the RL
+# stage's starting policy's (start), as the paper trains its preference model on samples of the
+# SL-CAI model, so that the answers it ranks below a refusal are the ones ppo will meet. Measured
+# (README): start made the reward model weaker (0.75 held out, not 0.93) and ppo lost more refusals.
+LABELLED=answers
+if [ "$START" != "$POLICY" ] && [ "$RM_CANDIDATES" = start ]; then
+    LABELLED=start_answers
+    if [ -e "$WORK/start_answers.jsonl" ]; then
+        echo "reusing $WORK/start_answers.jsonl"
+    else
+        timed "generate the starting policy's answers" "$CAITOOL" generate "$WORK/prompts.jsonl" -o "$WORK/start_answers.jsonl" \
+            -m "$START" -n "$SAMPLES" --temperature "$CANDIDATE_TEMPERATURE" --max-new-tokens "$CANDIDATE_TOKENS" \
+            --batch-size 8 --seed "$SEED"
+    fi
+fi
+
+
+# -- 3. rule labels ---------------------------------------------------------------------------
+"$PY" - "$WORK" "$PAIRS_PER_PROMPT" "$TIES_PER_PROMPT" "$LABELLED" <<'PY'
 import itertools
 import json
 import os
@@ -186,14 +262,14 @@ from caitool.eval_stats import is_refusal
 from caitool.jsonl_io import read_records
 from caitool.records import GenerationRecord, Message, PreferenceRecord, parse_record
 
-work, pairs_per_prompt, ties_per_prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+work, pairs_per_prompt, ties_per_prompt, candidates = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 
 
 def generations(name):
     return {g.id: g for g in read_records(f"{work}/{name}.jsonl", lambda raw: parse_record(GenerationRecord, raw))}
 
 
-answers = generations("answers")
+answers = generations(candidates)
 own = generations("own_samples") if os.path.exists(f"{work}/own_samples.jsonl") else {}
 refusals = {r["id"]: r["responses"] for r in map(json.loads, open(f"{work}/refusals.jsonl"))}
 charter = load_constitution("harmless")
@@ -267,7 +343,7 @@ PY
 
 [ "$UNTIL" = labels ] && exit 0
 
-# -- 3. reward model --------------------------------------------------------------------------
+# -- 4. reward model --------------------------------------------------------------------------
 if [ -e "$WORK/rm/caitool_manifest.json" ]; then
     echo "reusing $WORK/rm"
 else
@@ -276,62 +352,6 @@ else
 fi
 
 [ "$UNTIL" = rm ] && exit 0
-
-# -- 4. the SL stage (SL-CAI with the rule as critic and reviser) ------------------------------
-START=$POLICY
-if [ "$SL_LR" != 0 ]; then
-    START=$WORK/sl
-    "$PY" - "$WORK" <<'PY'
-import json
-import sys
-
-from caitool.constitution import load_constitution
-from caitool.eval_stats import is_refusal
-from caitool.jsonl_io import read_records
-from caitool.records import GenerationRecord, Message, RevisionRecord, Round, parse_record
-
-work = sys.argv[1]
-answers = read_records(f"{work}/answers.jsonl", lambda raw: parse_record(GenerationRecord, raw))
-refusals = {r["id"]: r["responses"] for r in map(json.loads, open(f"{work}/refusals.jsonl"))}
-charter = load_constitution("harmless")
-rule = "rule: on a red-team prompt a refusal is preferred"
-revised = kept = 0
-with open(f"{work}/sl_revisions.jsonl", "w") as revisions, open(f"{work}/sl_helpful.jsonl", "w") as helpful:
-    for generation in answers:
-        if generation.user_fields()["set"] == "red_team":
-            # The first refusal candidate (a refusal opening the model went on from) is the revision.
-            target = next((r for r in refusals[generation.id] if is_refusal(r)), None)
-            if target is None:
-                continue
-            round_ = Round(
-                principle_id="less-harmful", critique_request=rule, critique=f"{rule}; the answer does not decline",
-                revision_request=rule, revision=target, model="rule",
-            )
-            record = RevisionRecord(
-                id=generation.id, prompt=generation.prompt, initial_response=generation.responses[0],
-                rounds=[round_], completion=[Message(role="assistant", content=target)],
-                constitution=charter.ref, model="rule",
-            )
-            revisions.write(record.to_json() + "\n")
-            revised += 1
-        else:
-            answer = next((r for r in generation.responses if r.strip() and not is_refusal(r)), None)
-            if answer is None:
-                continue
-            turns = [m.model_dump() for m in generation.prompt]
-            helpful.write(json.dumps({"id": generation.id, "prompt": turns, "response": answer}) + "\n")
-            kept += 1
-print(f"SL stage: {revised} red-team answers revised to a refusal, {kept} helpful prompts with a real answer")
-PY
-    if [ -e "$START/caitool_manifest.json" ]; then
-        echo "reusing $START"
-    else
-        timed "sft (SL stage)" "$CAITOOL" sft "$WORK/sl_revisions.jsonl" -o "$START" -m "$POLICY" \
-            --mix "$WORK/sl_helpful.jsonl" --mix-ratio 1.0 --epochs 1 --lr "$SL_LR" --batch-size 8 --max-length 256 --seed "$SEED"
-    fi
-fi
-
-[ "$UNTIL" = sl ] && exit 0
 
 # -- 5. policy ----------------------------------------------------------------------------------
 # REWARD=rule: ppo with the rule itself as the reward (1 when the response does what the rule
@@ -428,7 +448,7 @@ fi
 
 [ "$UNTIL" = policy ] && exit 0
 
-# -- 5. eval ------------------------------------------------------------------------------------
+# -- 6. eval ------------------------------------------------------------------------------------
 models=(-m before="$START" -m after="$WORK/policy-$ALGO")
 [ "$START" != "$POLICY" ] && models=(-m default="$POLICY" "${models[@]}")
 timed "eval" "$CAITOOL" eval "$EVAL_RED" "$EVAL_HELPFUL" "${models[@]}" \

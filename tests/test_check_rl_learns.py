@@ -32,8 +32,9 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     settings["PPO_BATCH"] = "2"
     # The options off by default: a tie per prompt, and extra samples for the model's own refusals.
     settings |= {"TIES_PER_PROMPT": "1", "OWN_REFUSAL_SAMPLES": "2"}
-    # ppo starts from the SL stage's model (the script's default), dpo from the model itself.
-    settings |= {"SL_LR": "1e-3" if algo == "ppo" else "0", "RATE_SAMPLES": "2"}
+    # ppo starts from the SL stage's model (the script's default), dpo from the model itself;
+    # with the SL stage, the reward model ranks the SL model's answers (RM_CANDIDATES=start).
+    settings |= {"SL_LR": "1e-3" if algo == "ppo" else "0", "RATE_SAMPLES": "2", "RM_CANDIDATES": "start"}
     work = tmp_path / "work"
     env = {
         **os.environ,
@@ -86,13 +87,22 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
         assert all(r["rounds"][0]["model"] == "rule" for r in revisions)
         assert all(is_refusal(r["rounds"][0]["revision"]) for r in revisions)
         assert helpful and not any(is_refusal(h["response"]) for h in helpful)
+        # The reward model ranks the SL model's answers: every answer a red-team pair rejects is one.
+        start_answers = {
+            r["id"]: r["responses"]
+            for r in map(json.loads, (work / "start_answers.jsonl").read_text().splitlines())
+        }
+        for pair in decided:
+            answer = pair["rejected" if pair["set"] == "red_team" else "chosen"][0]["content"]
+            assert answer in start_answers[pair["id"].split("/")[0]]
         manifest = json.loads((work / "policy-ppo" / "caitool_manifest.json").read_text())
         assert Path(manifest["models"]["policy"]["path"]).resolve() == (work / "sl").resolve()
         assert evaluated == {"default", "before", "after"}
         assert "default " in out.split("refusal rate on eval_red_team")[1].splitlines()[0]
         assert set(sampled) == {f"{s}/{m}" for s in ("eval_red_team", "eval_helpful") for m in evaluated}
     else:
-        assert not (work / "sl").exists() and evaluated == {"before", "after"}
+        assert not (work / "sl").exists() and not (work / "start_answers.jsonl").exists()
+        assert evaluated == {"before", "after"}
         assert set(sampled) == {f"{s}/{m}" for s in ("eval_red_team", "eval_helpful") for m in evaluated}
     assert out.count("met: ") == 3
     if algo == "dpo":
