@@ -83,7 +83,7 @@ RM_CANDIDATES=${RM_CANDIDATES:-policy}  # whose answers the reward model ranks: 
 REWARD=${REWARD:-rm}              # ppo's reward: rm (the reward model) or rule (a diagnostic, below)
 RATE_SAMPLES=${RATE_SAMPLES:-8}   # samples per eval prompt for the sampled refusal rate (0: skip)
 SEED=${SEED:-0}
-UNTIL=${UNTIL:-eval}              # stop after this stage: labels, rm, sl, policy or eval (to tune one stage)
+UNTIL=${UNTIL:-eval}              # stop after this stage: sl, labels, rm, policy or eval (to tune one stage)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$WORK"
 echo "check_rl_learns: ALGO=$ALGO POLICY=$POLICY work files in $WORK"
