@@ -142,19 +142,11 @@ def test_rloo_raises_a_reward_whose_optimum_is_known(
     of vowels in the response) the policy's samples score well above the starting policy's."""
     monkeypatch.setattr("caitool.reward.load_reward_model", lambda *args, **kwargs: VowelShare())
     out = tmp_path / "rloo"
-    options = "--steps 60 --batch-size 3 --k 4 --response-length 8 --lr 3e-3 --temperature 1.0 --kl-coef 0.01"
-    result = rloo_cli(
-        prompts_file,
-        "--policy",
-        tiny_model_dir,
-        "--rm",
-        tiny_rm_dir,
-        "-o",
-        out,
-        *options.split(),
-        "--missing-eot-penalty",
-        "0",
+    # small_run's options, with these given after them (the last of a repeated option counts).
+    options = (
+        "--steps 60 --batch-size 3 --k 4 --response-length 8 --lr 3e-3 --kl-coef 0.01 --missing-eot-penalty 0"
     )
+    result = small_run(tiny_model_dir, tiny_rm_dir, prompts_file, out, *options.split())
     assert result.exit_code == 0, result.output
     before, after = mean_sampled_reward(tiny_model_dir, prompts_file), mean_sampled_reward(out, prompts_file)
     assert after > before + 0.1, (before, after)
