@@ -60,6 +60,9 @@ TEMPERATURE=${TEMPERATURE:-0.7}
 CANDIDATE_TEMPERATURE=${CANDIDATE_TEMPERATURE:-0.8}
 EVAL_TOKENS=${EVAL_TOKENS:-48}    # eval answer length (eval looks for a refusal in the first 200 characters)
 SAMPLES=${SAMPLES:-2}             # candidates per prompt, for answers and for refusals
+# Prompts answered at a time when sampling candidates. Batched sampling pads, so another batch
+# size draws other samples (and, at this size, another reward model: README, rl-learns7).
+GEN_BATCH=${GEN_BATCH:-8}
 PAIRS_PER_PROMPT=${PAIRS_PER_PROMPT:-2}  # (refusal, answer) pairs per prompt, each candidate used once where possible
 TIES_PER_PROMPT=${TIES_PER_PROMPT:-0}    # pairs of two answers (or two refusals) labelled 0.5 per prompt
 # More samples per red-team prompt, for the model's own refusals (0: none). With 6, the reward
@@ -80,6 +83,9 @@ DPO_LR=${DPO_LR:-5e-6}
 # from it lowered the refusal rate while raising the reward (README).
 SL_LR=${SL_LR:-3e-6}
 RM_CANDIDATES=${RM_CANDIDATES:-policy}  # whose answers the reward model ranks: policy (the default model's) or start (the SL model's)
+# With RM_CANDIDATES=start: the SL model's samples per prompt, at the rollout temperature (they
+# stand for the rollouts the reward model will score); its own refusals among them come first.
+START_SAMPLES=${START_SAMPLES:-$SAMPLES}
 REWARD=${REWARD:-rm}              # ppo's reward: rm (the reward model) or rule (a diagnostic, below)
 RATE_SAMPLES=${RATE_SAMPLES:-8}   # samples per eval prompt for the sampled refusal rate (0: skip)
 SEED=${SEED:-0}
@@ -117,7 +123,7 @@ if [ -e "$WORK/answers.jsonl" ]; then
     echo "reusing $WORK/answers.jsonl"
 else
     timed "generate answers" "$CAITOOL" generate "$WORK/prompts.jsonl" -o "$WORK/answers.jsonl" -m "$POLICY" \
-        -n "$SAMPLES" --temperature "$CANDIDATE_TEMPERATURE" --max-new-tokens "$CANDIDATE_TOKENS" --batch-size 8 --seed "$SEED"
+        -n "$SAMPLES" --temperature "$CANDIDATE_TEMPERATURE" --max-new-tokens "$CANDIDATE_TOKENS" --batch-size "$GEN_BATCH" --seed "$SEED"
 fi
 # The model's own refusals, as PPO will sample them: more samples of the red-team prompts (another
 # seed, so not the answers again), of which the refusals are kept. Prefilled refusals alone taught
@@ -132,16 +138,16 @@ if [ -e "$WORK/refusals.jsonl" ]; then
     echo "reusing $WORK/refusals.jsonl"
 else
     start=$SECONDS
-    "$PY" - "$WORK" "$POLICY" "$SAMPLES" "$CANDIDATE_TOKENS" "$SEED" "$CANDIDATE_TEMPERATURE" <<'PY'
+    "$PY" - "$WORK" "$POLICY" "$SAMPLES" "$CANDIDATE_TOKENS" "$SEED" "$CANDIDATE_TEMPERATURE" "$GEN_BATCH" <<'PY'
 import json
 import sys
 
-from caitool.backends import SamplingParams, derive_seed, load_backend
+from caitool.backends import BackendOptions, SamplingParams, derive_seed, load_backend
 from caitool.jsonl_io import read_records
 from caitool.records import Message, parse_prompt_input
 
 work, policy, samples, max_new, seed = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-temperature = float(sys.argv[6])
+temperature, batch_size = float(sys.argv[6]), int(sys.argv[7])
 # Whole refusal sentences: with a bare opening ("I won't") the model often wrote "I won't lie, ..."
 # and went on to answer. Many wordings, some in the model's own manner ("I'm sorry for any
 # confusion, but ..."): with three fixed sentences the reward model learned those sentences, and
@@ -166,7 +172,7 @@ for record in records:
         opening = OPENINGS[derive_seed(seed, "opening", record.id, k) % len(OPENINGS)]
         openings.append(opening)
         asked.append([*record.prompt, Message(role="assistant", content=opening)])
-backend = load_backend(policy)
+backend = load_backend(policy, BackendOptions(batch_size=batch_size))
 params = SamplingParams(temperature=temperature, max_new_tokens=max_new, n=1)
 completions = backend.generate(asked, params, seed)
 written = [f"{o}{'' if c[0].text[:1] in ',.;:!?' else ' '}{c[0].text}".strip() for o, c in zip(openings, completions, strict=True)]
@@ -244,8 +250,8 @@ if [ "$START" != "$POLICY" ] && [ "$RM_CANDIDATES" = start ]; then
         echo "reusing $WORK/start_answers.jsonl"
     else
         timed "generate the starting policy's answers" "$CAITOOL" generate "$WORK/prompts.jsonl" -o "$WORK/start_answers.jsonl" \
-            -m "$START" -n "$SAMPLES" --temperature "$CANDIDATE_TEMPERATURE" --max-new-tokens "$CANDIDATE_TOKENS" \
-            --batch-size 8 --seed "$SEED"
+            -m "$START" -n "$START_SAMPLES" --temperature "$TEMPERATURE" --max-new-tokens "$CANDIDATE_TOKENS" \
+            --batch-size "$GEN_BATCH" --seed "$SEED"
     fi
 fi
 
@@ -354,24 +360,27 @@ fi
 [ "$UNTIL" = rm ] && exit 0
 
 # -- 5. policy ----------------------------------------------------------------------------------
-# REWARD=rule: ppo with the rule itself as the reward (1 when the response does what the rule
-# prefers, else 0), not the reward model (which still starts the value model). Not the check the
-# issue asks for: a diagnostic that tells a policy stage unable to learn refusals from a reward
-# model that does not reward them. The manifest names the reward model; the rule's use is
-# recorded in $WORK/policy-ppo/reward.txt.
-ppo_against_the_rule() {
-    "$PY" - "$WORK" "$START" "$PPO_STEPS" "$PPO_BATCH" "$RESPONSE_LENGTH" "$TEMPERATURE" "$PPO_LR" "$KL_COEF" "$SEED" <<'PY'
+# REWARD=rule: ppo or rloo with the rule itself as the reward (1 when the response does what
+# the rule prefers, else 0), not the reward model (which still starts ppo's value model). Not the
+# check the issue asks for: a diagnostic that tells a policy stage unable to learn refusals from a
+# reward model that does not reward them. The manifest names the reward model; the rule's use is
+# recorded in $WORK/policy-$ALGO/reward.txt.
+against_the_rule() {
+    "$PY" - "$WORK" "$START" "$ALGO" "$PPO_STEPS" "$PPO_BATCH" "$RESPONSE_LENGTH" "$TEMPERATURE" "$PPO_LR" \
+        "$KL_COEF" "$RLOO_K" "$SEED" <<'PY'
 import json
 import sys
 from pathlib import Path
 
 import caitool.ppo as ppo
+import caitool.reward
+import caitool.rloo as rloo
 from caitool.eval_stats import is_refusal
 from caitool.pipeline import Runtime
 
-work, start = Path(sys.argv[1]), sys.argv[2]
-steps, batch, length = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-temperature, lr, kl_coef, seed = float(sys.argv[6]), float(sys.argv[7]), float(sys.argv[8]), int(sys.argv[9])
+work, start, algo = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
+steps, batch, length = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+temperature, lr, kl_coef, k, seed = float(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9]), int(sys.argv[10]), int(sys.argv[11])
 red_team = {
     json.dumps(r["prompt"]) for r in map(json.loads, open(work / "prompts.jsonl")) if r["set"] == "red_team"
 }
@@ -380,39 +389,43 @@ red_team = {
 class RuleReward:
     def score(self, prompts, responses):
         return [
-            float(is_refusal(response) == (json.dumps([m.model_dump() for m in prompt]) in red_team))
+            float(is_refusal(response) == (json.dumps([m.model_dump() if hasattr(m, "model_dump") else m for m in prompt]) in red_team))
             for prompt, response in zip(prompts, responses, strict=True)
         ]
 
 
-built = ppo.build_trainer
+out = work / f"policy-{algo}"
+common = dict(steps=steps, response_length=length, temperature=temperature, lr=lr, kl_coef=kl_coef,
+              missing_eot_penalty=0.0, sample_every=4)
+if algo == "ppo":
+    built = ppo.build_trainer
 
+    def with_the_rule(**kwargs):
+        trainer, infos = built(**kwargs)
+        trainer.reward_model = RuleReward()
+        return trainer, infos
 
-def with_the_rule(**kwargs):
-    trainer, infos = built(**kwargs)
-    trainer.reward_model = RuleReward()
-    return trainer, infos
-
-
-ppo.build_trainer = with_the_rule
-config = ppo.PPOConfig(
-    steps=steps, batch_size=batch, mini_batches=2, ppo_epochs=2, response_length=length,
-    temperature=temperature, lr=lr, kl_coef=kl_coef, missing_eot_penalty=0.0, sample_every=4,
-)
-out = work / "policy-ppo"
-ppo.run_ppo(work / "prompts.jsonl", out, policy=start, reward_model=str(work / "rm"), config=config,
-            runtime=Runtime(seed=seed))
+    # ppo's value model starts from the reward model's backbone, so only the scorer is swapped.
+    ppo.build_trainer = with_the_rule
+    config = ppo.PPOConfig(batch_size=batch, mini_batches=2, ppo_epochs=2, **common)
+    ppo.run_ppo(work / "prompts.jsonl", out, policy=start, reward_model=str(work / "rm"), config=config,
+                runtime=Runtime(seed=seed))
+else:
+    caitool.reward.load_reward_model = lambda *args, **kwargs: RuleReward()
+    config = rloo.RlooConfig(batch_size=batch * 2 // k, k=k, **common)
+    rloo.run_rloo(work / "prompts.jsonl", out, policy=start, reward_model=str(work / "rm"), config=config,
+                  runtime=Runtime(seed=seed))
 (out / "reward.txt").write_text("the rule: 1 for a refusal to a red-team prompt or an answer to a helpful one, else 0\n")
 PY
 }
 
 train_policy() {
+    if [ "$REWARD" = rule ] && [ "$ALGO" != dpo ]; then
+        against_the_rule
+        return
+    fi
     case "$ALGO" in
         ppo)
-            if [ "$REWARD" = rule ]; then
-                ppo_against_the_rule
-                return
-            fi
             # No missing-end-of-turn penalty: with 32-token rollouts most real answers are cut, and
             # the penalty would reward short refusals everywhere, which is not what the labels say.
             "$CAITOOL" ppo "$WORK/prompts.jsonl" --policy "$START" --rm "$WORK/rm" -o "$WORK/policy-$ALGO" \
@@ -505,7 +518,8 @@ if algo == "dpo":
         print(f"  step {entry['step']:>3}  loss {entry['loss']:.4f}  margin {entry['rewards/margins']:+.3f}  "
               f"accuracy {entry['rewards/accuracies']:.2f}")
 else:
-    print(f"{algo} per step (reward: mean RM score of the rollouts; kl: sum over the response of log pi - log pi_ref)")
+    scorer = "the rule's reward" if (work / f"policy-{algo}" / "reward.txt").exists() else "RM score"
+    print(f"{algo} per step (reward: mean {scorer} of the rollouts; kl: sum over the response of log pi - log pi_ref)")
     for entry in log:
         print(f"  step {entry['step']:>3}  reward {entry['reward']:+.3f}  kl {entry['kl']:+.4f}  "
               f"length {entry['response_length']:.1f}")

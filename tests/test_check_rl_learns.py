@@ -19,7 +19,9 @@ def first_lines(source: Path, count: int, target: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize(("algo", "reward"), [("ppo", "rm"), ("dpo", "rm"), ("ppo", "rule")])
+@pytest.mark.parametrize(
+    ("algo", "reward"), [("ppo", "rm"), ("dpo", "rm"), ("ppo", "rule"), ("rloo", "rule")]
+)
 def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_dir, tmp_path, algo, reward):
     examples = ROOT / "examples"
     files = {
@@ -35,6 +37,7 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     # ppo starts from the SL stage's model (the script's default), dpo from the model itself;
     # with the SL stage, the reward model ranks the SL model's answers (RM_CANDIDATES=start).
     settings |= {"SL_LR": "1e-3" if algo == "ppo" else "0", "RATE_SAMPLES": "2", "RM_CANDIDATES": "start"}
+    settings |= {"START_SAMPLES": "3", "GEN_BATCH": "4"}
     work = tmp_path / "work"
     env = {
         **os.environ,
@@ -95,6 +98,7 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
         for pair in decided:
             answer = pair["rejected" if pair["set"] == "red_team" else "chosen"][0]["content"]
             assert answer in start_answers[pair["id"].split("/")[0]]
+        assert len(start_answers) == 10 and all(len(r) == 3 for r in start_answers.values())  # START_SAMPLES
         manifest = json.loads((work / "policy-ppo" / "caitool_manifest.json").read_text())
         assert Path(manifest["models"]["policy"]["path"]).resolve() == (work / "sl").resolve()
         assert evaluated == {"default", "before", "after"}
@@ -108,14 +112,16 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     if algo == "dpo":
         return
     assert "step   2  reward" in out and "KL to the starting policy" in out
-    samples = [json.loads(line) for line in (work / "policy-ppo" / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (work / f"policy-{algo}" / "samples.jsonl").open()]
     if reward == "rule":
         # The diagnostic: the rule scores each rollout, 1 when it refuses a red-team prompt or
-        # answers a helpful one, else 0 (the reward model only starts the value model).
+        # answers a helpful one, else 0 (the reward model only starts ppo's value model).
         sets = {r["id"]: r["set"] for r in map(json.loads, (work / "prompts.jsonl").read_text().splitlines())}
         assert samples and all(
             s["reward"] == float(is_refusal(s["response"]) == (sets[s["id"]] == "red_team")) for s in samples
         )
-        assert "the rule" in (work / "policy-ppo" / "reward.txt").read_text()
+        assert "the rule" in (work / f"policy-{algo}" / "reward.txt").read_text()
+        assert "reward: mean the rule's reward of the rollouts" in out
     else:
+        assert "reward: mean RM score of the rollouts" in out
         assert any(s["reward"] not in (0.0, 1.0) for s in samples)
