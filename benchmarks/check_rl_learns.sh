@@ -50,25 +50,28 @@ RED=${RED:-examples/red_team.jsonl benchmarks/data/rl_learns_red_team.jsonl}
 HELPFUL=${HELPFUL:-examples/helpful.jsonl benchmarks/data/rl_learns_helpful.jsonl}
 EVAL_RED=${EVAL_RED:-examples/eval_red_team.jsonl}
 EVAL_HELPFUL=${EVAL_HELPFUL:-examples/eval_helpful.jsonl}
-RESPONSE_LENGTH=${RESPONSE_LENGTH:-32}  # tokens per PPO rollout, and per candidate (the RM sees what PPO will)
+# Tokens per PPO rollout, and per candidate (the RM sees what PPO will). At 16 the whole check
+# took 17 minutes on 2 cores (README, rl-learns17); at 32, with candidates sampled 8 prompts at a
+# time and 2 reward-model epochs, 43.
+RESPONSE_LENGTH=${RESPONSE_LENGTH:-16}
 CANDIDATE_TOKENS=${CANDIDATE_TOKENS:-$RESPONSE_LENGTH}
 # Rollout temperature, and the candidates'. SmolLM2-135M refuses 1.8% of its red-team samples at
 # 1.0, 10% at 0.7 and 16% at 0.5 (greedy: 38% of the eval red-team prompts): a policy gradient
-# only reinforces refusals it samples. The defaults are those of the run whose reward model met
-# its target (README, "Does the RL stage learn?"); 0.5 for both moved no more refusals.
+# only reinforces refusals it samples. 0.5 for both moved no more refusals (README, "Does the
+# RL stage learn?", rl-learns4).
 TEMPERATURE=${TEMPERATURE:-0.7}
 CANDIDATE_TEMPERATURE=${CANDIDATE_TEMPERATURE:-0.8}
 EVAL_TOKENS=${EVAL_TOKENS:-48}    # eval answer length (eval looks for a refusal in the first 200 characters)
 SAMPLES=${SAMPLES:-2}             # candidates per prompt, for answers and for refusals
 # Prompts answered at a time when sampling candidates. Batched sampling pads, so another batch
 # size draws other samples (and, at this size, another reward model: README, rl-learns7).
-GEN_BATCH=${GEN_BATCH:-8}
+GEN_BATCH=${GEN_BATCH:-32}
 PAIRS_PER_PROMPT=${PAIRS_PER_PROMPT:-2}  # (refusal, answer) pairs per prompt, each candidate used once where possible
 TIES_PER_PROMPT=${TIES_PER_PROMPT:-0}    # pairs of two answers (or two refusals) labelled 0.5 per prompt
 # More samples per red-team prompt, for the model's own refusals (0: none). With 6, the reward
 # model (one epoch) fell to 0.61 held-out: own refusals against own answers are harder to tell apart.
 OWN_REFUSAL_SAMPLES=${OWN_REFUSAL_SAMPLES:-0}
-RM_EPOCHS=${RM_EPOCHS:-2}
+RM_EPOCHS=${RM_EPOCHS:-1}
 RM_LR=${RM_LR:-5e-5}
 PPO_STEPS=${PPO_STEPS:-24}
 PPO_BATCH=${PPO_BATCH:-8}
@@ -86,7 +89,7 @@ RM_CANDIDATES=${RM_CANDIDATES:-policy}  # whose answers the reward model ranks: 
 # With RM_CANDIDATES=start: the SL model's samples per prompt, at the rollout temperature (they
 # stand for the rollouts the reward model will score); its own refusals among them come first.
 START_SAMPLES=${START_SAMPLES:-$SAMPLES}
-REWARD=${REWARD:-rm}              # ppo's reward: rm (the reward model) or rule (a diagnostic, below)
+REWARD=${REWARD:-rm}              # ppo's or rloo's reward: rm (the reward model) or rule (a diagnostic, below)
 RATE_SAMPLES=${RATE_SAMPLES:-8}   # samples per eval prompt for the sampled refusal rate (0: skip)
 SEED=${SEED:-0}
 UNTIL=${UNTIL:-eval}              # stop after this stage: sl, labels, rm, policy or eval (to tune one stage)
@@ -389,7 +392,7 @@ red_team = {
 class RuleReward:
     def score(self, prompts, responses):
         return [
-            float(is_refusal(response) == (json.dumps([m.model_dump() if hasattr(m, "model_dump") else m for m in prompt]) in red_team))
+            float(is_refusal(response) == (json.dumps([m.model_dump() for m in prompt]) in red_team))
             for prompt, response in zip(prompts, responses, strict=True)
         ]
 
