@@ -429,7 +429,7 @@ train_policy() {
     fi
     case "$ALGO" in
         ppo)
-            # No missing-end-of-turn penalty: with 32-token rollouts most real answers are cut, and
+            # No missing-end-of-turn penalty: with 16- or 32-token rollouts most real answers are cut, and
             # the penalty would reward short refusals everywhere, which is not what the labels say.
             "$CAITOOL" ppo "$WORK/prompts.jsonl" --policy "$START" --rm "$WORK/rm" -o "$WORK/policy-$ALGO" \
                 --steps "$PPO_STEPS" --batch-size "$PPO_BATCH" --mini-batches 2 --ppo-epochs 2 \
