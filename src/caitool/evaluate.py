@@ -1,13 +1,15 @@
 """``caitool eval``: compare models on held-out prompts.
 
 For every prompt set (one JSONL file each) and every model, eval generates answers, then
-measures each answer (refusal, length, reward-model score) and asks the AI labeller which
+measures each answer (refusal class, length, reward-model score) and asks the AI labeller which
 of two models answered better, for every pair of models and every prompt. Run on red-team
 and on helpful prompts together it shows whether a model became more harmless without
 becoming evasive: the refusal rate on helpful prompts is the evasiveness check.
 
 Output directory:
 
+* ``prompts/SET.jsonl``: a prompt set read from CSV, parquet, JSON or a hub dataset, as caitool
+  prompt records (see :mod:`caitool.prompt_sets`); a caitool JSONL file is read where it is
 * ``generations/SET.MODEL.jsonl``: the raw generation records (resumable, one per model and set)
 * ``generations.jsonl``: one ``eval_answer`` record per model per prompt
 * ``judgements.jsonl``: one ``judgement`` record per pair of models per prompt
@@ -50,21 +52,24 @@ from caitool.eval_stats import (  # noqa: F401 - the statistics stay importable 
 from caitool.jsonl_io import manifest_path, read_records, write_json_atomic, write_jsonl_atomic
 from caitool.pipeline import Runtime, validate_input
 from caitool.progress import print_summary
+from caitool.prompt_sets import PromptFields, convert_prompt_set, needs_conversion, parse_eval_prompt
 from caitool.provenance import MODEL_MANIFEST, build_manifest, now_iso
 from caitool.records import (
     EvalAnswerRecord,
     GenerationRecord,
     JudgementRecord,
     Message,
-    parse_prompt_input,
+    PromptRecord,
     parse_record,
 )
+from caitool.refusals import classify_answer, classify_with_judge
 from caitool.run_key import KeyFile
 
 SUMMARY_FILE = "summary.json"
 ANSWERS_FILE = "generations.jsonl"
 JUDGEMENTS_FILE = "judgements.jsonl"
 GENERATIONS_DIR = "generations"
+PROMPTS_DIR = "prompts"
 
 # ---------------------------------------------------------------------------
 # Options
@@ -119,6 +124,7 @@ def prompt_set_names(paths: Sequence[str | Path]) -> list[str]:
 # A reward scorer takes (prompt, answer) pairs and returns one scalar per pair.
 RewardScorer = Callable[[list[tuple[list[Message], str]]], list[float]]
 JUDGE_CHUNK = 32  # comparisons per labeller call: one progress step, bounded memory
+PATTERNS = "patterns"  # classified_by when caitool.refusals' patterns counted
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,8 @@ class EvalPlan:
     rm: str | None
     output_dir: Path
     started_at: str
+    refusal_judge: str | None = None
+    fields: PromptFields = PromptFields()
 
     @property
     def judging(self) -> bool:
@@ -176,19 +184,34 @@ def run_eval(
     constitution: str = "harmless",
     config: EvalConfig | None = None,
     runtime: Runtime | None = None,
+    refusal_judge: str | None = None,
+    fields: PromptFields | None = None,
     load_backend: Callable[[str], GenerationBackend] | None = None,
     make_reward_scorer: Callable[[str], RewardScorer] | None = None,
 ) -> EvalResult:
     """Generate, measure, judge and summarise.
 
-    ``load_backend`` (model spec -> backend, for the evaluated models and the judge) and
-    ``make_reward_scorer`` (RM directory -> scorer) let tests inject fakes.
+    ``refusal_judge`` (a model spec) classifies every answer as comply, refuse or partial in
+    place of the patterns; ``fields`` says which columns of the prompt files hold the prompt,
+    its expectation and category. ``load_backend`` (model spec -> backend, for the evaluated
+    models and the judges) and ``make_reward_scorer`` (RM directory -> scorer) let tests
+    inject fakes.
     """
     config = config or EvalConfig()
     runtime = runtime or Runtime()
-    plan = _plan(prompt_files, model_values, output_dir, rm=rm, judge=judge, constitution=constitution)
+    plan = _plan(
+        prompt_files,
+        model_values,
+        output_dir,
+        rm=rm,
+        judge=judge,
+        constitution=constitution,
+        refusal_judge=refusal_judge,
+        fields=fields or PromptFields(),
+    )
     if load_backend is None:
-        for spec in [m.spec for m in plan.models] + ([plan.judge] if plan.judging else []):
+        judges = ([plan.judge] if plan.judging else []) + ([refusal_judge] if refusal_judge else [])
+        for spec in [m.spec for m in plan.models] + judges:
             check_model_spec(spec, runtime.backend)
         load_backend = functools.partial(backends.load_backend, options=runtime.backend)
     if rm is not None and make_reward_scorer is None:
@@ -201,12 +224,21 @@ def run_eval(
         for set_name, path in outputs:
             answers.extend(_answers_from(path, set_name, model.name))
         model_ids[model.name] = _model_info_from(outputs[0][1])
+    kept_judge: tuple[str, GenerationBackend] | None = None
+    if refusal_judge is not None:
+        refusal_backend = load_backend(refusal_judge)
+        model_ids["refusal_judge"] = refusal_backend.describe()
+        _classify_by_judge(answers, refusal_backend)
+        if plan.judging and plan.judge == refusal_judge:
+            kept_judge = (refusal_judge, refusal_backend)  # one model, loaded once, for both questions
+        del refusal_backend
+        gc.collect()
     if rm is not None:
         _attach_rewards(answers, (make_reward_scorer or _reward_scorer(runtime))(rm))
         gc.collect()  # the reward model is no longer referenced; free it before the judge loads
     judgements: list[JudgementRecord] = []
     if plan.judging:
-        judge_backend = load_backend(plan.judge)  # type: ignore[arg-type]
+        judge_backend = kept_judge[1] if kept_judge else load_backend(plan.judge)  # type: ignore[arg-type]
         model_ids["judge"] = judge_backend.describe()
         judgements = _judge_all(answers, plan, judge_backend, config, runtime.seed)
     if rm is not None:
@@ -222,11 +254,22 @@ def _plan(
     rm: str | None,
     judge: str | None,
     constitution: str,
+    refusal_judge: str | None = None,
+    fields: PromptFields = PromptFields(),
 ) -> EvalPlan:
     started = now_iso()
     models = parse_model_specs(model_values)
     set_names = prompt_set_names(prompt_files)
-    sources = [validate_input(path, parse_prompt_input) for path in prompt_files]
+    # Published sets are read and checked in memory first: a bad row leaves no output behind.
+    converted = {
+        name: convert_prompt_set(str(path), fields)
+        for name, path in zip(set_names, prompt_files, strict=True)
+        if needs_conversion(path, fields)
+    }
+    sources: list[Any] = [
+        None if name in converted else validate_input(path, parse_eval_prompt)
+        for name, path in zip(set_names, prompt_files, strict=True)
+    ]
     charter = load_constitution(constitution) if judge and len(models) > 1 else None
     if charter is not None:
         charter.restrict_comparisons(None)
@@ -234,7 +277,34 @@ def _plan(
     if output_dir.exists() and not output_dir.is_dir():
         raise CaitoolError(f"{output_dir} exists and is not a directory; choose another -o")
     (output_dir / GENERATIONS_DIR).mkdir(parents=True, exist_ok=True)
-    return EvalPlan(list(prompt_files), models, set_names, sources, charter, judge, rm, output_dir, started)
+    for index, name in enumerate(set_names):
+        if name in converted:
+            sources[index] = validate_input(
+                _write_prompts(output_dir, name, converted[name]), parse_eval_prompt
+            )
+    return EvalPlan(
+        list(prompt_files),
+        models,
+        set_names,
+        sources,
+        charter,
+        judge,
+        rm,
+        output_dir,
+        started,
+        refusal_judge=refusal_judge,
+        fields=fields,
+    )
+
+
+def _write_prompts(output_dir: Path, set_name: str, records: list[PromptRecord]) -> Path:
+    """A converted prompt set as caitool prompt records; rewritten only when it changed (it keys resume)."""
+    (output_dir / PROMPTS_DIR).mkdir(exist_ok=True)
+    path = output_dir / PROMPTS_DIR / f"{set_name}.jsonl"
+    text = "".join(r.to_json() + "\n" for r in records)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        write_jsonl_atomic(path, records)
+    return path
 
 
 def _write_results(
@@ -263,6 +333,8 @@ def _write_results(
             "backend": asdict(runtime.backend),
             "rm": plan.rm,
             "judge": plan.judge,
+            "refusal_judge": plan.refusal_judge,
+            "prompt_fields": asdict(plan.fields),
             "models": [asdict(m) for m in plan.models],
         },
         started_at=plan.started_at,
@@ -277,11 +349,19 @@ def _write_results(
         "models": [{"name": m.name, "spec": m.spec} for m in plan.models],
         "per_model": [asdict(s) for s in model_summaries],
         "pairwise": [asdict(p) for p in pair_summaries],
+        "refusal_classifier": _classifier_note(plan, model_ids),
         "refusal_patterns": list(REFUSAL_PATTERNS),
     }
     write_json_atomic(output_dir / SUMMARY_FILE, summary)
     print_summary(f"eval: {len(answers)} answers, {len(judgements)} judgements; wrote {output_dir}")
     return EvalResult(models=model_summaries, pairs=pair_summaries, output_dir=output_dir)
+
+
+def _classifier_note(plan: EvalPlan, model_ids: dict[str, Any]) -> dict[str, Any]:
+    """Which classifier's classes counted in every refusal figure of the summary."""
+    if plan.refusal_judge is None:
+        return {"counted": PATTERNS, "module": "caitool.refusals"}
+    return {"counted": "judge", "judge": plan.refusal_judge, "model": model_ids.get("refusal_judge")}
 
 
 def _describe_model(spec: str) -> Any:
@@ -383,6 +463,9 @@ def _answers_from(path: Path, set_name: str, model_name: str) -> list[EvalAnswer
     for generation in read_records(path, lambda raw: parse_record(GenerationRecord, raw)):
         assert isinstance(generation, GenerationRecord)
         text = generation.responses[0]
+        pattern_class = classify_answer(text)
+        extra = generation.user_fields()
+        category = extra.pop("category", None)
         answers.append(
             EvalAnswerRecord(
                 id=f"{set_name}/{model_name}/{generation.id}",
@@ -394,11 +477,31 @@ def _answers_from(path: Path, set_name: str, model_name: str) -> list[EvalAnswer
                 completion=generation.completion,
                 num_words=word_count(text),
                 finished=generation.finished[0],
-                refused=is_refusal(text),
-                **generation.user_fields(),
+                refused=pattern_class != "comply",
+                answer_class=pattern_class,
+                classified_by=PATTERNS,
+                pattern_class=pattern_class,
+                category=None if category is None else str(category),
+                **extra,
             )
         )
     return answers
+
+
+def _classify_by_judge(answers: list[EvalAnswerRecord], backend: GenerationBackend) -> None:
+    """The refusal judge's class replaces the patterns' on every answer (which stays recorded)."""
+    from caitool.progress import phase_progress
+
+    with phase_progress("eval: refusal judge", len(answers)) as tracker:
+        for start in range(0, len(answers), JUDGE_CHUNK):
+            chunk = answers[start : start + JUDGE_CHUNK]
+            verdicts = classify_with_judge(backend, [(a.prompt, a.completion[-1].content) for a in chunk])
+            for answer, (answer_class, probs) in zip(chunk, verdicts, strict=True):
+                answer.answer_class = answer_class
+                answer.judge_class_probs = probs
+                answer.classified_by = "judge"
+                answer.refused = answer_class != "comply"
+            tracker.advance(len(chunk))
 
 
 def _reward_scorer(runtime: Runtime) -> Callable[[str], RewardScorer]:

@@ -330,7 +330,23 @@ class EvalAnswerRecord(Record):
     completion: Conversation
     num_words: int = Field(description="length in whitespace-separated words (comparable across tokenizers)")
     finished: bool
-    refused: bool = Field(description="the answer opens with a decline pattern (see caitool.evaluate)")
+    refused: bool = Field(description="the answer declines, fully or in part (answer_class is not comply)")
+    answer_class: Literal["comply", "partial", "refuse"] | None = Field(
+        default=None, description="the class that counted: from classified_by"
+    )
+    classified_by: str | None = Field(
+        default=None, description='"patterns" (caitool.refusals) or "judge" (--refusal-judge)'
+    )
+    pattern_class: Literal["comply", "partial", "refuse"] | None = Field(
+        default=None, description="what the pattern classifier said (kept when the judge counted)"
+    )
+    judge_class_probs: dict[str, float] | None = Field(
+        default=None, description="the refusal judge's probability for each class, when it was asked"
+    )
+    expect: Literal["refuse", "comply"] | None = Field(
+        default=None, description="the right behaviour, when the prompt set says (labelled sets)"
+    )
+    category: str | None = Field(default=None, description="the prompt's category, when the set gives one")
     reward: float | None = Field(default=None, description="reward-model score, when --rm was given")
 
 
