@@ -967,22 +967,60 @@ def eval_models(
     ] = "logprob",
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.0,
     max_new_tokens: MaxNewOpt = 128,
+    refusal_judge: Annotated[
+        str | None,
+        typer.Option(
+            "--refusal-judge",
+            help="A feedback model (any model spec) that classifies every answer as comply, refuse or "
+            "partial, in place of the refusal patterns.",
+        ),
+    ] = None,
+    prompt_field: Annotated[
+        str, typer.Option("--prompt-field", help="The prompt files' column holding the prompt.")
+    ] = "prompt",
+    expect_field: Annotated[
+        str,
+        typer.Option("--expect-field", help="The column saying the right behaviour (refuse or comply)."),
+    ] = "expect",
+    category_field: Annotated[
+        str, typer.Option("--category-field", help="The column grouping prompts into categories.")
+    ] = "category",
+    expect_map: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--expect-map",
+            help="Map the set's labels to refuse/comply, e.g. 'safe=comply unsafe=refuse' (repeatable).",
+        ),
+    ] = None,
     *,
     runtime: Any,
 ) -> None:
-    """Compare models on held-out prompts: refusal rate, length, reward, pairwise win rate.
+    """Compare models on held-out prompts: refusals, length, reward, pairwise win rate.
 
-    Every model answers every prompt; answers are scored by the reward model (--rm) and every
-    pair of models is compared by the AI labeller (--judge) under the constitution's comparison
-    principles. Writes generations.jsonl, judgements.jsonl, summary.json and prints a table.
+    Every model answers every prompt; each answer is classified as comply, refuse or partial (by
+    patterns, or by --refusal-judge), scored by the reward model (--rm), and every pair of models
+    is compared by the AI labeller (--judge) under the constitution's comparison principles.
+    Prompts that say what the right behaviour is ("expect": "refuse" or "comply") give harmful
+    compliance and over-refusal rates, per category. Prompt files may be JSONL, JSON, CSV, TSV or
+    parquet. Writes generations.jsonl, judgements.jsonl, summary.json and prints the tables.
 
     Example: caitool eval examples/eval_red_team.jsonl examples/eval_helpful.jsonl -m base=default
     -m sft=runs/demo/sft --rm runs/demo/rm -o runs/demo/eval
+
+    Example (an XSTest-style CSV): caitool eval xstest_prompts.csv -m default --judge none
+    --expect-field label --expect-map "safe=comply unsafe=refuse" --category-field type -o runs/xs
     """
     from caitool.display import show_eval
     from caitool.evaluate import EvalConfig, run_eval
+    from caitool.prompt_sets import PromptFields, parse_expect_map
 
     config = config_from(EvalConfig, locals())
+    fields = PromptFields(
+        prompt=prompt_field,
+        expect=expect_field,
+        category=category_field,
+        expect_map=parse_expect_map(expect_map or []),
+    )
     judged_by = None if judge == "none" else judge
     result = run_eval(
         prompt_files,
@@ -993,6 +1031,8 @@ def eval_models(
         constitution=constitution,
         config=config,
         runtime=runtime,
+        refusal_judge=refusal_judge,
+        fields=fields,
     )
     show_eval(result)
 

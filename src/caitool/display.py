@@ -11,7 +11,15 @@ from rich.console import Console
 from rich.table import Table
 
 from caitool.constitution import Constitution
-from caitool.eval_stats import ModelSummary, PairSummary, SummaryTable, model_table, pair_table, percent
+from caitool.eval_stats import (
+    ModelSummary,
+    PairSummary,
+    SummaryTable,
+    model_table,
+    pair_table,
+    percent,
+    safety_table,
+)
 
 if TYPE_CHECKING:  # judge-check's records only; the module itself loads a model's backends
     from caitool.judge_check import Figures, JudgeCheckResult, ModeReport
@@ -66,6 +74,11 @@ def show_eval_tables(
 ) -> None:
     console = console or Console()
     show_table(model_table(models), console)
+    if any(m.labelled for m in models):
+        show_table(safety_table(models), console)
+    counted_by = sorted({m.classified_by for m in models})
+    if counted_by:
+        console.print(f"refusals classified by: {', '.join(counted_by)}")
     if pairs:
         show_table(pair_table(pairs), console)
 

@@ -325,6 +325,7 @@ def model_table(summaries: Sequence[ModelSummary]) -> SummaryTable:
             Cell(s.model_name),
             Cell(str(s.n)),
             Cell(percent(s.refusal_rate), interval(s.refusal_rate_ci)),
+            Cell(percent(s.partial_rate)),
             Cell(f"{s.mean_words:.0f}"),
             Cell(percent(s.cut_rate)),
             Cell("-")
@@ -334,8 +335,9 @@ def model_table(summaries: Sequence[ModelSummary]) -> SummaryTable:
         for s in summaries
     ]
     return SummaryTable(
-        title="Answers per model (refusal rate with 95% Wilson CI; cut: stopped at max tokens)",
-        headers=("prompt set", "model", "n", "refused", "words", "cut", "reward"),
+        title="Answers per model (refused: declined fully or in part, 95% Wilson CI; partial: declined "
+        "and helped; cut: stopped at max tokens)",
+        headers=("prompt set", "model", "n", "refused", "partial", "words", "cut", "reward"),
         rows=rows,
     )
 

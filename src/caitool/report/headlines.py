@@ -61,6 +61,7 @@ def headline_numbers(run: Run) -> list[str]:
             if m["prompt_set"] == prompt_set
         )
         lines.append(f"refusal rate on {prompt_set}: {rates}")
+        lines.extend(_safety_headlines(prompt_set, summary))
     for pair in summary.get("pairwise", []):
         low, high = pair["win_rate_ci"]
         lines.append(
@@ -68,3 +69,24 @@ def headline_numbers(run: Run) -> list[str]:
             f"{percent(pair['win_rate'])} (95% CI {percent(low)}-{percent(high)})"
         )
     return lines
+
+
+def _safety_headlines(prompt_set: str, summary: dict) -> list[str]:
+    """Both axes of a labelled set, per model, so refusing everything shows as over-refusal."""
+    lines = []
+    for axis, n_key, label in (
+        ("harmful_compliance", "n_expect_refuse", "harmful compliance"),
+        ("over_refusal", "n_expect_comply", "over-refusal"),
+    ):
+        figures = [
+            f"{m['model_name']} {percent(m[axis])} ({ci_text(m.get(axis + '_ci'))}, n={m[n_key]})"
+            for m in summary.get("per_model", [])
+            if m["prompt_set"] == prompt_set and m.get(axis) is not None
+        ]
+        if figures:
+            lines.append(f"{label} on {prompt_set}: {', '.join(figures)}")
+    return lines
+
+
+def ci_text(ci: list[float] | None) -> str:
+    return "95% CI -" if not ci else f"95% CI {percent(ci[0])}-{percent(ci[1])}"

@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from caitool.errors import CaitoolError
-from caitool.eval_stats import ModelSummary, PairSummary, model_table, pair_table, percent
+from caitool.eval_stats import (
+    ModelSummary,
+    PairSummary,
+    answer_class_of,
+    model_table,
+    pair_table,
+    percent,
+    safety_table,
+)
 from caitool.jsonl_io import manifest_path
 from caitool.records import EvalAnswerRecord, RevisionRecord, parse_record
 from caitool.report.html import (
@@ -380,11 +388,21 @@ def eval_section(run: Run) -> str:
         return not_run("eval", f"{EVAL_DIR}/{SUMMARY_FILE}")
     models = [ModelSummary(**m) for m in summary.get("per_model", [])]
     pairs = [PairSummary(**p) for p in summary.get("pairwise", [])]
+    classifier = summary.get("refusal_classifier", {}).get("counted", "patterns (before three classes)")
     body = (
-        "<p>Every model answered the held-out prompts. <em>refused</em>: answers that open by declining "
-        "(a fixed list of patterns); on helpful prompts a rising refusal rate means the model became "
-        "evasive. Intervals are 95%.</p>" + summary_table(model_table(models))
+        "<p>Every model answered the held-out prompts. <em>refused</em>: answers that decline, fully or "
+        "in part (<em>partial</em>: declined and helped); on helpful prompts a rising refusal rate means "
+        f"the model became evasive. Answers classified by: {esc(classifier)}. Intervals are 95%.</p>"
+        + summary_table(model_table(models))
     )
+    if any(m.labelled for m in models):
+        body += (
+            "<h3>Harmful compliance and over-refusal</h3><p>On prompts that say what the right behaviour "
+            "is: <em>harmful compliance</em> is the share of requests that should be refused and were "
+            "answered; <em>over-refusal</em> the share of safe requests that were refused. A model that "
+            "refuses everything scores 0% on the first and 100% on the second.</p>"
+            + summary_table(safety_table(models))
+        )
     if models:
         body += eval_figure(models)
     if pairs:
@@ -412,7 +430,11 @@ def _eval_samples(run: Run, summary: dict[str, Any]) -> str:
             first = next(a for a in shown if a is not None)
             columns = "".join(
                 f'<div class="col"><h4>{esc(name)}'
-                + (" · refused" if answer is not None and answer.refused else "")
+                + (
+                    f" · {'refused' if answer_class_of(answer) == 'refuse' else 'partial refusal'}"
+                    if answer is not None and answer.refused
+                    else ""
+                )
                 + (
                     f" · reward {answer.reward:+.2f}"
                     if answer is not None and answer.reward is not None
