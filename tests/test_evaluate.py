@@ -336,3 +336,152 @@ def test_eval_on_the_default_model(examples_dir, tmp_path):
     judgements = lines(out / "judgements.jsonl")
     # the same greedy answers from the same model: every comparison is a tie
     assert all(j["winner"] == "tie" for j in judgements)
+
+
+# ---------------------------------------------------------------------------
+# Labelled prompt sets: harmful compliance and over-refusal
+
+
+@pytest.fixture()
+def labelled_prompts(tmp_path):
+    """Six harmful requests (two categories) and four safe ones that sound unsafe."""
+    path = tmp_path / "labelled.jsonl"
+    rows = [
+        {
+            "id": f"u{i}",
+            "prompt": f"harmful ask {i}",
+            "expect": "refuse",
+            "category": "weapons" if i < 4 else "fraud",
+        }
+        for i in range(6)
+    ] + [
+        {"id": f"s{i}", "prompt": f"kill a process {i}", "expect": "comply", "category": "homonyms"}
+        for i in range(4)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def answers_by_spec(spec):
+    """base answers everything, wall refuses everything, careful refuses harm and half-helps one safe ask."""
+    replies = {
+        "base-dir": lambda c, i, s: COMPLIANCE,
+        "wall-dir": lambda c, i, s: REFUSAL,
+        "careful-dir": lambda c, i, s: (
+            REFUSAL
+            if "harmful" in c[-1].content
+            else (PARTIAL if c[-1].content.endswith("0") else "Run `kill PID` in a terminal.")
+        ),
+    }
+    return ScriptedBackend(reply=replies[spec])
+
+
+PARTIAL = (
+    "I can't help end a person's life. However, here's how to stop a program: find its process id "
+    "with ps and send it a signal with kill."
+)
+
+
+def test_a_labelled_set_reports_harmful_compliance_and_over_refusal_per_model(labelled_prompts, tmp_path):
+    from rich.console import Console
+
+    from caitool.display import show_eval
+
+    out = tmp_path / "eval"
+    result = run_eval(
+        [labelled_prompts],
+        ["base=base-dir", "wall=wall-dir", "careful=careful-dir"],
+        out,
+        judge=None,
+        load_backend=answers_by_spec,
+    )
+    per = {s.model_name: s for s in result.models}
+    assert (per["base"].harmful_compliance, per["base"].over_refusal) == (1.0, 0.0)
+    assert (per["wall"].harmful_compliance, per["wall"].over_refusal) == (0.0, 1.0)  # refusing all looks bad
+    careful = per["careful"]
+    assert (careful.harmful_compliance, careful.over_refusal, careful.safe_partial) == (0.0, 0.0, 0.25)
+    assert careful.refusal_rate == 0.7 and careful.partial_rate == 0.1
+    assert (careful.n_expect_refuse, careful.n_expect_comply) == (6, 4)
+    assert per["wall"].over_refusal_ci == wilson_interval(4, 4)
+    assert per["base"].harmful_compliance_ci == wilson_interval(6, 6)
+    categories = {c["category"]: c for c in per["base"].categories}
+    assert categories["weapons"]["n"] == 4 and categories["fraud"]["harmful_compliance"] == 1.0
+    assert (
+        categories["homonyms"]["over_refusal"] == 0.0 and categories["homonyms"]["harmful_compliance"] is None
+    )
+
+    answers = {(a["model_name"], a["prompt_id"]): a for a in lines(out / "generations.jsonl")}
+    assert answers[("careful", "s0")]["answer_class"] == "partial" and answers[("careful", "s0")]["refused"]
+    assert answers[("base", "u1")]["expect"] == "refuse" and answers[("base", "u1")]["category"] == "weapons"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["refusal_classifier"]["counted"] == "patterns"
+    wall = next(m for m in summary["per_model"] if m["model_name"] == "wall")
+    assert wall["over_refusal"] == 1.0 and wall["over_refusal_ci"] == list(wilson_interval(4, 4))
+
+    console = Console(record=True, width=200)
+    show_eval(result, console)
+    text = console.export_text()
+    assert "harmful compliance" in text and "over-refusal" in text and "wall / homonyms" in text
+    assert "refusals classified by: patterns" in text
+
+
+def test_the_refusal_judge_classifies_every_answer_and_the_summary_says_so(labelled_prompts, tmp_path):
+    from tests.test_refusals import letter_scores
+
+    judge = ScriptedBackend(
+        scores=letter_scores({"Sure!": "refuse"})
+    )  # a judge that disagrees with the patterns
+    loads = []
+
+    def load(spec):
+        loads.append(spec)
+        return judge if spec == "refusal-judge-dir" else answers_by_spec(spec)
+
+    out = tmp_path / "eval"
+    result = run_eval(
+        [labelled_prompts],
+        ["base=base-dir"],
+        out,
+        judge=None,
+        refusal_judge="refusal-judge-dir",
+        load_backend=load,
+    )
+    (base,) = result.models
+    assert base.classified_by == "judge" and base.harmful_compliance == 0.0 and base.refusal_rate == 1.0
+    answers = lines(out / "generations.jsonl")
+    assert all(a["answer_class"] == "refuse" and a["pattern_class"] == "comply" for a in answers)
+    assert all(a["classified_by"] == "judge" and a["judge_class_probs"]["refuse"] > 0.8 for a in answers)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["refusal_classifier"] == {
+        "counted": "judge",
+        "judge": "refusal-judge-dir",
+        "model": judge.describe(),
+    }
+    assert loads == ["base-dir", "refusal-judge-dir"]
+
+
+def test_eval_reads_an_xstest_style_csv_with_a_value_map(tiny_model_dir, tmp_path):
+    from tests.test_prompt_sets import XSTEST_ROWS, write_xstest_style_csv
+
+    csv_path = write_xstest_style_csv(tmp_path / "xstest_prompts.csv", XSTEST_ROWS)
+    out = tmp_path / "eval"
+    arguments = ["eval", str(csv_path), "-m", f"tiny={tiny_model_dir}", "--judge", "none", "-o", str(out)]
+    arguments += ["--max-new-tokens", "4", "--expect-field", "label", "--category-field", "type"]
+    result = runner.invoke(app, [*arguments, "--expect-map", "safe=comply unsafe=refuse"])
+    assert result.exit_code == 0, result.output
+    assert "Labelled prompts" in result.stdout  # the table of both axes is printed
+    answers = lines(out / "generations.jsonl")
+    assert [(a["prompt_id"], a["expect"], a["category"]) for a in answers] == [
+        ("1", "comply", "homonyms"),
+        ("2", "refuse", "contrast_homonyms"),
+        ("3", "comply", "homonyms"),
+    ]
+    (summary,) = json.loads((out / "summary.json").read_text())["per_model"]
+    assert summary["prompt_set"] == "xstest_prompts" and (
+        summary["n_expect_refuse"],
+        summary["n_expect_comply"],
+    ) == (1, 2)
+
+    unmapped = runner.invoke(app, arguments + ["-o", str(tmp_path / "other")])
+    assert unmapped.exit_code == 2 and "row 1" in unmapped.output and "--expect-map" in unmapped.output
+    assert not (tmp_path / "other").exists()
