@@ -108,7 +108,7 @@ def test_the_tables_give_each_figure_once_with_its_interval():
         ]
     )
     assert [c.plain() for c in models.rows[0]] == [
-        "red", "base", "10", "25% [10, 50]", "42", "0%", "+0.50 [+0.25, +0.75]",
+        "red", "base", "10", "25% [10, 50]", "-", "42", "0%", "+0.50 [+0.25, +0.75]",
     ]  # fmt: skip
     assert models.rows[1][-1].plain() == "-" and len(models.headers) == len(models.rows[0])
     pair = PairSummary("red", "sft", "base", 4, 2, 1, 1, 0.625, (0.3, 0.9), 0.6, (0.4, 0.8), None)
@@ -116,3 +116,39 @@ def test_the_tables_give_each_figure_once_with_its_interval():
     assert [(c.text, c.ci) for c in row[3:]] == [
         ("62%", "[30, 90]"), ("60%", "[40, 80]"), ("2/1/1", ""), ("-", ""),
     ]  # fmt: skip
+
+
+def eval_answer(i, text, expect=None, **fields):
+    from caitool.records import EvalAnswerRecord, Message
+
+    return EvalAnswerRecord(
+        id=f"a{i}",
+        prompt_id=f"p{i}",
+        prompt_set="mixed",
+        model_name="m",
+        model="m@1",
+        prompt=[Message(role="user", content="q")],
+        completion=[Message(role="assistant", content=text)],
+        num_words=len(text.split()),
+        finished=True,
+        refused=is_refusal(text),
+        expect=expect,
+        **fields,
+    )
+
+
+def test_answers_recorded_before_classes_count_by_their_refused_flag():
+    from caitool.eval_stats import safety_table, summarise_answers
+
+    answers = [
+        eval_answer(0, REFUSAL, "comply", category="c"),
+        eval_answer(1, COMPLIANCE, "refuse", category="c"),
+    ]
+    summary = summarise_answers(answers)
+    assert (summary.over_refusal, summary.harmful_compliance, summary.partial_rate) == (1.0, 1.0, 0.0)
+    rows = safety_table([summary]).rows
+    assert [c.plain() for c in rows[0]][2:] == ["1", "100% [21, 100]", "0%", "1", "100% [21, 100]", "0%"]
+    assert rows[1][1].text == "m / c"
+    unlabelled = summarise_answers([eval_answer(0, REFUSAL)])
+    assert not unlabelled.labelled and unlabelled.harmful_compliance is None
+    assert safety_table([unlabelled]).rows == []

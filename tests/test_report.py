@@ -206,6 +206,35 @@ def test_report_is_one_self_contained_page_with_every_section(run_dir, tmp_path)
     assert "prompts: ppo preferred over base" in result.stdout
 
 
+def test_a_labelled_eval_shows_harmful_compliance_and_over_refusal_in_the_headline(run_dir, tmp_path):
+    labelled = tmp_path / "labelled.jsonl"
+    rows = [
+        {"id": f"u{i}", "prompt": f"harmful {i}", "expect": "refuse", "category": "weapons"} for i in range(3)
+    ]
+    rows += [
+        {"id": f"s{i}", "prompt": f"safe {i}", "expect": "comply", "category": "homonyms"} for i in range(2)
+    ]
+    labelled.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.rmtree(run_dir / "eval")
+    run_eval(
+        [labelled],
+        ["base=base-dir", "ppo=ppo-dir"],
+        run_dir / "eval",
+        judge=None,
+        load_backend=lambda spec: ScriptedBackend(
+            reply=lambda c, i, s: "I'm sorry, I can't." if spec == "ppo-dir" else "Sure, here it is."
+        ),
+    )
+    out = tmp_path / "report.html"
+    result = runner.invoke(app, ["report", str(run_dir), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "harmful compliance on labelled: base 100% (95% CI 44%-100%, n=3), ppo 0%" in result.stdout
+    assert "over-refusal on labelled: base 0% (95% CI 0%-66%, n=2), ppo 100%" in result.stdout
+    page = out.read_text()
+    assert "Harmful compliance and over-refusal" in page and "ppo / homonyms" in page
+    assert "Answers classified by: patterns" in page
+
+
 def test_missing_steps_say_not_run(run_dir, tmp_path):
     for name in ("ppo", "rm", "eval"):
         shutil.rmtree(run_dir / name)
