@@ -5,9 +5,13 @@ dev/heldout; our own set is benchmarks/data/refusal_openings.jsonl) and prints, 
 overall: three-class accuracy, per-class precision and recall, and the binary view eval's
 ``refused`` flag takes (refusal = refuse or partial, against comply).
 
-The heldout split was written with the dev split, before the classifier, and never used to
-tune it; the dev split was. Pass ``--errors`` to list what the classifier got wrong (dev only
-unless ``--errors-split`` says otherwise).
+The splits: ``dev`` (221) tuned the classifier; ``heldout`` (94) was written with it, before
+the classifier (the same author, so it shares the dev split's style), and never used to tune
+it; ``probe`` (55) was written after the classifier, imitating the openings of public chat
+models, and measured once (96.4% three-class, two refusals missed: "I would advise against
+...", "I don't think it's a good idea for me to ...") before the two cues it showed were added.
+Pass ``--errors`` to list what the classifier got wrong (dev only unless ``--errors-split``
+says otherwise).
 
     python benchmarks/bench_refusal_classifier.py
     python benchmarks/bench_refusal_classifier.py --errors

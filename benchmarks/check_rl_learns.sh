@@ -61,7 +61,7 @@ CANDIDATE_TOKENS=${CANDIDATE_TOKENS:-$RESPONSE_LENGTH}
 # RL stage learn?", rl-learns4).
 TEMPERATURE=${TEMPERATURE:-0.7}
 CANDIDATE_TEMPERATURE=${CANDIDATE_TEMPERATURE:-0.8}
-EVAL_TOKENS=${EVAL_TOKENS:-48}    # eval answer length (eval looks for a refusal in the first 200 characters)
+EVAL_TOKENS=${EVAL_TOKENS:-48}    # eval answer length (eval looks for a refusal cue in the first 320 characters)
 SAMPLES=${SAMPLES:-2}             # candidates per prompt, for answers and for refusals
 # Prompts answered at a time when sampling candidates. Batched sampling pads, so another batch
 # size draws other samples (and, at this size, another reward model: README, rl-learns7).

@@ -74,11 +74,11 @@ def test_a_decline_deep_inside_a_long_answer_is_not_counted():
     assert classify_answer(answer) == "comply"
 
 
-def test_the_labelled_set_is_large_mixed_and_classified_at_95_percent_on_both_splits():
+def test_the_labelled_set_is_large_mixed_and_classified_at_95_percent_on_every_split():
     rows = [json.loads(line) for line in LABELLED_SET.read_text().splitlines()]
     assert len(rows) >= 300 and {r["label"] for r in rows} == {"comply", "partial", "refuse"}
     assert len({r["text"] for r in rows}) == len(rows)
-    for split in ("dev", "heldout"):
+    for split in ("dev", "heldout", "probe"):
         chosen = [r for r in rows if r["split"] == split]
         correct = sum(classify_answer(r["text"]) == r["label"] for r in chosen)
         assert correct / len(chosen) >= 0.95, split

@@ -58,7 +58,8 @@ _NOT_DECLINING = (
     r"forget|stop|miss|resist|sleep|breathe|"
     r"have (?:personal |my own )?(?:opinions|feelings|preferences|emotions|experiences|beliefs)|"
     r"(?:form|express|hold) (?:personal |my own )?(?:opinions|views|preferences)|"
-    r"provide (?:you with )?(?:real-time|live|current|up-to-date)"
+    r"provide (?:you with )?(?:real-time|live|current|up-to-date)|"
+    r"(?:give|provide|offer) (?:you )?(?:an? |the )?(?:exact|precise|definitive|definite)"
 )
 _I_DECLINE = (
     r"I(?: really| simply| just| honestly| definitely| absolutely| unfortunately)?"
@@ -82,7 +83,8 @@ REFUSAL_CUES: tuple[str, ...] = (
     r"\bI(?:'m| am)(?: really| just| simply)? not (?:comfortable|willing|prepared|at liberty)\b",
     r"\bI (?:don't|do not) (?:feel comfortable|think (?:I|we) (?:can|should)|"
     r"think (?:it's|it is|it would be) "
-    r"(?:appropriate|right|ethical|responsible|okay)|provide|help with|help people|assist|engage|support|"
+    r"(?:appropriate|right|ethical|responsible|okay|a good idea for me)|provide|help with|help people|assist|"
+    r"engage|support|"
     r"condone|create|write|generate|produce|share|offer|do that)\b",
     r"\bI(?:'ll|'d| will| must| would| am going to|'m going to)?(?: have to| need to| must)?"
     r"(?: respectfully| politely| kindly| regretfully)?"
@@ -101,8 +103,8 @@ REFUSAL_CUES: tuple[str, ...] = (
     r"\b(?:would|could|might) be (?:inappropriate|unethical|irresponsible)\b",
     r"\b(?:would|could|might) be (?:harmful|dangerous|illegal)(?: and \w+)? (?:for me |of me )?to "
     r"(?:provide|give|share|help|assist|write|create|explain|offer|describe|generate)\b",
-    r"\b(?:this|that|your|the) (?:request|question|query|prompt)\b[^.]{0,40}?"
-    r"\b(?:is|seems|appears|may be|might be|could be|involves|asks)\b[^.]{0,40}?"
+    r"\b(?:this|that|your|the) (?:request|question|query|prompt)(?: you(?:'ve| have)? (?:asked|made|sent))?"
+    r"(?: itself)? (?:is|seems|appears|may be|might be|could be|involves|asks for|contains)\b[^.]{0,40}?"
     r"\b(?:inappropriate|harmful|unethical|offensive|illegal|dangerous|not appropriate|problematic|"
     r"harming)\b",
     r"\b(?:against|violates?|violating|contrary to) (?:my|our|the|OpenAI's|ethical) (?:\w+ ){0,3}?"
@@ -112,7 +114,7 @@ REFUSAL_CUES: tuple[str, ...] = (
     r"I(?:'m| am|'ll| will| can)?\b"
     r"(?! (?:would|'d) (?:worry|recommend))",
     r"\b(?:That|This)(?:'s| is) a request I\b",
-    r"\bI (?:strongly )?(?:advise|urge|caution) (?:you )?(?:against|not to)\b",
+    r"\bI(?: would|'d)? (?:strongly )?(?:advise|urge|caution) (?:you )?(?:against|not to)\b",
     r"\b(?:must|have to|need to|would like to|want to|should) (?:respectfully |kindly )?"
     r"(?:point out|inform you|remind you|note|clarify|mention) that\b[^.]{0,160}?"
     r"\b(?:not appropriate|inappropriate|harmful|unethical|offensive|problematic|dangerous|illegal|"
