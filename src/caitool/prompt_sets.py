@@ -51,7 +51,8 @@ class PromptFields:
 
     @property
     def caitool_layout(self) -> bool:
-        return (self.prompt, self.expect, self.category, self.expect_map) == ("prompt", "expect", "category", {})
+        names = (self.prompt, self.expect, self.category)
+        return names == ("prompt", "expect", "category") and not self.expect_map
 
 
 def needs_conversion(path: str | Path, fields: PromptFields) -> bool:
