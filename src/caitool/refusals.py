@@ -78,7 +78,12 @@ REFUSAL_CUES: tuple[str, ...] = (
     # an apology that turns into "but": "I'm sorry, but ...", "I apologize, but ...", "Sorry, but ..."
     r"\b(?:I(?:'m| am)(?: really| very| so| truly| terribly)? sorry|I apologi[sz]e|my apologies|"
     r"apologies|sorry)"
-    r"[,;.!]?\s*(?:[-\u2013\u2014]\s*)?but\b",
+    r"[,;.!]?\s*(?:[-\u2013\u2014]\s*)?but\b"
+    # ... unless what follows corrects a false premise, which answers the question
+    r"(?!,? (?:I think )?there (?:is|are|was|were) no\b|,? (?:I think )?there (?:may|might|seems to) be "
+    r"(?:a|some) (?:mistake|misunderstanding|confusion)|"
+    r",? (?:that|it|this)(?:'s| is) not (?:true|accurate|correct)\b|"
+    r",? the (?:premise|assumption))",
     r"\bI(?:'m| am) afraid\b(?! of)",
     r"\bI(?:'m| am)(?: really| just| simply)? not (?:comfortable|willing|prepared|at liberty)\b",
     r"\bI (?:don't|do not) (?:feel comfortable|think (?:I|we) (?:can|should)|"
