@@ -485,3 +485,26 @@ def test_eval_reads_an_xstest_style_csv_with_a_value_map(tiny_model_dir, tmp_pat
     unmapped = runner.invoke(app, arguments + ["-o", str(tmp_path / "other")])
     assert unmapped.exit_code == 2 and "row 1" in unmapped.output and "--expect-map" in unmapped.output
     assert not (tmp_path / "other").exists()
+
+
+def test_one_model_as_both_judges_is_loaded_once(labelled_prompts, tmp_path):
+    from tests.test_refusals import letter_scores
+
+    loads = []
+
+    def load(spec):
+        loads.append(spec)
+        if spec == "judge-dir":
+            return ScriptedBackend(scores=letter_scores({}))
+        return answers_by_spec(spec)
+
+    result = run_eval(
+        [labelled_prompts],
+        ["base=base-dir", "wall=wall-dir"],
+        tmp_path / "eval",
+        judge="judge-dir",
+        refusal_judge="judge-dir",
+        load_backend=load,
+    )
+    assert loads == ["base-dir", "wall-dir", "judge-dir"]
+    assert all(m.classified_by == "judge" for m in result.models) and result.pairs[0].n == 10

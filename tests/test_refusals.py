@@ -91,7 +91,9 @@ def letter_scores(classes_by_word):
     letters = {"comply": 0, "refuse": 1, "partial": 2}
 
     def scores(conversation, continuations):
-        assert conversation[-1].content == JUDGE_PREFILL and list(continuations) == ["A", "B", "C"]
+        if list(continuations) != ["A", "B", "C"]:  # another question (eval's pairwise labeller)
+            return [-0.69] * len(continuations)
+        assert conversation[-1].content == JUDGE_PREFILL
         answer = conversation[-2].content.split("Answer:\n", 1)[1]
         chosen = next((c for word, c in classes_by_word.items() if word in answer), "comply")
         return [-0.2 if i == letters[chosen] else -3.0 for i in range(3)]

@@ -224,21 +224,21 @@ def run_eval(
         for set_name, path in outputs:
             answers.extend(_answers_from(path, set_name, model.name))
         model_ids[model.name] = _model_info_from(outputs[0][1])
-    kept_judge: tuple[str, GenerationBackend] | None = None
+    if rm is not None:
+        _attach_rewards(answers, (make_reward_scorer or _reward_scorer(runtime))(rm))
+        gc.collect()  # the reward model is no longer referenced; free it before the judge loads
+    kept_backend: GenerationBackend | None = None
     if refusal_judge is not None:
         refusal_backend = load_backend(refusal_judge)
         model_ids["refusal_judge"] = refusal_backend.describe()
         _classify_by_judge(answers, refusal_backend)
         if plan.judging and plan.judge == refusal_judge:
-            kept_judge = (refusal_judge, refusal_backend)  # one model, loaded once, for both questions
+            kept_backend = refusal_backend  # one model, loaded once, for both questions
         del refusal_backend
         gc.collect()
-    if rm is not None:
-        _attach_rewards(answers, (make_reward_scorer or _reward_scorer(runtime))(rm))
-        gc.collect()  # the reward model is no longer referenced; free it before the judge loads
     judgements: list[JudgementRecord] = []
     if plan.judging:
-        judge_backend = kept_judge[1] if kept_judge else load_backend(plan.judge)  # type: ignore[arg-type]
+        judge_backend = kept_backend or load_backend(plan.judge)  # type: ignore[arg-type]
         model_ids["judge"] = judge_backend.describe()
         judgements = _judge_all(answers, plan, judge_backend, config, runtime.seed)
     if rm is not None:
