@@ -88,6 +88,9 @@ def test_caitool_jsonl_is_read_where_it_is_and_its_expectation_checked():
     assert not needs_conversion("examples/eval_red_team.jsonl", PromptFields())
     assert needs_conversion("examples/eval_red_team.jsonl", PromptFields(expect="label"))
     assert needs_conversion("xs.csv", PromptFields())
+    assert not needs_conversion("-", PromptFields())
+    with pytest.raises(CaitoolError, match="stdin is read as caitool JSONL"):
+        needs_conversion("-", PromptFields(expect_map={"safe": "comply"}))
     assert parse_eval_prompt({"prompt": "hi", "expect": "comply"}).model_extra["expect"] == "comply"
     with pytest.raises(CaitoolError, match='field "expect" must be "refuse" or "comply"'):
         parse_eval_prompt({"prompt": "hi", "expect": "unsafe"})

@@ -58,6 +58,8 @@ class PromptFields:
 def needs_conversion(path: str | Path, fields: PromptFields) -> bool:
     """A plain JSONL file in caitool's layout (or stdin) is read as it is; everything else is converted."""
     text = str(path)
+    if text == "-" and not fields.caitool_layout:
+        raise CaitoolError("stdin is read as caitool JSONL; give a published set's file to map its fields")
     return not (text == "-" or (text.endswith(".jsonl") and fields.caitool_layout))
 
 
