@@ -8,7 +8,7 @@ CAITOOL := $(VENV)/bin/caitool
 # machine set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch --index-url ...").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast lint demo clean-demo vllm-venv FORCE
+.PHONY: install test test-fast lint docs demo clean-demo vllm-venv FORCE
 
 install: $(VENV)/.installed
 
@@ -46,11 +46,20 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 # The served-backend tests start a real vLLM server from its own venv (built once, then cached).
-test: install vllm-venv
+test: install vllm-venv docs
 	CAITOOL_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not vllm"
+
+# The documentation site, built offline into site/; --strict (in mkdocs.yml) fails on a broken link
+# or a page left out of the nav. The command reference is written from the Typer app at build time.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[docs]'
+	touch $@
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
