@@ -20,7 +20,7 @@ def _expand(nav: list[Any]) -> list[Any]:
     expanded = []
     for entry in nav:
         if isinstance(entry, dict):
-            (title, target), = entry.items()
+            ((title, target),) = entry.items()
             if target == REFERENCE_INDEX:
                 pages = [{"Overview": REFERENCE_INDEX}]
                 pages += [{f"caitool {c.name}": f"reference/{c.page}"} for c in commands()]

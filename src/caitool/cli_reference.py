@@ -8,6 +8,7 @@ the tests run every ``caitool`` line of the README, the docs and the commands' o
 
 from __future__ import annotations
 
+import functools
 import re
 import shlex
 from dataclasses import dataclass
@@ -44,6 +45,12 @@ class Command:
 
 
 def root_command() -> Any:
+    """The click command behind the app, rebuilt only when a command or sub-app was added."""
+    return _built(len(app.registered_commands), len(app.registered_groups))
+
+
+@functools.lru_cache(maxsize=4)
+def _built(commands: int, groups: int) -> Any:
     return typer.main.get_command(app)
 
 
@@ -177,7 +184,8 @@ def reference_page(command: Command) -> str:
     for paragraph in _paragraphs(_help_text(command.command)):
         match = EXAMPLE_PARAGRAPH.match(paragraph)
         if match:
-            lines += [f"{match['label']}:", "", "```bash", f"caitool {' '.join(match['args'].split())}", "```"]
+            example = "caitool " + " ".join(match["args"].split())
+            lines += [f"{match['label']}:", "", "```bash", example, "```"]
         else:
             lines.append(" ".join(paragraph.split()))
         lines.append("")
@@ -193,9 +201,8 @@ def reference_page(command: Command) -> str:
         lines.append("")
     lines += ["## Options", "", "| option | type | default | description |", "|---|---|---|---|"]
     for param in options:
-        lines.append(
-            f"| {_option_names(param)} | {_type(param, ctx)} | {_default(param)} | {_cell(param.help or '')} |"
-        )
+        cells = [_option_names(param), _type(param, ctx), _default(param), _cell(param.help or "")]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("| `--help` | flag |  | Show the help and exit. |")
     lines.append("")
     lines.append(
