@@ -89,3 +89,20 @@ def test_a_line_the_cli_accepts_is_accepted():
     check_command_line(["constitution", "check", "constitutions/harmless.yaml"])
     check_command_line("ppo --help")
     check_command_line("--help")
+
+
+def test_the_site_hook_puts_every_command_in_the_nav():
+    pytest.importorskip("mkdocs")
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "hooks" / "cli_reference.py"
+    spec = importlib.util.spec_from_file_location("cli_reference_hook", path)
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    nav = hook._expand([{"Home": "index.md"}, {"Command reference": "reference/index.md"}])
+    assert nav[0] == {"Home": "index.md"}
+    section = nav[1]["Command reference"]
+    assert section[0] == {"Overview": "reference/index.md"}
+    pages = [next(iter(entry.values())) for entry in section[1:]]
+    assert pages == [f"reference/{command.page}" for command in commands()]
