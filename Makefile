@@ -62,8 +62,8 @@ $(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
 	touch $@
 
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs/hooks
+	$(VENV)/bin/ruff format --check src tests benchmarks docs/hooks
 
 # ---------------------------------------------------------------------------
 # demo: the whole Constitutional AI pipeline (supervised, then RL) under one run directory.
