@@ -180,7 +180,7 @@ $(RUN)/rm/caitool_manifest.json: $(RUN)/prefs.jsonl $(call vars,MODEL SEED)
 
 # LoRA adapters on the policy (the reference is the same weights with them off) and the shared value
 # model (adapters on the reward model, which also gives the reward): no model is held twice. Gradient
-# checkpointing keeps the update's activations from doubling the step's memory (README, ppo).
+# checkpointing keeps the update's activations from doubling the step's memory (docs/results.md, ppo memory).
 $(RUN)/ppo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(RUN)/rm/caitool_manifest.json \
 		$(call vars,MAX_NEW PPO_STEPS PPO_BATCH SEED)
 	$(call step,ppo) $(CAITOOL) ppo $< --policy $(RUN)/sft --rm $(RUN)/rm -o $(RUN)/ppo --steps $(PPO_STEPS) \
