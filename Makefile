@@ -8,7 +8,7 @@ CAITOOL := $(VENV)/bin/caitool
 # machine set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch --index-url ...").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast lint demo clean-demo vllm-venv FORCE
+.PHONY: install test test-fast lint docs demo clean-demo vllm-venv FORCE
 
 install: $(VENV)/.installed
 
@@ -46,15 +46,24 @@ $(VLLM_VENV)/.installed:
 	touch $@
 
 # The served-backend tests start a real vLLM server from its own venv (built once, then cached).
-test: install vllm-venv
+test: install vllm-venv docs
 	CAITOOL_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not vllm"
 
+# The documentation site, built offline into site/; --strict (in mkdocs.yml) fails on a broken link
+# or a page left out of the nav. The command reference is written from the Typer app at build time.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+
+$(VENV)/.docs-installed: $(VENV)/.installed pyproject.toml
+	$(PIP) install -q -e '.[docs]'
+	touch $@
+
 lint: install
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks docs/hooks
+	$(VENV)/bin/ruff format --check src tests benchmarks docs/hooks
 
 # ---------------------------------------------------------------------------
 # demo: the whole Constitutional AI pipeline (supervised, then RL) under one run directory.
@@ -171,7 +180,7 @@ $(RUN)/rm/caitool_manifest.json: $(RUN)/prefs.jsonl $(call vars,MODEL SEED)
 
 # LoRA adapters on the policy (the reference is the same weights with them off) and the shared value
 # model (adapters on the reward model, which also gives the reward): no model is held twice. Gradient
-# checkpointing keeps the update's activations from doubling the step's memory (README, ppo).
+# checkpointing keeps the update's activations from doubling the step's memory (docs/results.md, ppo memory).
 $(RUN)/ppo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json $(RUN)/rm/caitool_manifest.json \
 		$(call vars,MAX_NEW PPO_STEPS PPO_BATCH SEED)
 	$(call step,ppo) $(CAITOOL) ppo $< --policy $(RUN)/sft --rm $(RUN)/rm -o $(RUN)/ppo --steps $(PPO_STEPS) \

@@ -51,20 +51,20 @@ HELPFUL=${HELPFUL:-examples/helpful.jsonl benchmarks/data/rl_learns_helpful.json
 EVAL_RED=${EVAL_RED:-examples/eval_red_team.jsonl}
 EVAL_HELPFUL=${EVAL_HELPFUL:-examples/eval_helpful.jsonl}
 # Tokens per PPO rollout, and per candidate (the RM sees what PPO will). At 16 the whole check
-# took 17 minutes on 2 cores (README, rl-learns17); at 32, with candidates sampled 8 prompts at a
+# took 17 minutes on 2 cores (docs/results.md, rl-learns17); at 32, with candidates sampled 8 prompts at a
 # time and 2 reward-model epochs, 43.
 RESPONSE_LENGTH=${RESPONSE_LENGTH:-16}
 CANDIDATE_TOKENS=${CANDIDATE_TOKENS:-$RESPONSE_LENGTH}
 # Rollout temperature, and the candidates'. SmolLM2-135M refuses 1.8% of its red-team samples at
 # 1.0, 10% at 0.7 and 16% at 0.5 (greedy: 38% of the eval red-team prompts): a policy gradient
-# only reinforces refusals it samples. 0.5 for both moved no more refusals (README, "Does the
+# only reinforces refusals it samples. 0.5 for both moved no more refusals (docs/results.md, "Does the
 # RL stage learn?", rl-learns4).
 TEMPERATURE=${TEMPERATURE:-0.7}
 CANDIDATE_TEMPERATURE=${CANDIDATE_TEMPERATURE:-0.8}
 EVAL_TOKENS=${EVAL_TOKENS:-48}    # eval answer length (eval looks for a refusal cue in the first 320 characters)
 SAMPLES=${SAMPLES:-2}             # candidates per prompt, for answers and for refusals
 # Prompts answered at a time when sampling candidates. Batched sampling pads, so another batch
-# size draws other samples (and, at this size, another reward model: README, rl-learns7).
+# size draws other samples (and, at this size, another reward model: docs/results.md, rl-learns7).
 GEN_BATCH=${GEN_BATCH:-32}
 PAIRS_PER_PROMPT=${PAIRS_PER_PROMPT:-2}  # (refusal, answer) pairs per prompt, each candidate used once where possible
 TIES_PER_PROMPT=${TIES_PER_PROMPT:-0}    # pairs of two answers (or two refusals) labelled 0.5 per prompt
@@ -83,7 +83,7 @@ DPO_LR=${DPO_LR:-5e-6}
 # The SL stage (0: none, the RL stage starts from the default model). Without it the default
 # model samples a refusal for 9% of the eval red-team prompts, and its own refusals ("I'm sorry
 # for your loss, but as a chatbot ...") are not the ones the reward model learned; every RL run
-# from it lowered the refusal rate while raising the reward (README).
+# from it lowered the refusal rate while raising the reward (docs/results.md).
 SL_LR=${SL_LR:-3e-6}
 RM_CANDIDATES=${RM_CANDIDATES:-policy}  # whose answers the reward model ranks: policy (the default model's) or start (the SL model's)
 # With RM_CANDIDATES=start: the SL model's samples per prompt, at the rollout temperature (they
@@ -245,7 +245,7 @@ fi
 # The reward model's candidates: the default model's answers (RM_CANDIDATES=policy), or the RL
 # stage's starting policy's (start), as the paper trains its preference model on samples of the
 # SL-CAI model, so that the answers it ranks below a refusal are the ones ppo will meet. Measured
-# (README): start made the reward model weaker (0.75 held out, not 0.93) and ppo lost more refusals.
+# (docs/results.md): start made the reward model weaker (0.75 held out, not 0.93) and ppo lost more refusals.
 LABELLED=answers
 if [ "$START" != "$POLICY" ] && [ "$RM_CANDIDATES" = start ]; then
     LABELLED=start_answers
@@ -308,7 +308,7 @@ def ties(sampled_answers, refused):
     """Two candidates of one kind: the rule prefers neither (soft label 0.5). Without these the
     reward model's scores among compliant answers are unconstrained (sd 2.8 on red-team samples,
     as wide as its refusal margin); with them the spread fell to 1.0, but so did the margin, and
-    ppo moved no more refusals (README)."""
+    ppo moved no more refusals (docs/results.md)."""
     for kind, candidates in (("answers", sampled_answers), ("refusals", refused)):
         for first, second in itertools.combinations(range(len(candidates)), 2):
             yield kind, first, second, candidates[first], candidates[second]

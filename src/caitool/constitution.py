@@ -1,6 +1,6 @@
 """Constitutions: YAML files of critique/revision principles and comparison principles.
 
-Format (see README, "Constitutions")::
+Format (see docs/constitutions.md)::
 
     name: harmless
     version: "1.0"
