@@ -255,3 +255,29 @@ def test_one_rloo_step_on_the_real_default_model(tmp_path):
     assert entry["kl"] == pytest.approx(0.0, abs=1e-5) and entry["response_length"] > 0
     assert all(value == value for value in entry.values() if isinstance(value, float))  # no NaN anywhere
     assert len(read_jsonl(out / "samples.jsonl")) == 4
+
+
+def save_adapter(base_dir, out):
+    """A LoRA adapter on ``base_dir`` (what ``sft --lora --no-merge`` writes)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from caitool.models import load_tokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(out)
+    load_tokenizer(base_dir).save_pretrained(out)
+    return out
+
+
+def test_no_merge_on_top_of_an_adapter_is_refused(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):
+    """The new adapter would name the plain base, the first adapter merged into the policy being lost."""
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter")
+    out = tmp_path / "stacked"
+    result = small_run(adapter, tiny_rm_dir, prompts_file, out, "--steps", 1, "--lora", "--no-merge")
+    assert result.exit_code == 2, result.output
+    assert "rloo --lora --no-merge needs a full model directory" in result.output
+    assert not out.exists() and not staging_dir(out).exists()

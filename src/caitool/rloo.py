@@ -351,6 +351,7 @@ def run_rloo(
     source = validate_input(input_path, parse_prompt_input)
     records = list(read_records(source.path, parse_prompt_input))
     training.check_output_dir(output)
+    trainers.check_lora_saving("rloo", policy, config)
     with training.atomic_model_dir(output) as staging:
         trainer, infos, _ = build_trainer(
             records=records,
