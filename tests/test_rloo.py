@@ -281,3 +281,17 @@ def test_no_merge_on_top_of_an_adapter_is_refused(tiny_model_dir, tiny_rm_dir, p
     assert result.exit_code == 2, result.output
     assert "rloo --lora --no-merge needs a full model directory" in result.output
     assert not out.exists() and not staging_dir(out).exists()
+
+
+def test_rollouts_are_drawn_from_softmax_over_temperature_whatever_the_generation_config(
+    tiny_model_dir, penalised_model_dir, tiny_rm_dir, prompts_file, tmp_path
+):
+    """A policy whose generation_config sets min_p, typical_p, a minimum length... samples its first
+    rollouts (before any update) exactly as the same weights without them."""
+    first = {}
+    for name, policy in (("plain", tiny_model_dir), ("penalised", penalised_model_dir)):
+        out = tmp_path / name
+        result = small_run(policy, tiny_rm_dir, prompts_file, out, "--steps", 1, "--response-length", 10)
+        assert result.exit_code == 0, result.output
+        first[name] = [(s["id"], s["response"]) for s in read_jsonl(out / "samples.jsonl")]
+    assert first["penalised"] == first["plain"]

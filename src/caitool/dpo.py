@@ -42,6 +42,7 @@ from caitool.processes import Processes, current_processes
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, now_iso
 from caitool.records import ConstitutionRef, PairRecord, parse_pair
+from caitool.tokens import fitted_to_template
 
 # A label this close to 0.5 says the labeller could not choose: such a pair carries no preference.
 UNDECIDED = 0.005
@@ -260,6 +261,7 @@ def run_dpo(
     trainers.check_lora_saving("dpo", policy, settings)
     processes = current_processes()
     info, tokenizer, policy_model, device = trainers.load_policy(policy, runtime.trust_remote_code)
+    data.examples = [fitted_to_template(e, tokenizer) for e in data.examples]
     ref_info, ref_model = load_reference(ref, policy_model, settings, runtime.trust_remote_code)
     models = {"policy": info, **({"ref": ref_info} if ref_info is not None else {})}
     run_key = training.training_run_key(
