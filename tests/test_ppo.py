@@ -690,3 +690,18 @@ def test_a_reference_given_with_ref_is_loaded_apart(tiny_model_dir, tiny_rm_dir,
     log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
     assert log[0]["kl"] == 0.0  # the reference is the starting policy's weights
     assert json.loads((out / "caitool_manifest.json").read_text())["models"]["ref"]["sha256"]
+
+
+def test_texts_over_the_reward_models_training_length_are_cut_and_counted(
+    tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path
+):
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_rm_dir, rm)
+    (rm / "caitool_manifest.json").write_text(json.dumps({"phase": "train-rm", "params": {"max_length": 8}}))
+    out = tmp_path / "ppo"
+    result = ppo_cli(prompts_file, tiny_model_dir, rm, out, "--steps", 1)
+    assert result.exit_code == 0, result.output
+    assert "2 scored texts were longer than the reward model's 8 tokens" in result.output
+    assert json.loads((out / "caitool_manifest.json").read_text())["counts"]["rm_truncated"] == 2

@@ -295,3 +295,18 @@ def test_rollouts_are_drawn_from_softmax_over_temperature_whatever_the_generatio
         assert result.exit_code == 0, result.output
         first[name] = [(s["id"], s["response"]) for s in read_jsonl(out / "samples.jsonl")]
     assert first["penalised"] == first["plain"]
+
+
+def test_texts_over_the_reward_models_training_length_are_cut_and_counted(
+    tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path
+):
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_rm_dir, rm)
+    (rm / MODEL_MANIFEST).write_text(json.dumps({"phase": "train-rm", "params": {"max_length": 8}}))
+    out = tmp_path / "rloo"
+    result = small_run(tiny_model_dir, rm, prompts_file, out, "--steps", 1)
+    assert result.exit_code == 0, result.output
+    assert "4 scored texts were longer than the reward model's 8 tokens" in result.output
+    assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["rm_truncated"] == 4

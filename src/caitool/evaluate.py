@@ -411,7 +411,11 @@ def _reward_scorer(runtime: Runtime) -> Callable[[str], RewardScorer]:
         )
 
         def score(pairs: list[tuple[list[Message], str]]) -> list[float]:
-            return reward_model.score([prompt for prompt, _ in pairs], [answer for _, answer in pairs])
+            reward_model.truncated = 0
+            scores = reward_model.score([prompt for prompt, _ in pairs], [answer for _, answer in pairs])
+            if reward_model.truncated:
+                print_summary(f"eval: rewards of {rm_dir}{reward_model.truncation_note()}")
+            return scores
 
         return score
 

@@ -786,6 +786,7 @@ def run_ppo(
                 saved = save_checkpoint(trainer, staging, step, processes)
                 print_summary(f"ppo: saved {saved.name} in {time.perf_counter() - saving:.1f}s")
         weights = gathered_policy_weights(trainer)
+        truncated = sum(every_process_lines([trainer.reward_model.truncated], processes))
         if processes.is_main:
             saved_dtype = save_policy(
                 trainer.policy,
@@ -820,12 +821,13 @@ def run_ppo(
                         "prompts_per_step": config.batch_size * processes.count,
                         **reward_trend(history),
                         "saved_dtype": saved_dtype,
+                        "rm_truncated": truncated,
                     },
                 ),
             )
     print_summary(
         f"ppo: {config.steps} steps; reward {history[0]['reward']:+.3f} -> {history[-1]['reward']:+.3f}; "
-        f"kl {history[-1]['kl']:.4f}; saved to {output}"
+        f"kl {history[-1]['kl']:.4f}{trainer.reward_model.truncation_note(truncated)}; saved to {output}"
     )
     return history
 

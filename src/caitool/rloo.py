@@ -383,7 +383,7 @@ def run_rloo(
     training.check_output_dir(output)
     trainers.check_lora_saving("rloo", policy, config)
     with training.atomic_model_dir(output) as staging:
-        trainer, infos, _ = build_trainer(
+        trainer, infos, reward = build_trainer(
             records=records,
             policy=policy,
             reward_model=reward_model,
@@ -426,6 +426,7 @@ def run_rloo(
                     **training.reward_trend(history),
                     "train_seconds": round(time.perf_counter() - clock, 2),
                     "saved_dtype": saved_dtype,
+                    "rm_truncated": reward.scorer.truncated,
                 },
             ),
         )
@@ -434,6 +435,7 @@ def run_rloo(
         f"rloo: {result.global_step} steps of {config.batch_size} prompts x {config.k} samples; reward "
         f"{history[0]['reward']:+.3f} -> {history[-1]['reward']:+.3f}"
         + (f"; kl {last_kl:.4f}" if last_kl is not None else "")
+        + reward.scorer.truncation_note()
         + f"; saved to {output}"
     )
     return history
