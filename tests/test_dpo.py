@@ -272,3 +272,29 @@ def test_one_dpo_step_on_the_real_default_model(tmp_path):
     # (a margin of 1.05e-4 at beta 0.1), so the margin is checked at 1e-3.
     assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
     assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["undecided_pairs"] == 1
+
+
+def test_robust_and_exo_pair_take_their_label_smoothing(tiny_model_dir, separable_prefs, tmp_path):
+    """Robust DPO without a flip rate is plain DPO, and exo_pair cannot run without its epsilon."""
+    from caitool.dpo import dpo_config
+
+    common = [separable_prefs, "--policy", tiny_model_dir, "--hard"]
+    robust = dpo_cli(*common, "-o", tmp_path / "robust", "--loss", "robust")
+    assert robust.exit_code == 2 and "--loss robust needs --label-smoothing above 0" in robust.output
+    exo = dpo_cli(*common, "-o", tmp_path / "exo", "--loss", "exo_pair")
+    assert exo.exit_code == 2 and "--loss exo_pair needs --label-smoothing" in exo.output
+    ignored = dpo_cli(*common, "-o", tmp_path / "ipo", "--loss", "ipo", "--label-smoothing", 0.1)
+    assert ignored.exit_code == 2 and "--label-smoothing has no effect on --loss ipo" in ignored.output
+    settings = DpoConfig(soft=False, loss="robust", label_smoothing=0.1)
+    assert dpo_config(settings, Runtime(), tmp_path / "c", "cpu").label_smoothing == 0.1
+
+    out = tmp_path / "exo-run"
+    epsilon = 1e-3
+    exo_options = ["--loss", "exo_pair", "--label-smoothing", epsilon]
+    result = dpo_cli(*common, "-o", out, *exo_options, "--batch-size", 8)
+    assert result.exit_code == 0, result.output
+    # At the first step the policy is the reference (margin 0), where EXO's loss is
+    # KL((1/2, 1/2) || (1 - eps, eps)).
+    first = next(entry for entry in read_log(out) if "loss" in entry)
+    assert first["loss"] == pytest.approx(-math.log(2) - 0.5 * math.log(epsilon * (1 - epsilon)), abs=1e-3)
+    assert json.loads((out / MODEL_MANIFEST).read_text())["params"]["label_smoothing"] == epsilon

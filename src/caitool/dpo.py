@@ -44,6 +44,8 @@ from caitool.provenance import build_manifest, now_iso
 from caitool.records import ConstitutionRef, PairRecord, parse_pair
 from caitool.tokens import fitted_to_template
 
+# The losses whose TRL implementation reads label_smoothing.
+SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 # A label this close to 0.5 says the labeller could not choose: such a pair carries no preference.
 UNDECIDED = 0.005
 
@@ -55,6 +57,7 @@ class DpoConfig:
     soft: bool = True  # each pair's p_chosen is its target (False: every pair surely preferred)
     beta: float = 0.1  # strength of the pull towards the reference
     loss: DpoLoss = "sigmoid"
+    label_smoothing: float = 0.0  # --hard: robust's flip rate, exo_pair's epsilon (aot, aot_unpaired too)
     lora: bool = False
     lora_rank: int = 16
     merge: bool = True  # with lora: save the merged model (False: the adapter alone)
@@ -72,6 +75,29 @@ class DpoConfig:
             )
         if not self.merge and not self.lora:
             raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
+        self._check_label_smoothing()
+
+    def _check_label_smoothing(self) -> None:
+        """TRL reads ``label_smoothing`` in these losses alone; robust without it is plain DPO, and
+        exo_pair needs it above 0 (its target distribution is (1 - eps, eps))."""
+        smoothing = self.label_smoothing
+        if self.loss not in SMOOTHED_LOSSES:
+            if smoothing != 0.0:
+                raise CaitoolError(
+                    f"--label-smoothing has no effect on --loss {self.loss}; it applies to --hard with "
+                    f"{', '.join(SMOOTHED_LOSSES)} (soft labels carry their own per pair)"
+                )
+            return
+        if self.loss in ("robust", "exo_pair"):
+            upper = 0.5 if self.loss == "robust" else 1.0
+            if not 0.0 < smoothing < upper:
+                raise CaitoolError(
+                    f"--loss {self.loss} needs --label-smoothing above 0 and below {upper} (robust: the "
+                    f"share of flipped labels, e.g. 0.1; exo_pair: EXO's epsilon, e.g. 0.001), "
+                    f"got {smoothing}"
+                )
+        elif smoothing >= 0.5:
+            raise CaitoolError(f"--loss {self.loss} needs --label-smoothing below 0.5, got {smoothing}")
 
     def as_params(self) -> dict[str, Any]:
         return asdict(self)
@@ -182,6 +208,7 @@ def dpo_config(settings: DpoConfig, runtime: Runtime, output_dir: Path, device: 
         **trainers.epoch_arguments(settings, runtime, output_dir, device),
         beta=settings.beta,
         loss_type=[settings.loss],
+        label_smoothing=settings.label_smoothing,
     )
 
 
