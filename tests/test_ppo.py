@@ -705,3 +705,26 @@ def test_texts_over_the_reward_models_training_length_are_cut_and_counted(
     assert result.exit_code == 0, result.output
     assert "2 scored texts were longer than the reward model's 8 tokens" in result.output
     assert json.loads((out / "caitool_manifest.json").read_text())["counts"]["rm_truncated"] == 2
+
+
+@pytest.fixture()
+def bf16_launch(monkeypatch):
+    """What ``accelerate launch`` with configs/accelerate/multi-gpu.yaml sets: bf16 mixed precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_the_first_update_of_a_step_has_ratio_one_under_a_bf16_launch_config(
+    tiny_model_dir, tiny_rm_dir, bf16_launch
+):
+    """The rollout's log-probs and the update's come from the same weights at the same precision
+    (caitool's own autocast), so before any update the ratio is exactly 1."""
+    trainer = make_trainer(tiny_model_dir, tiny_rm_dir, mini_batches=1)
+    assert trainer.accelerator.mixed_precision == "no"
+    _, metrics = trainer.step(PROMPTS, seed=0)
+    assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["clip_fraction"] == 0.0

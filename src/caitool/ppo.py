@@ -303,7 +303,10 @@ class PPOTrainer:
 
         self.config = config
         self.models = models
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        # caitool autocasts every forward pass itself (models.precision), the rollout's as the
+        # update's; a launch config's mixed_precision (bf16 in multi-gpu.yaml) would autocast the
+        # update alone, and the ratio to the rollout's log-probs would not start at 1.
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         check_accelerator(self.accelerator, config)
         self.processes = Processes(self.accelerator.process_index, self.accelerator.num_processes)
         device = self.accelerator.device
