@@ -728,3 +728,29 @@ def test_the_first_update_of_a_step_has_ratio_one_under_a_bf16_launch_config(
     _, metrics = trainer.step(PROMPTS, seed=0)
     assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-9)
     assert metrics["clip_fraction"] == 0.0
+
+
+def test_max_grad_norm_is_the_clipping_deepspeed_applies(monkeypatch):
+    """DeepSpeed's engine clips at its config's value; accelerate's clip_grad_norm_ does nothing there."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from caitool.ppo import clip_like_deepspeed
+
+    def launched(**plugin_options):
+        plugin = DeepSpeedPlugin(zero_stage=2, **plugin_options)
+        return SimpleNamespace(
+            state=SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, deepspeed_plugin=plugin)
+        )
+
+    monkeypatch.delenv("ACCELERATE_GRADIENT_CLIPPING", raising=False)
+    auto = launched()
+    assert auto.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == "auto"
+    clip_like_deepspeed(auto, PPOConfig(max_grad_norm=0.3))
+    assert auto.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == 0.3
+
+    explicit = launched(gradient_clipping=1.0)
+    clip_like_deepspeed(explicit, PPOConfig(max_grad_norm=1.0))  # the same value: nothing to refuse
+    with pytest.raises(CaitoolError, match="the DeepSpeed config clips gradients at 1.0"):
+        clip_like_deepspeed(explicit, PPOConfig(max_grad_norm=0.3))

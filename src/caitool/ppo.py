@@ -285,6 +285,30 @@ def check_accelerator(accelerator: Any, config: PPOConfig) -> None:
         )
 
 
+def clip_like_deepspeed(accelerator: Any, config: PPOConfig) -> None:
+    """Under DeepSpeed, make its engine clip at ``--max-grad-norm``.
+
+    The engine clips gradients itself, at its config's ``gradient_clipping`` (accelerate fills an
+    "auto" one with 1.0, and DeepSpeed's own default is no clipping), and accelerate's
+    ``clip_grad_norm_`` then only reads the norm. A value the user's DeepSpeed config sets
+    explicitly and --max-grad-norm contradicts is refused rather than silently overridden.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.state.distributed_type != DistributedType.DEEPSPEED:
+        return
+    deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    clipping = deepspeed_config.get("gradient_clipping")
+    if clipping in (None, "auto"):
+        deepspeed_config["gradient_clipping"] = config.max_grad_norm
+    elif float(clipping) != config.max_grad_norm:
+        raise CaitoolError(
+            f"the DeepSpeed config clips gradients at {clipping}, and DeepSpeed's engine clips them itself: "
+            f'set its gradient_clipping to "auto" (then ppo --max-grad-norm {config.max_grad_norm} is used) '
+            f"or pass --max-grad-norm {clipping}"
+        )
+
+
 class PPOTrainer:
     """The trained models (policy and value model, prepared by accelerate as one module) and the
     frozen ones around them.
@@ -308,6 +332,7 @@ class PPOTrainer:
         # update alone, and the ratio to the rollout's log-probs would not start at 1.
         self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         check_accelerator(self.accelerator, config)
+        clip_like_deepspeed(self.accelerator, config)
         self.processes = Processes(self.accelerator.process_index, self.accelerator.num_processes)
         device = self.accelerator.device
         self.tokenizer = models.tokenizer
