@@ -298,3 +298,36 @@ def test_robust_and_exo_pair_take_their_label_smoothing(tiny_model_dir, separabl
     first = next(entry for entry in read_log(out) if "loss" in entry)
     assert first["loss"] == pytest.approx(-math.log(2) - 0.5 * math.log(epsilon * (1 - epsilon)), abs=1e-3)
     assert json.loads((out / MODEL_MANIFEST).read_text())["params"]["label_smoothing"] == epsilon
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tiny_model_dir, tmp_path_factory):
+    """A 2-layer Mixtral (4 experts, 2 per token) on the tiny tokenizer, with a visible router loss weight."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from caitool.models import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-moe")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        router_aux_loss_coef=0.5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_soft_labels_train_a_mixture_of_experts_with_its_router_loss(tiny_moe_dir, separable_prefs, tmp_path):
+    """TRL adds the router's load-balancing loss to its DPO losses; the soft-label loss adds it too."""
+    out = tmp_path / "dpo"
+    result = dpo_cli(separable_prefs, "--policy", tiny_moe_dir, "-o", out, "--batch-size", 8)
+    assert result.exit_code == 0, result.output
+    first = next(entry for entry in read_log(out) if "loss" in entry)
+    # Before the first update the policy is the reference: the preference part of the loss is log 2.
+    assert first["aux_loss"] > 0.0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["aux_loss"], abs=1e-4)

@@ -166,12 +166,16 @@ def soft_label_dpo_trainer_class() -> tuple[type, type]:
                 return super()._compute_loss(model, inputs, return_outputs)
             completion_mask = inputs["completion_mask"]
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            # A mixture-of-experts policy returns its router load-balancing loss when asked, which
+            # TRL adds to its own losses (weighted by the architecture's coefficient): so does this one.
+            router = {"output_router_logits": True} if self.aux_loss_enabled else {}
             outputs = model(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
                 labels=labels,
                 use_cache=False,
                 fused_lm_head=True,
+                **router,
             )
             logps = outputs.log_probs[:, -(completion_mask.size(1) - 1) :].sum(dim=1)
             chosen_logps, rejected_logps = logps.chunk(2, dim=0)
@@ -181,6 +185,11 @@ def soft_label_dpo_trainer_class() -> tuple[type, type]:
             rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps)
             loss = soft_preference_loss(chosen_rewards - rejected_rewards, p_chosen)
             self._log_pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, p_chosen)
+            if self.aux_loss_enabled:
+                loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+                mode = "train" if self.model.training else "eval"
+                aux = self.accelerator.gather_for_metrics(outputs.aux_loss.detach())
+                self._metrics[mode]["aux_loss"].append(aux.mean().item())
             return (loss, outputs) if return_outputs else loss
 
         def _log_pair_metrics(self, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, p_chosen):
