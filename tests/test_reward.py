@@ -309,7 +309,7 @@ def test_scoring_cuts_a_text_longer_than_the_training_max_length_from_the_left(
     tiny_model_dir, separable_prefs, tmp_path
 ):
     """The reward is read at the last token: a text past --max-length keeps its end and is counted."""
-    from caitool.reward import RewardModel
+    from caitool.reward import RewardModel, truncation_note
 
     out = tmp_path / "rm"
     result = runner.invoke(
@@ -332,4 +332,4 @@ def test_scoring_cuts_a_text_longer_than_the_training_max_length_from_the_left(
     short = reward_model.score([prompt], ["Short."])
     assert short == pytest.approx(unlimited.score([prompt], ["Short."]), abs=1e-6)
     assert reward_model.truncated == 1
-    assert "1 scored texts were longer than the reward model's 64 tokens" in reward_model.truncation_note()
+    assert "1 scored texts were longer than the reward model's 64 tokens" in truncation_note(reward_model)

@@ -403,7 +403,7 @@ def _answers_from(path: Path, set_name: str, model_name: str) -> list[EvalAnswer
 
 def _reward_scorer(runtime: Runtime) -> Callable[[str], RewardScorer]:
     def make(rm_dir: str) -> RewardScorer:
-        from caitool.reward import load_reward_model
+        from caitool.reward import load_reward_model, truncation_note
 
         options = runtime.backend
         reward_model = load_reward_model(
@@ -414,7 +414,7 @@ def _reward_scorer(runtime: Runtime) -> Callable[[str], RewardScorer]:
             reward_model.truncated = 0
             scores = reward_model.score([prompt for prompt, _ in pairs], [answer for _, answer in pairs])
             if reward_model.truncated:
-                print_summary(f"eval: rewards of {rm_dir}{reward_model.truncation_note()}")
+                print_summary(f"eval: rewards of {rm_dir}{truncation_note(reward_model)}")
             return scores
 
         return score

@@ -56,6 +56,7 @@ from caitool.processes import Processes, current_processes, launch_sharding
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, now_iso
 from caitool.records import Conversation, PromptRecord, parse_prompt_input
+from caitool.reward import truncated_count, truncation_note
 from caitool.sampling import plain_generation_config, sample
 from caitool.tokens import cut_at_stop, decode, encode, left_padded, render_chat
 from caitool.training import (
@@ -814,7 +815,7 @@ def run_ppo(
                 saved = save_checkpoint(trainer, staging, step, processes)
                 print_summary(f"ppo: saved {saved.name} in {time.perf_counter() - saving:.1f}s")
         weights = gathered_policy_weights(trainer)
-        truncated = sum(every_process_lines([trainer.reward_model.truncated], processes))
+        truncated = sum(every_process_lines([truncated_count(trainer.reward_model)], processes))
         if processes.is_main:
             saved_dtype = save_policy(
                 trainer.policy,
@@ -855,7 +856,7 @@ def run_ppo(
             )
     print_summary(
         f"ppo: {config.steps} steps; reward {history[0]['reward']:+.3f} -> {history[-1]['reward']:+.3f}; "
-        f"kl {history[-1]['kl']:.4f}{trainer.reward_model.truncation_note(truncated)}; saved to {output}"
+        f"kl {history[-1]['kl']:.4f}{truncation_note(trainer.reward_model, truncated)}; saved to {output}"
     )
     return history
 

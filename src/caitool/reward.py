@@ -128,17 +128,6 @@ class RewardModel:
         self.max_length = max_length
         self.truncated = 0
 
-    def truncation_note(self, count: int | None = None) -> str:
-        """A clause for a phase's summary line on the ``count`` texts cut (default: this scorer's),
-        "" when none was."""
-        count = self.truncated if count is None else count
-        if not count:
-            return ""
-        return (
-            f"; {count} scored texts were longer than the reward model's {self.max_length} tokens "
-            "and were cut from the left"
-        )
-
     def score(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> list[float]:
         if len(prompts) != len(responses):
             raise ValueError("score() needs one prompt per response")
@@ -159,6 +148,24 @@ class RewardModel:
                 logits = self.model(input_ids=input_ids, attention_mask=mask).logits
             scores.extend(logits[:, 0].float().tolist())
         return scores
+
+
+def truncated_count(scorer: Any) -> int:
+    """The texts ``scorer`` cut to its reward model's training length (0 for a scorer that cuts
+    none, such as a scripted reward)."""
+    return getattr(scorer, "truncated", 0)
+
+
+def truncation_note(scorer: Any, count: int | None = None) -> str:
+    """A clause for a phase's summary line on the ``count`` texts cut (default: the scorer's own),
+    "" when none was."""
+    count = truncated_count(scorer) if count is None else count
+    if not count:
+        return ""
+    return (
+        f"; {count} scored texts were longer than the reward model's {scorer.max_length} tokens "
+        "and were cut from the left"
+    )
 
 
 def load_reward_model(

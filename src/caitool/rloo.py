@@ -371,6 +371,8 @@ def run_rloo(
 
     One process, as ppo: the samples, the log and the reward are written as the rollouts come.
     """
+    from caitool.reward import truncated_count, truncation_note
+
     config = config or RlooConfig()
     runtime = runtime or Runtime()
     if launched_world_size() > 1:
@@ -426,7 +428,7 @@ def run_rloo(
                     **training.reward_trend(history),
                     "train_seconds": round(time.perf_counter() - clock, 2),
                     "saved_dtype": saved_dtype,
-                    "rm_truncated": reward.scorer.truncated,
+                    "rm_truncated": truncated_count(reward.scorer),
                 },
             ),
         )
@@ -435,7 +437,7 @@ def run_rloo(
         f"rloo: {result.global_step} steps of {config.batch_size} prompts x {config.k} samples; reward "
         f"{history[0]['reward']:+.3f} -> {history[-1]['reward']:+.3f}"
         + (f"; kl {last_kl:.4f}" if last_kl is not None else "")
-        + reward.scorer.truncation_note()
+        + truncation_note(reward.scorer)
         + f"; saved to {output}"
     )
     return history
