@@ -272,3 +272,62 @@ def test_one_dpo_step_on_the_real_default_model(tmp_path):
     # (a margin of 1.05e-4 at beta 0.1), so the margin is checked at 1e-3.
     assert log[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-3)
     assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["undecided_pairs"] == 1
+
+
+def test_robust_and_exo_pair_take_their_label_smoothing(tiny_model_dir, separable_prefs, tmp_path):
+    """Robust DPO without a flip rate is plain DPO, and exo_pair cannot run without its epsilon."""
+    from caitool.dpo import dpo_config
+
+    common = [separable_prefs, "--policy", tiny_model_dir, "--hard"]
+    robust = dpo_cli(*common, "-o", tmp_path / "robust", "--loss", "robust")
+    assert robust.exit_code == 2 and "--loss robust needs --label-smoothing above 0" in robust.output
+    exo = dpo_cli(*common, "-o", tmp_path / "exo", "--loss", "exo_pair")
+    assert exo.exit_code == 2 and "--loss exo_pair needs --label-smoothing" in exo.output
+    ignored = dpo_cli(*common, "-o", tmp_path / "ipo", "--loss", "ipo", "--label-smoothing", 0.1)
+    assert ignored.exit_code == 2 and "--label-smoothing has no effect on --loss ipo" in ignored.output
+    settings = DpoConfig(soft=False, loss="robust", label_smoothing=0.1)
+    assert dpo_config(settings, Runtime(), tmp_path / "c", "cpu").label_smoothing == 0.1
+
+    out = tmp_path / "exo-run"
+    epsilon = 1e-3
+    exo_options = ["--loss", "exo_pair", "--label-smoothing", epsilon]
+    result = dpo_cli(*common, "-o", out, *exo_options, "--batch-size", 8)
+    assert result.exit_code == 0, result.output
+    # At the first step the policy is the reference (margin 0), where EXO's loss is
+    # KL((1/2, 1/2) || (1 - eps, eps)).
+    first = next(entry for entry in read_log(out) if "loss" in entry)
+    assert first["loss"] == pytest.approx(-math.log(2) - 0.5 * math.log(epsilon * (1 - epsilon)), abs=1e-3)
+    assert json.loads((out / MODEL_MANIFEST).read_text())["params"]["label_smoothing"] == epsilon
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_dir(tiny_model_dir, tmp_path_factory):
+    """A 2-layer Mixtral (4 experts, 2 per token) on the tiny tokenizer, with a visible router loss weight."""
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    from caitool.models import load_tokenizer
+
+    directory = tmp_path_factory.mktemp("tiny-moe")
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.save_pretrained(directory)
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        router_aux_loss_coef=0.5, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def test_soft_labels_train_a_mixture_of_experts_with_its_router_loss(tiny_moe_dir, separable_prefs, tmp_path):
+    """TRL adds the router's load-balancing loss to its DPO losses; the soft-label loss adds it too."""
+    out = tmp_path / "dpo"
+    result = dpo_cli(separable_prefs, "--policy", tiny_moe_dir, "-o", out, "--batch-size", 8)
+    assert result.exit_code == 0, result.output
+    first = next(entry for entry in read_log(out) if "loss" in entry)
+    # Before the first update the policy is the reference: the preference part of the loss is log 2.
+    assert first["aux_loss"] > 0.0
+    assert first["loss"] == pytest.approx(math.log(2) + 0.5 * first["aux_loss"], abs=1e-4)

@@ -508,3 +508,22 @@ def test_one_model_as_both_judges_is_loaded_once(labelled_prompts, tmp_path):
     )
     assert loads == ["base-dir", "wall-dir", "judge-dir"]
     assert all(m.classified_by == "judge" for m in result.models) and result.pairs[0].n == 10
+
+
+def test_eval_rewards_of_texts_over_the_reward_models_training_length_are_cut_and_counted(
+    tiny_model_dir, eval_prompts, tmp_path
+):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = tmp_path / "rm"
+    AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1).save_pretrained(rm)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(rm)
+    (rm / "caitool_manifest.json").write_text(json.dumps({"phase": "train-rm", "params": {"max_length": 8}}))
+    red, _ = eval_prompts
+    out = tmp_path / "eval"
+    options = ["-m", f"tiny={tiny_model_dir}", "--rm", rm, "--max-new-tokens", 4, "-o", out]
+    result = runner.invoke(app, ["eval", str(red), *map(str, options)])
+    assert result.exit_code == 0, result.output
+    assert "6 scored texts were longer than the reward model's 8 tokens and were cut from the left" in (
+        result.output
+    )

@@ -123,6 +123,21 @@ class Pipeline:
         )  # fmt: skip
 
     @cached_property
+    def dpo(self) -> Path:
+        return self._run(
+            "dpo", self.preferences, "--policy", self.sft, "-o", self.root / "dpo", "--epochs", 1,
+            "--batch-size", 2, "--lr", 1e-5,
+        )  # fmt: skip
+
+    @cached_property
+    def rloo(self) -> Path:
+        return self._run(
+            "rloo", self.prompts, "--policy", self.sft, "--rm", self.rm, "-o", self.root / "rloo",
+            "--steps", 2, "--batch-size", 2, "--k", 2, "--response-length", 8, "--lr", 1e-5,
+            "--sample-every", 1,
+        )  # fmt: skip
+
+    @cached_property
     def eval(self) -> Path:
         return self._run(
             "eval", self.prompts, "-o", self.root / "eval", "-m", f"base={self.model}",
@@ -248,3 +263,30 @@ def test_eval_answers_judges_and_scores_on_every_family(pipeline):
     tuned = [a for a in answers if a["model_name"] == "sft"]
     assert all(a["completion"][0]["content"] == ANSWER and a["finished"] for a in tuned)
     assert len(lines(pipeline.eval / "judgements.jsonl")) == len(PROMPTS)
+
+
+def test_dpo_trains_on_pairs_with_a_system_turn_on_every_family(pipeline):
+    with_system = [r for r in lines(pipeline.preferences) if r["prompt"][0]["role"] == "system"]
+    assert with_system  # the premise: the pairs carry the system turn
+    log = [e for e in lines(pipeline.dpo / "training_log.jsonl") if "loss" in e]
+    assert log and all(e["loss"] == e["loss"] for e in log)  # no NaN
+    assert json.loads((pipeline.dpo / "caitool_manifest.json").read_text())["counts"]["trained_pairs"] == len(
+        lines(pipeline.preferences)
+    )
+    note = "has no system role; system turns are written at the start of the first user turn"
+    assert (note in pipeline.outputs["dpo"]) != pipeline.family.takes_system
+
+
+def test_rloo_rolls_out_prompts_with_a_system_turn_on_every_family(pipeline):
+    log = lines(pipeline.rloo / "training_log.jsonl")
+    assert [e["step"] for e in log] == [1, 2]
+    assert all(value == value for e in log for value in e.values() if isinstance(value, float))  # no NaN
+    samples = lines(pipeline.rloo / "samples.jsonl")
+    by_id = {p["id"]: p for p in PROMPTS}
+    # samples.jsonl and the reward model keep the record's turns; only the policy's rendering folds them.
+    system = [s for s in samples if s["id"] == "system"]
+    assert system and all(s["prompt"] == by_id["system"]["messages"] for s in system)
+    reward_model = load_reward_model(pipeline.rm)
+    prompts = [[Message(**m) for m in s["prompt"]] for s in samples]
+    scores = reward_model.score(prompts, [s["response"] for s in samples])
+    assert [s["reward"] for s in samples] == pytest.approx(scores, abs=1e-4)

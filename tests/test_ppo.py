@@ -690,3 +690,67 @@ def test_a_reference_given_with_ref_is_loaded_apart(tiny_model_dir, tiny_rm_dir,
     log = [json.loads(line) for line in (out / TRAINING_LOG).read_text().splitlines()]
     assert log[0]["kl"] == 0.0  # the reference is the starting policy's weights
     assert json.loads((out / "caitool_manifest.json").read_text())["models"]["ref"]["sha256"]
+
+
+def test_texts_over_the_reward_models_training_length_are_cut_and_counted(
+    tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path
+):
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_rm_dir, rm)
+    (rm / "caitool_manifest.json").write_text(json.dumps({"phase": "train-rm", "params": {"max_length": 8}}))
+    out = tmp_path / "ppo"
+    result = ppo_cli(prompts_file, tiny_model_dir, rm, out, "--steps", 1)
+    assert result.exit_code == 0, result.output
+    assert "2 scored texts were longer than the reward model's 8 tokens" in result.output
+    assert json.loads((out / "caitool_manifest.json").read_text())["counts"]["rm_truncated"] == 2
+
+
+@pytest.fixture()
+def bf16_launch(monkeypatch):
+    """What ``accelerate launch`` with configs/accelerate/multi-gpu.yaml sets: bf16 mixed precision."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def test_the_first_update_of_a_step_has_ratio_one_under_a_bf16_launch_config(
+    tiny_model_dir, tiny_rm_dir, bf16_launch
+):
+    """The rollout's log-probs and the update's come from the same weights at the same precision
+    (caitool's own autocast), so before any update the ratio is exactly 1."""
+    trainer = make_trainer(tiny_model_dir, tiny_rm_dir, mini_batches=1)
+    assert trainer.accelerator.mixed_precision == "no"
+    _, metrics = trainer.step(PROMPTS, seed=0)
+    assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert metrics["clip_fraction"] == 0.0
+
+
+def test_max_grad_norm_is_the_clipping_deepspeed_applies(monkeypatch):
+    """DeepSpeed's engine clips at its config's value; accelerate's clip_grad_norm_ does nothing there."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    from caitool.ppo import clip_like_deepspeed
+
+    def launched(**plugin_options):
+        plugin = DeepSpeedPlugin(zero_stage=2, **plugin_options)
+        return SimpleNamespace(
+            state=SimpleNamespace(distributed_type=DistributedType.DEEPSPEED, deepspeed_plugin=plugin)
+        )
+
+    monkeypatch.delenv("ACCELERATE_GRADIENT_CLIPPING", raising=False)
+    auto = launched()
+    assert auto.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == "auto"
+    clip_like_deepspeed(auto, PPOConfig(max_grad_norm=0.3))
+    assert auto.state.deepspeed_plugin.deepspeed_config["gradient_clipping"] == 0.3
+
+    explicit = launched(gradient_clipping=1.0)
+    clip_like_deepspeed(explicit, PPOConfig(max_grad_norm=1.0))  # the same value: nothing to refuse
+    with pytest.raises(CaitoolError, match="the DeepSpeed config clips gradients at 1.0"):
+        clip_like_deepspeed(explicit, PPOConfig(max_grad_norm=0.3))

@@ -303,3 +303,33 @@ def test_a_killed_train_rm_resumes_from_its_last_checkpoint(
     for name, tensor in load_file(out / "model.safetensors").items():
         assert torch.allclose(tensor, expected[name], atol=1e-5), name
     assert not (out / "checkpoints").exists() and not (out / "run_key.json").exists()
+
+
+def test_scoring_cuts_a_text_longer_than_the_training_max_length_from_the_left(
+    tiny_model_dir, separable_prefs, tmp_path
+):
+    """The reward is read at the last token: a text past --max-length keeps its end and is counted."""
+    from caitool.reward import RewardModel, truncation_note
+
+    out = tmp_path / "rm"
+    result = runner.invoke(
+        app,
+        ["train-rm", str(separable_prefs), "-o", str(out), "--model", str(tiny_model_dir), "--epochs", "1",
+         "--eval-fraction", "0", "--max-length", "64"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "caitool_manifest.json").read_text())["params"]["max_length"] == 64
+    reward_model = load_reward_model(out)
+    assert reward_model.max_length == 64
+    unlimited = RewardModel(reward_model.model, reward_model.tokenizer, device="cpu")
+    prompt = [Message(role="user", content="Tell me thing 99.")]
+    long_answer = " ".join(SAFE.format(i=i) for i in range(12))
+    rows = encode_conversation(reward_model.tokenizer, prompt, long_answer)
+    assert len(rows) > 64
+    (score,) = reward_model.score([prompt], [long_answer])
+    assert score == pytest.approx(unlimited.score_token_ids([rows[-64:]])[0], abs=1e-5)
+    assert score != pytest.approx(unlimited.score_token_ids([rows])[0], abs=1e-4)
+    short = reward_model.score([prompt], ["Short."])
+    assert short == pytest.approx(unlimited.score([prompt], ["Short."]), abs=1e-6)
+    assert reward_model.truncated == 1
+    assert "1 scored texts were longer than the reward model's 64 tokens" in truncation_note(reward_model)

@@ -255,3 +255,58 @@ def test_one_rloo_step_on_the_real_default_model(tmp_path):
     assert entry["kl"] == pytest.approx(0.0, abs=1e-5) and entry["response_length"] > 0
     assert all(value == value for value in entry.values() if isinstance(value, float))  # no NaN anywhere
     assert len(read_jsonl(out / "samples.jsonl")) == 4
+
+
+def save_adapter(base_dir, out):
+    """A LoRA adapter on ``base_dir`` (what ``sft --lora --no-merge`` writes)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from caitool.models import load_tokenizer
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    lora = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    get_peft_model(base, lora).save_pretrained(out)
+    load_tokenizer(base_dir).save_pretrained(out)
+    return out
+
+
+def test_no_merge_on_top_of_an_adapter_is_refused(tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path):
+    """The new adapter would name the plain base, the first adapter merged into the policy being lost."""
+    adapter = save_adapter(tiny_model_dir, tmp_path / "adapter")
+    out = tmp_path / "stacked"
+    result = small_run(adapter, tiny_rm_dir, prompts_file, out, "--steps", 1, "--lora", "--no-merge")
+    assert result.exit_code == 2, result.output
+    assert "rloo --lora --no-merge needs a full model directory" in result.output
+    assert not out.exists() and not staging_dir(out).exists()
+
+
+def test_rollouts_are_drawn_from_softmax_over_temperature_whatever_the_generation_config(
+    tiny_model_dir, penalised_model_dir, tiny_rm_dir, prompts_file, tmp_path
+):
+    """A policy whose generation_config sets min_p, typical_p, a minimum length... samples its first
+    rollouts (before any update) exactly as the same weights without them."""
+    first = {}
+    for name, policy in (("plain", tiny_model_dir), ("penalised", penalised_model_dir)):
+        out = tmp_path / name
+        result = small_run(policy, tiny_rm_dir, prompts_file, out, "--steps", 1, "--response-length", 10)
+        assert result.exit_code == 0, result.output
+        first[name] = [(s["id"], s["response"]) for s in read_jsonl(out / "samples.jsonl")]
+    assert first["penalised"] == first["plain"]
+
+
+def test_texts_over_the_reward_models_training_length_are_cut_and_counted(
+    tiny_model_dir, tiny_rm_dir, prompts_file, tmp_path
+):
+    import shutil
+
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_rm_dir, rm)
+    (rm / MODEL_MANIFEST).write_text(json.dumps({"phase": "train-rm", "params": {"max_length": 8}}))
+    out = tmp_path / "rloo"
+    result = small_run(tiny_model_dir, rm, prompts_file, out, "--steps", 1)
+    assert result.exit_code == 0, result.output
+    assert "4 scored texts were longer than the reward model's 8 tokens" in result.output
+    assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["rm_truncated"] == 4

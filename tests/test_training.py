@@ -56,6 +56,31 @@ def test_sft_on_a_bf16_base_trains_in_fp32_and_saves_bf16(bf16_model_dir, revise
     assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["saved_dtype"] == "bfloat16"
 
 
+def test_a_model_merged_from_an_adapter_is_saved_in_its_bases_precision(
+    bf16_model_dir,
+    revised_file,  # noqa: F811
+    tmp_path,
+):
+    """An adapter directory has no config.json: the dtype is its base's, not fp32 by default."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    from caitool.models import load_tokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(bf16_model_dir, dtype=torch.float32)
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(adapter)
+    load_tokenizer(bf16_model_dir).save_pretrained(adapter)
+    assert config_dtype(adapter) == "bfloat16"
+
+    out = tmp_path / "sft"
+    lora = ["--lora", "--lora-rank", 2]
+    result = sft_cli(revised_file, "-o", out, "--model", adapter, *lora, "--batch-size", 4)
+    assert result.exit_code == 0, result.output
+    assert {t.dtype for t in load_file(out / "model.safetensors").values()} == {torch.bfloat16}
+    assert json.loads((out / MODEL_MANIFEST).read_text())["counts"]["saved_dtype"] == "bfloat16"
+
+
 def test_train_rm_on_a_bf16_base_trains_in_fp32_and_saves_bf16(
     bf16_model_dir,
     separable_prefs,  # noqa: F811

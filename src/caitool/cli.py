@@ -851,6 +851,17 @@ def dpo(
         DpoLoss,
         typer.Option("--loss", help="TRL's DPO loss: sigmoid is DPO; the others need --hard."),
     ] = "sigmoid",
+    label_smoothing: Annotated[
+        float,
+        typer.Option(
+            "--label-smoothing",
+            min=0.0,
+            max=1.0,
+            help="With --hard: the share of flipped labels of --loss robust (e.g. 0.1), EXO's epsilon "
+            "of --loss exo_pair (e.g. 0.001), or the smoothing of aot/aot_unpaired; needed by those, "
+            "refused elsewhere.",
+        ),
+    ] = 0.0,
     lora: LoraMergedOpt = False,
     lora_rank: LoraRankOpt = 16,
     merge: MergeOpt = True,

@@ -42,7 +42,10 @@ from caitool.processes import Processes, current_processes
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, now_iso
 from caitool.records import ConstitutionRef, PairRecord, parse_pair
+from caitool.tokens import fitted_to_template
 
+# The losses whose TRL implementation reads label_smoothing.
+SMOOTHED_LOSSES = ("robust", "exo_pair", "aot", "aot_unpaired")
 # A label this close to 0.5 says the labeller could not choose: such a pair carries no preference.
 UNDECIDED = 0.005
 
@@ -54,6 +57,7 @@ class DpoConfig:
     soft: bool = True  # each pair's p_chosen is its target (False: every pair surely preferred)
     beta: float = 0.1  # strength of the pull towards the reference
     loss: DpoLoss = "sigmoid"
+    label_smoothing: float = 0.0  # --hard: robust's flip rate, exo_pair's epsilon (aot, aot_unpaired too)
     lora: bool = False
     lora_rank: int = 16
     merge: bool = True  # with lora: save the merged model (False: the adapter alone)
@@ -71,6 +75,29 @@ class DpoConfig:
             )
         if not self.merge and not self.lora:
             raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
+        self._check_label_smoothing()
+
+    def _check_label_smoothing(self) -> None:
+        """TRL reads ``label_smoothing`` in these losses alone; robust without it is plain DPO, and
+        exo_pair needs it above 0 (its target distribution is (1 - eps, eps))."""
+        smoothing = self.label_smoothing
+        if self.loss not in SMOOTHED_LOSSES:
+            if smoothing != 0.0:
+                raise CaitoolError(
+                    f"--label-smoothing has no effect on --loss {self.loss}; it applies to --hard with "
+                    f"{', '.join(SMOOTHED_LOSSES)} (soft labels carry their own per pair)"
+                )
+            return
+        if self.loss in ("robust", "exo_pair"):
+            upper = 0.5 if self.loss == "robust" else 1.0
+            if not 0.0 < smoothing < upper:
+                raise CaitoolError(
+                    f"--loss {self.loss} needs --label-smoothing above 0 and below {upper} (robust: the "
+                    f"share of flipped labels, e.g. 0.1; exo_pair: EXO's epsilon, e.g. 0.001), "
+                    f"got {smoothing}"
+                )
+        elif smoothing >= 0.5:
+            raise CaitoolError(f"--loss {self.loss} needs --label-smoothing below 0.5, got {smoothing}")
 
     def as_params(self) -> dict[str, Any]:
         return asdict(self)
@@ -139,12 +166,16 @@ def soft_label_dpo_trainer_class() -> tuple[type, type]:
                 return super()._compute_loss(model, inputs, return_outputs)
             completion_mask = inputs["completion_mask"]
             labels = inputs["input_ids"].masked_fill(completion_mask == 0, -100)
+            # A mixture-of-experts policy returns its router load-balancing loss when asked, which
+            # TRL adds to its own losses (weighted by the architecture's coefficient): so does this one.
+            router = {"output_router_logits": True} if self.aux_loss_enabled else {}
             outputs = model(
                 input_ids=inputs["input_ids"],
                 attention_mask=inputs["attention_mask"],
                 labels=labels,
                 use_cache=False,
                 fused_lm_head=True,
+                **router,
             )
             logps = outputs.log_probs[:, -(completion_mask.size(1) - 1) :].sum(dim=1)
             chosen_logps, rejected_logps = logps.chunk(2, dim=0)
@@ -154,6 +185,11 @@ def soft_label_dpo_trainer_class() -> tuple[type, type]:
             rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps)
             loss = soft_preference_loss(chosen_rewards - rejected_rewards, p_chosen)
             self._log_pair_metrics(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, p_chosen)
+            if self.aux_loss_enabled:
+                loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+                mode = "train" if self.model.training else "eval"
+                aux = self.accelerator.gather_for_metrics(outputs.aux_loss.detach())
+                self._metrics[mode]["aux_loss"].append(aux.mean().item())
             return (loss, outputs) if return_outputs else loss
 
         def _log_pair_metrics(self, chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, p_chosen):
@@ -181,6 +217,7 @@ def dpo_config(settings: DpoConfig, runtime: Runtime, output_dir: Path, device: 
         **trainers.epoch_arguments(settings, runtime, output_dir, device),
         beta=settings.beta,
         loss_type=[settings.loss],
+        label_smoothing=settings.label_smoothing,
     )
 
 
@@ -260,6 +297,7 @@ def run_dpo(
     trainers.check_lora_saving("dpo", policy, settings)
     processes = current_processes()
     info, tokenizer, policy_model, device = trainers.load_policy(policy, runtime.trust_remote_code)
+    data.examples = [fitted_to_template(e, tokenizer) for e in data.examples]
     ref_info, ref_model = load_reference(ref, policy_model, settings, runtime.trust_remote_code)
     models = {"policy": info, **({"ref": ref_info} if ref_info is not None else {})}
     run_key = training.training_run_key(

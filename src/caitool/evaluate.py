@@ -506,7 +506,7 @@ def _classify_by_judge(answers: list[EvalAnswerRecord], backend: GenerationBacke
 
 def _reward_scorer(runtime: Runtime) -> Callable[[str], RewardScorer]:
     def make(rm_dir: str) -> RewardScorer:
-        from caitool.reward import load_reward_model
+        from caitool.reward import load_reward_model, truncation_note
 
         options = runtime.backend
         reward_model = load_reward_model(
@@ -514,7 +514,11 @@ def _reward_scorer(runtime: Runtime) -> Callable[[str], RewardScorer]:
         )
 
         def score(pairs: list[tuple[list[Message], str]]) -> list[float]:
-            return reward_model.score([prompt for prompt, _ in pairs], [answer for _, answer in pairs])
+            reward_model.truncated = 0
+            scores = reward_model.score([prompt for prompt, _ in pairs], [answer for _, answer in pairs])
+            if reward_model.truncated:
+                print_summary(f"eval: rewards of {rm_dir}{truncation_note(reward_model)}")
+            return scores
 
         return score
 

@@ -56,6 +56,7 @@ from caitool.processes import Processes, current_processes, launch_sharding
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, now_iso
 from caitool.records import Conversation, PromptRecord, parse_prompt_input
+from caitool.reward import truncated_count, truncation_note
 from caitool.sampling import plain_generation_config, sample
 from caitool.tokens import cut_at_stop, decode, encode, left_padded, render_chat
 from caitool.training import (
@@ -285,6 +286,30 @@ def check_accelerator(accelerator: Any, config: PPOConfig) -> None:
         )
 
 
+def clip_like_deepspeed(accelerator: Any, config: PPOConfig) -> None:
+    """Under DeepSpeed, make its engine clip at ``--max-grad-norm``.
+
+    The engine clips gradients itself, at its config's ``gradient_clipping`` (accelerate fills an
+    "auto" one with 1.0, and DeepSpeed's own default is no clipping), and accelerate's
+    ``clip_grad_norm_`` then only reads the norm. A value the user's DeepSpeed config sets
+    explicitly and --max-grad-norm contradicts is refused rather than silently overridden.
+    """
+    from accelerate.utils import DistributedType
+
+    if accelerator.state.distributed_type != DistributedType.DEEPSPEED:
+        return
+    deepspeed_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    clipping = deepspeed_config.get("gradient_clipping")
+    if clipping in (None, "auto"):
+        deepspeed_config["gradient_clipping"] = config.max_grad_norm
+    elif float(clipping) != config.max_grad_norm:
+        raise CaitoolError(
+            f"the DeepSpeed config clips gradients at {clipping}, and DeepSpeed's engine clips them itself: "
+            f'set its gradient_clipping to "auto" (then ppo --max-grad-norm {config.max_grad_norm} is used) '
+            f"or pass --max-grad-norm {clipping}"
+        )
+
+
 class PPOTrainer:
     """The trained models (policy and value model, prepared by accelerate as one module) and the
     frozen ones around them.
@@ -303,8 +328,12 @@ class PPOTrainer:
 
         self.config = config
         self.models = models
-        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+        # caitool autocasts every forward pass itself (models.precision), the rollout's as the
+        # update's; a launch config's mixed_precision (bf16 in multi-gpu.yaml) would autocast the
+        # update alone, and the ratio to the rollout's log-probs would not start at 1.
+        self.accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no")
         check_accelerator(self.accelerator, config)
+        clip_like_deepspeed(self.accelerator, config)
         self.processes = Processes(self.accelerator.process_index, self.accelerator.num_processes)
         device = self.accelerator.device
         self.tokenizer = models.tokenizer
@@ -786,6 +815,7 @@ def run_ppo(
                 saved = save_checkpoint(trainer, staging, step, processes)
                 print_summary(f"ppo: saved {saved.name} in {time.perf_counter() - saving:.1f}s")
         weights = gathered_policy_weights(trainer)
+        truncated = sum(every_process_lines([truncated_count(trainer.reward_model)], processes))
         if processes.is_main:
             saved_dtype = save_policy(
                 trainer.policy,
@@ -820,12 +850,13 @@ def run_ppo(
                         "prompts_per_step": config.batch_size * processes.count,
                         **reward_trend(history),
                         "saved_dtype": saved_dtype,
+                        "rm_truncated": truncated,
                     },
                 ),
             )
     print_summary(
         f"ppo: {config.steps} steps; reward {history[0]['reward']:+.3f} -> {history[-1]['reward']:+.3f}; "
-        f"kl {history[-1]['kl']:.4f}; saved to {output}"
+        f"kl {history[-1]['kl']:.4f}{truncation_note(trainer.reward_model, truncated)}; saved to {output}"
     )
     return history
 

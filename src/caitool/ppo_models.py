@@ -215,6 +215,7 @@ class AdapterOffRewardModel(RewardModel):
             device=reward.device,
             batch_size=reward.batch_size,
             info=reward.info,
+            max_length=reward.max_length,
         )
         self.critic = critic
 

@@ -45,6 +45,7 @@ from caitool.training import (
     gathered_state_dict,
     jsonl_log_callback,
     lora_config,
+    read_model_manifest,
     save_like_base,
     training_params,
     training_run_key,
@@ -102,14 +103,30 @@ def prepare_reward_tokenizer(tokenizer: Any, model: Any) -> None:
 
 
 class RewardModel:
-    """A trained reward model: ``score(prompts, responses)`` gives one float per response."""
+    """A trained reward model: ``score(prompts, responses)`` gives one float per response.
 
-    def __init__(self, model: Any, tokenizer: Any, *, device: str, batch_size: int = 8, info: Any = None):
+    A text longer than ``max_length`` tokens (the longest ``train-rm`` trained on) is cut from the
+    left: the reward is read at the last token, so the end of the response is what must stay, and
+    a longer text would be scored where the model never learned to score. ``truncated`` counts them.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: str,
+        batch_size: int = 8,
+        info: Any = None,
+        max_length: int | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.batch_size = batch_size
         self.info = info
+        self.max_length = max_length
+        self.truncated = 0
 
     def score(self, prompts: Sequence[Conversation], responses: Sequence[str]) -> list[float]:
         if len(prompts) != len(responses):
@@ -120,6 +137,9 @@ class RewardModel:
     def score_token_ids(self, rows: Sequence[list[int]]) -> list[float]:
         import torch
 
+        if self.max_length is not None:
+            self.truncated += sum(len(row) > self.max_length for row in rows)
+            rows = [row[-self.max_length :] for row in rows]
         scores: list[float] = []
         for start in range(0, len(rows), self.batch_size):
             batch = rows[start : start + self.batch_size]
@@ -128,6 +148,24 @@ class RewardModel:
                 logits = self.model(input_ids=input_ids, attention_mask=mask).logits
             scores.extend(logits[:, 0].float().tolist())
         return scores
+
+
+def truncated_count(scorer: Any) -> int:
+    """The texts ``scorer`` cut to its reward model's training length (0 for a scorer that cuts
+    none, such as a scripted reward)."""
+    return getattr(scorer, "truncated", 0)
+
+
+def truncation_note(scorer: Any, count: int | None = None) -> str:
+    """A clause for a phase's summary line on the ``count`` texts cut (default: the scorer's own),
+    "" when none was."""
+    count = truncated_count(scorer) if count is None else count
+    if not count:
+        return ""
+    return (
+        f"; {count} scored texts were longer than the reward model's {scorer.max_length} tokens "
+        "and were cut from the left"
+    )
 
 
 def load_reward_model(
@@ -166,7 +204,23 @@ def load_reward_model(
         )
     prepare_reward_tokenizer(tokenizer, model)
     model.to(device).eval()
-    return RewardModel(model, tokenizer, device=device, batch_size=batch_size, info=info)
+    return RewardModel(
+        model,
+        tokenizer,
+        device=device,
+        batch_size=batch_size,
+        info=info,
+        max_length=trained_max_length(info.path),
+    )
+
+
+def trained_max_length(directory: str | Path) -> int | None:
+    """The longest text (in tokens) ``train-rm`` trained the model in ``directory`` on, from its
+    manifest (None for a model caitool did not train)."""
+    manifest = read_model_manifest(directory)
+    if manifest is None or manifest.get("phase") != "train-rm":
+        return None
+    return manifest["params"].get("max_length")
 
 
 # ---------------------------------------------------------------------------
@@ -462,7 +516,12 @@ def run_train_rm(
         trainer.train(resume_from_checkpoint=checkpoint)
         # Every process scores the held-out pairs through the prepared model (sharded weights are
         # gathered layer by layer as it runs); the main process writes what they agree on.
-        scorer = RewardModel(trainer.model_wrapped.eval(), tokenizer, device=str(trainer.accelerator.device))
+        scorer = RewardModel(
+            trainer.model_wrapped.eval(),
+            tokenizer,
+            device=str(trainer.accelerator.device),
+            max_length=config.max_length,
+        )
         held_out_metrics = evaluate_pairs(scorer, held_out)
         saved_dtype = save_reward_model(trainer, config, tokenizer, staging, info.path)
         metrics = {

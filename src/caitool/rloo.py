@@ -35,9 +35,11 @@ from caitool.pipeline import Runtime, validate_input
 from caitool.processes import Processes, launched_world_size
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, now_iso
-from caitool.records import Message, parse_prompt_input
+from caitool.records import Message, PromptRecord, parse_prompt_input
+from caitool.tokens import fitted_to_template
 
 SAMPLES_FILE = "samples.jsonl"
+RECORD_PROMPT = "record_prompt"  # the dataset column with the prompt as the record has it
 
 # TRL's log names -> the names ppo's training_log.jsonl uses for the same figures.
 PPO_NAMES = {
@@ -102,6 +104,9 @@ class RewardFunction:
         self.__name__ = "reward_model"  # TRL names the reward's log entries after it
 
     def __call__(self, prompts, completions, completion_ids, log_metric=None, **columns) -> list[float]:
+        # The record's own turns (the policy saw them fitted to its template): the reward model
+        # renders them through its template, as in ppo.
+        prompts = columns.get(RECORD_PROMPT, prompts)
         conversations = [[Message(**m) for m in prompt] for prompt in prompts]
         responses = [completion[-1]["content"].strip() for completion in completions]
         rm_scores = self.scorer.score(conversations, responses)
@@ -136,9 +141,22 @@ def rloo_trainer_class() -> type:
     """
     from trl import RLOOTrainer
 
+    from caitool.sampling import only_this_config
+
     class CaitoolRLOOTrainer(RLOOTrainer):
         on_rollout: Any = None  # called with (step, ScoredBatch, per-response KL or None)
+        rollout_generation: Any = None  # the policy's generation config while it samples
         _rollout_logps: list[Any] | None = None
+
+        def _generate_single_turn(self, *args, **kwargs):
+            # TRL sets temperature, top_p, top_k and repetition_penalty; transformers would fill
+            # the rest (min_p, typical_p, no_repeat_ngram_size, a minimum length...) from the
+            # model's generation config, and the rollout log-probs, softmax(logits / T), would
+            # not be those of the distribution sampled.
+            if self.rollout_generation is None:
+                return super()._generate_single_turn(*args, **kwargs)
+            with only_this_config(self.model, self.rollout_generation):
+                return super()._generate_single_turn(*args, **kwargs)
 
         def _get_per_token_logps_and_entropies(self, *args, **kwargs):
             result = super()._get_per_token_logps_and_entropies(*args, **kwargs)
@@ -267,6 +285,12 @@ def reference_source(policy: Any, ref: str | None, config: RlooConfig) -> dict[s
     return {"ref": info}
 
 
+def rollout_example(record: PromptRecord, tokenizer: Any) -> dict[str, Any]:
+    """TRL's prompt, fitted to the policy's chat template, beside the record's own turns."""
+    turns = [m.model_dump() for m in record.prompt]
+    return {**fitted_to_template({"prompt": turns}, tokenizer), RECORD_PROMPT: turns, "id": record.id}
+
+
 def build_trainer(
     *,
     records: list[Any],
@@ -282,6 +306,7 @@ def build_trainer(
 
     from caitool.models import end_of_turn_ids
     from caitool.reward import load_reward_model
+    from caitool.sampling import plain_generation_config
 
     infos = {"policy": model_info(policy), "reward": model_info(reward_model)}
     require_full_model(infos["reward"], "the reward model (--rm)")
@@ -304,13 +329,18 @@ def build_trainer(
         model=policy_model,
         reward_funcs=reward,
         args=rloo_config(config, runtime, staging / training.CHECKPOINTS, device),
-        train_dataset=Dataset.from_list(
-            [{"prompt": [m.model_dump() for m in r.prompt], "id": r.id} for r in records]
-        ),
+        train_dataset=Dataset.from_list([rollout_example(r, tokenizer) for r in records]),
         processing_class=tokenizer,
         peft_config=training.lora_config(config.lora_rank) if config.lora else None,
     )
     policy_model.generation_config.eos_token_id = saved_eos  # the saved model keeps its own
+    trainer.rollout_generation = plain_generation_config(
+        policy_model,
+        temperature=config.temperature,
+        max_new_tokens=config.response_length,
+        eos_token_id=reward.stop_ids,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     policy_model.config._name_or_path = info.path
     trainers.quiet_trainer(
         trainer, log_callback(training.JsonlLog(staging / training.TRAINING_LOG, append=True), config.steps)
@@ -341,6 +371,8 @@ def run_rloo(
 
     One process, as ppo: the samples, the log and the reward are written as the rollouts come.
     """
+    from caitool.reward import truncated_count, truncation_note
+
     config = config or RlooConfig()
     runtime = runtime or Runtime()
     if launched_world_size() > 1:
@@ -351,8 +383,9 @@ def run_rloo(
     source = validate_input(input_path, parse_prompt_input)
     records = list(read_records(source.path, parse_prompt_input))
     training.check_output_dir(output)
+    trainers.check_lora_saving("rloo", policy, config)
     with training.atomic_model_dir(output) as staging:
-        trainer, infos, _ = build_trainer(
+        trainer, infos, reward = build_trainer(
             records=records,
             policy=policy,
             reward_model=reward_model,
@@ -395,6 +428,7 @@ def run_rloo(
                     **training.reward_trend(history),
                     "train_seconds": round(time.perf_counter() - clock, 2),
                     "saved_dtype": saved_dtype,
+                    "rm_truncated": truncated_count(reward.scorer),
                 },
             ),
         )
@@ -403,6 +437,7 @@ def run_rloo(
         f"rloo: {result.global_step} steps of {config.batch_size} prompts x {config.k} samples; reward "
         f"{history[0]['reward']:+.3f} -> {history[-1]['reward']:+.3f}"
         + (f"; kl {last_kl:.4f}" if last_kl is not None else "")
+        + truncation_note(reward.scorer)
         + f"; saved to {output}"
     )
     return history

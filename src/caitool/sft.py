@@ -27,14 +27,13 @@ from caitool.provenance import build_manifest, file_sha256, now_iso
 from caitool.records import (
     ConstitutionRef,
     Conversation,
-    Message,
     PromptRecord,
     RevisionRecord,
     Round,
     parse_prompt_input,
     parse_revision,
 )
-from caitool.tokens import template_turns
+from caitool.tokens import fitted_to_template
 from caitool.trainers import (
     check_lora_saving,
     epoch_arguments,
@@ -66,12 +65,6 @@ def _example(prompt: Conversation, response: str) -> dict[str, Any]:
         "prompt": [m.model_dump() for m in prompt],
         "completion": [{"role": "assistant", "content": response}],
     }
-
-
-def fitted_to_template(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    """The example with its prompt as the chat template takes it (TRL renders it as given)."""
-    prompt = template_turns(tokenizer, [Message.model_validate(m) for m in example["prompt"]])
-    return {**example, "prompt": [m.model_dump() for m in prompt]}
 
 
 def _parse_helpful(raw: dict[str, Any]) -> PromptRecord:

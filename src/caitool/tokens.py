@@ -60,6 +60,14 @@ def template_turns(tokenizer: Any, conversation: Sequence[Message]) -> Conversat
     return rest
 
 
+def fitted_to_template(example: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
+    """A TRL example (sft, dpo, rloo) with its prompt as the chat template takes it: TRL renders
+    the turns as given, so a system turn would crash a template without that role, or be dropped
+    by one that ignores it, where caitool's own rendering (ppo, the reward model) folds it."""
+    prompt = template_turns(tokenizer, [Message.model_validate(m) for m in example["prompt"]])
+    return {**example, "prompt": [m.model_dump() for m in prompt]}
+
+
 _noted: weakref.WeakSet[Any] = weakref.WeakSet()
 
 

@@ -149,7 +149,13 @@ HALF_PRECISION = ("bfloat16", "float16")
 
 
 def config_dtype(model_dir: str | Path) -> str | None:
-    """The dtype a model directory's config declares (None for adapter directories and old configs)."""
+    """The dtype a model directory's config declares (for a LoRA adapter directory, its base's;
+    None for old configs)."""
+    from caitool.models import adapter_base, is_adapter_dir
+
+    if is_adapter_dir(model_dir):
+        # The adapter's own directory has no config.json: a merged model is its base's weights.
+        model_dir = adapter_base(model_dir)
     config_file = Path(model_dir) / "config.json"
     if not config_file.exists():
         return None
