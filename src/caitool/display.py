@@ -74,6 +74,23 @@ def verdict_line(report: ModeReport) -> str:
     return f"verdict ({report.mode}): {report.overall.verdict}: {report.overall.reason}"
 
 
+def _verdict_mode_lines(report: Any) -> list[str]:
+    """The verdict modes' own figures: answers that named no option, and the votes behind a label."""
+    lines = []
+    if report.unparseable:
+        counts = report.unparseable
+        lines.append(
+            f"unparseable ({report.mode}): {counts['unparseable_answers']} of {counts['answers']} answers "
+            f"named no option; {counts['unlabelled']} comparisons left out"
+        )
+    if report.samples:
+        lines.append(
+            f"votes ({report.mode}): {report.samples} answers sampled per question at temperature 1, the label "
+            "their vote share (its 95% Wilson interval per comparison in the JSON report)"
+        )
+    return lines
+
+
 def show_judge_check(result: JudgeCheckResult, console: Console | None = None) -> None:
     """Per mode: a table of the figures (overall and per group), the reliability line, the time; then
     one verdict line per mode (stdout)."""
@@ -116,6 +133,8 @@ def show_judge_check(result: JudgeCheckResult, console: Console | None = None) -
         console.print(
             f"seconds per comparison ({report.mode}): {report.seconds_per_comparison:.3f}", highlight=False
         )
+        for line in _verdict_mode_lines(report):
+            console.print(line, highlight=False, soft_wrap=True)
     console.print(
         "accuracy: both orders averaged, ties (within 0.005 of 0.5) apart; as (A)/(B): accuracy of one "
         "order with the better response shown first/second; mass: P(A)+P(B), score mode P(Yes)+P(No)",
