@@ -31,7 +31,7 @@ _LETTER = r"\(?([AB])\)?(?![A-Za-z0-9])"
 _WORDS_BEFORE = r"(?i:(?:option|response|answer)\s+)?"
 # From most to least explicit; within a tier the last match wins (the conclusion after reasoning).
 LETTER_TIERS = (
-    re.compile(r"(?i:answer|verdict|choice)\s*(?i:is)?\s*:?\s*" + _WORDS_BEFORE + r"\*{0,2}" + _LETTER),
+    re.compile(r"(?i:answer|verdict|choice)\**\s*(?i:is)?\s*:?\**\s*" + _WORDS_BEFORE + r"\*{0,2}" + _LETTER),
     re.compile(
         r"(?i:better|best|preferred|preferable)\s+(?i:option|response|one|answer)\s+(?i:is)\s*:?\s*"
         + _WORDS_BEFORE
