@@ -336,3 +336,32 @@ def test_eval_on_the_default_model(examples_dir, tmp_path):
     judgements = lines(out / "judgements.jsonl")
     # the same greedy answers from the same model: every comparison is a tie
     assert all(j["winner"] == "tie" for j in judgements)
+
+
+# ---------------------------------------------------------------------------
+# A hosted chat API as the judge (tests/hosted_stub.py), every model served by it
+
+
+@pytest.mark.parametrize(("kind", "extra"), [("openai", []), ("plain", ["--judge-samples", "5"])])
+def test_eval_with_a_hosted_judge_in_verdict_mode(eval_prompts, tmp_path, kind, extra):
+    from tests.hosted_stub import GOOD_MARKER, HostedStub
+
+    red, _ = eval_prompts
+    out = tmp_path / "eval"
+    replies = {"polite": f"I would {GOOD_MARKER} rather not.", "rude": "Do it yourself."}
+    with HostedStub(kind, confidence=0.95, replies=replies) as stub:
+        result = runner.invoke(
+            app,
+            ["eval", str(red), "-m", "rude=openai:rude", "-m", "polite=openai:polite", "-o", str(out)]
+            + ["--judge", "openai:judge", "--judge-mode", "verdict", "--base-url", stub.url, *extra],
+        )
+        judge_bodies = [b for b in stub.posted("/v1/chat/completions") if b["model"] == "judge"]
+    assert result.exit_code == 0, result.output
+    assert all("continue_final_message" not in b for b in judge_bodies)
+    judgements = lines(out / "judgements.jsonl")
+    assert len(judgements) == 6 and all(j["winner"] == "a" for j in judgements)  # polite (given later) wins
+    assert all(j["samples"] == (5 if extra else None) for j in judgements)
+    usage = json.loads((out / "summary.json").read_text())["judge_usage"]
+    assert usage["answers"] == (60 if extra else 12) and usage["unparseable_answers"] == 0
+    if kind == "openai":
+        assert usage["prompt_tokens"] > 0 and all("max_completion_tokens" in b for b in judge_bodies[-12:])
