@@ -152,6 +152,17 @@ CacheOpt = Annotated[
         "or a relabel asks nothing twice (records say from_cache).",
     ),
 ]
+MaxUnparseableOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-unparseable",
+        min=0.0,
+        max=1.0,
+        rich_help_panel=JUDGE,
+        help="Verdict modes: stop when more than this share of the judge's answers name no option "
+        "(checked from the tenth answer on); such answers are always counted, never guessed.",
+    ),
+]
 DryRunOpt = Annotated[
     bool,
     typer.Option(
@@ -584,6 +595,7 @@ def label_preferences(
     ] = 128,
     samples: SamplesOpt = 0,
     cache: CacheOpt = None,
+    max_unparseable: MaxUnparseableOpt = 0.2,
     dry_run: DryRunOpt = False,
     *,
     runtime: Any,
@@ -627,6 +639,7 @@ def label_preferences(
         cot_max_new_tokens=cot_max_new_tokens,
         samples=samples,
         cache=cache,
+        max_unparseable=max_unparseable,
         runtime=runtime,
     )
 
@@ -677,6 +690,7 @@ def judge_check(
     ] = 128,
     samples: SamplesOpt = 0,
     cache: CacheOpt = None,
+    max_unparseable: MaxUnparseableOpt = 0.2,
     dry_run: DryRunOpt = False,
     *,
     runtime: Any,
@@ -715,6 +729,7 @@ def judge_check(
         cot_max_new_tokens=cot_max_new_tokens,
         samples=samples,
         cache=cache,
+        max_unparseable=max_unparseable,
         dry_run=dry_run,
         output=output,
         runtime=runtime,

@@ -40,7 +40,15 @@ from caitool.errors import CaitoolError
 from caitool.eval_stats import TIE_MARGIN, percent, wilson_interval
 from caitool.jsonl_io import batched, read_records, write_json_atomic
 from caitool.judge_cache import AnswerCache
-from caitool.label import DEFAULT_CLAMP, Comparison, CostEstimate, Labeller, Mode, Verdict
+from caitool.label import (
+    DEFAULT_CLAMP,
+    MAX_UNPARSEABLE_SHARE,
+    Comparison,
+    CostEstimate,
+    Labeller,
+    Mode,
+    Verdict,
+)
 from caitool.pipeline import Runtime, backend_params, validate_input
 from caitool.progress import phase_progress, print_summary
 from caitool.provenance import build_manifest, now_iso
@@ -382,6 +390,7 @@ def run_judge_check(
     cot_max_new_tokens: int = 128,
     samples: int = 0,
     cache: str | Path | None = None,
+    max_unparseable: float = MAX_UNPARSEABLE_SHARE,
     dry_run: bool = False,
     output: str | Path | None = None,
     runtime: Runtime | None = None,
@@ -404,7 +413,12 @@ def run_judge_check(
         raise CaitoolError(f"{input_path} holds no comparisons")
     items = list(read_records(source.path, labelled_parser(charter)))
     chosen_principles = _principles_for(items, charter, candidates, runtime.seed)
-    options = {"swap": True, "clamp": clamp, "cot_max_new_tokens": cot_max_new_tokens}
+    options = {
+        "swap": True,
+        "clamp": clamp,
+        "cot_max_new_tokens": cot_max_new_tokens,
+        "max_unparseable": max_unparseable,
+    }
 
     def samples_for(mode: str) -> int:
         return samples if mode.startswith("verdict") else 0

@@ -545,6 +545,7 @@ def run_label_preferences(
     cot_max_new_tokens: int = 128,
     samples: int = 0,
     cache: str | Path | None = None,
+    max_unparseable: float = MAX_UNPARSEABLE_SHARE,
     runtime: Runtime | None = None,
     backend: GenerationBackend | None = None,
 ) -> PhaseResult:
@@ -565,6 +566,7 @@ def run_label_preferences(
             cot_max_new_tokens=cot_max_new_tokens,
             samples=samples,
             cache=answer_cache,
+            max_unparseable=max_unparseable,
         )
 
         def process(records: list[ResponsesInput], chunk_index: int) -> ChunkResult:
