@@ -50,15 +50,18 @@ def compare(report: dict, first: str, second: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--base-url", help="a server already serving the default model as smol")
     parser.add_argument("--input", default=str(REPO / "examples" / "judge_check.jsonl"))
     parser.add_argument("--out", help="also write the judge-check report and the comparison here (JSON)")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as scratch, default_model_server(
-        args.base_url, Path(scratch), eager=True
-    ) as url:
+    with (
+        tempfile.TemporaryDirectory() as scratch,
+        default_model_server(args.base_url, Path(scratch), eager=True) as url,
+    ):
         runtime = Runtime(backend=BackendOptions(base_urls=(url,), concurrency=8))
         report_path = Path(scratch) / "check.json"
         started = time.perf_counter()
@@ -79,7 +82,8 @@ def main() -> None:
         f"verdict vs logprob on {args.input}: {figures['compared']} comparisons readable in both; "
         f"same side picked {figures['agreement']:.1%}; mean |label difference| "
         f"{figures['mean_abs_label_difference']:.3f}; verdict answers unparseable: "
-        f"{unparseable.get('unparseable_answers')} of {unparseable.get('answers')}; {seconds:.0f}s for both modes"
+        f"{unparseable.get('unparseable_answers')} of {unparseable.get('answers')}; "
+        f"{seconds:.0f}s for both modes"
     )
     if args.out:
         Path(args.out).write_text(json.dumps({"comparison": figures, "report": report}, indent=1))

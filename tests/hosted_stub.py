@@ -29,13 +29,16 @@ from tests.openai_stub import StubOpenAIServer
 GOOD_MARKER = "kindly"
 GARBLE_MARKER = "GARBLE"
 MAX_TOKENS_REFUSAL = (
-    "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead."
+    "Unsupported parameter: 'max_tokens' is not supported with this model. "
+    "Use 'max_completion_tokens' instead."
 )
 TOKEN = re.compile(r"\s*[A-Za-z]+|\s*\S")
 
 
 class HostedStub(StubOpenAIServer):
-    def __init__(self, kind: str = "openai", *, confidence: float = 0.9, replies: dict[str, str] | None = None):
+    def __init__(
+        self, kind: str = "openai", *, confidence: float = 0.9, replies: dict[str, str] | None = None
+    ):
         super().__init__(model="judge", owned_by="system")
         self.kind = kind
         self.confidence = confidence
@@ -55,7 +58,9 @@ class HostedStub(StubOpenAIServer):
             return p, ("A", "B"), "Response A and response B differ in tone.\nAnswer: ({answer})"
         return p, ("A", "B"), "The answer is ({answer})."
 
-    def _judge_text(self, body: dict[str, Any], rng: random.Random) -> tuple[str, list[dict[str, Any]] | None]:
+    def _judge_text(
+        self, body: dict[str, Any], rng: random.Random
+    ) -> tuple[str, list[dict[str, Any]] | None]:
         question = body["messages"][-1]["content"]
         if GARBLE_MARKER in question:
             text = "Both responses have their merits."
@@ -88,7 +93,9 @@ class HostedStub(StubOpenAIServer):
         if path == "/v1/models":
             return 200, {"data": [{"id": m, "owned_by": "system"} for m in models]}
         if path != "/v1/chat/completions":
-            return 404, {"error": {"message": "This is a chat model and not supported in the v1/completions endpoint."}}
+            return 404, {
+                "error": {"message": "This is a chat model and not supported in the v1/completions endpoint."}
+            }
         if self.kind == "openai":
             for name in ("continue_final_message", "add_generation_prompt"):
                 if name in body:

@@ -171,7 +171,11 @@ def test_the_judge_can_score_each_answer_alone(eval_prompts, tmp_path):
 
 
 def test_an_unknown_judge_mode_is_refused():
-    with pytest.raises(CaitoolError, match='--judge-mode must be one of logprob, cot, score, verdict, verdict-cot, verdict-score, got "vote"'):
+    with pytest.raises(
+        CaitoolError,
+        match="--judge-mode must be one of logprob, cot, score, verdict, verdict-cot, verdict-score, "
+        'got "vote"',
+    ):
         EvalConfig(judge_mode="vote")  # type: ignore[arg-type]
 
 

@@ -32,7 +32,7 @@ def test_requests_are_spaced_evenly_under_a_requests_per_minute_limit():
     for _ in range(5):
         limiter.acquire(10)
         starts.append(clock.now)
-    assert [b - a for a, b in zip(starts, starts[1:])] == pytest.approx([0.5] * 4)
+    assert [b - a for a, b in zip(starts, starts[1:], strict=False)] == pytest.approx([0.5] * 4)
 
 
 def test_a_large_request_takes_its_share_of_the_token_limit():

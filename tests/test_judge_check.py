@@ -184,7 +184,11 @@ def test_bad_input_is_one_line(tmp_path, record, message):
 def test_unknown_mode_is_refused(tmp_path):
     path = write_labelled(tmp_path / "set.jsonl", labelled(1))
     result = runner.invoke(app, ["judge-check", str(path), "--mode", "vote"])
-    assert result.exit_code == 2 and '--mode must be one of logprob, cot, score, verdict, verdict-cot, verdict-score, got "vote"' in result.output
+    assert (
+        result.exit_code == 2
+        and '--mode must be one of logprob, cot, score, verdict, verdict-cot, verdict-score, got "vote"'
+        in result.output
+    )
 
 
 def test_accepts_trl_conversational_responses(tmp_path):

@@ -224,7 +224,10 @@ def test_unknown_mode_is_refused(tmp_path):
     result = runner.invoke(app, ["label-preferences", str(pairs), "--mode", "vote"])
     assert result.exit_code == 2
     assert "'vote' is not one of 'logprob', 'cot', 'score'" in unboxed(result.output)
-    with pytest.raises(CaitoolError, match='--mode must be one of logprob, cot, score, verdict, verdict-cot, verdict-score, got "vote"'):
+    with pytest.raises(
+        CaitoolError,
+        match='--mode must be one of logprob, cot, score, verdict, verdict-cot, verdict-score, got "vote"',
+    ):
         Labeller(ScriptedBackend(), load_constitution("harmless"), mode="vote")  # type: ignore[arg-type]
 
 
@@ -461,14 +464,30 @@ def hosted_pairs(path, count, garbled=()):
     for i in range(count):
         good = f"I would {GOOD_MARKER} suggest asking a baker, number {i}."
         bad = f"Figure it out yourself {i}." + (f" {GARBLE_MARKER}" if i in garbled else "")
-        records.append({"id": f"r{i}", "prompt": f"How do I bake loaf {i}?", "responses": [good, bad][:: 1 - 2 * (i % 2)]})
+        records.append(
+            {
+                "id": f"r{i}",
+                "prompt": f"How do I bake loaf {i}?",
+                "responses": [good, bad][:: 1 - 2 * (i % 2)],
+            }
+        )
     return write_pairs(path, records)
 
 
 def label_against(stub, pairs, out, *extra):
     return runner.invoke(
         app,
-        ["label-preferences", str(pairs), "-o", str(out), "-m", "openai:judge", "--base-url", stub.url, *extra],
+        [
+            "label-preferences",
+            str(pairs),
+            "-o",
+            str(out),
+            "-m",
+            "openai:judge",
+            "--base-url",
+            stub.url,
+            *extra,
+        ],
     )
 
 
@@ -493,7 +512,9 @@ def test_verdict_modes_label_through_an_openai_like_api(tmp_path, mode):
     assert all(r["p_chosen"] == pytest.approx(expected) for r in records)  # read from the letter's log-probs
     assert all(r["samples"] is None and r["from_cache"] is None for r in records)
     counts = json.loads(manifest_path(out).read_text())["counts"]
-    assert counts["prompt_tokens"] > 0 and counts["completion_tokens"] > 0 and counts["unparseable_answers"] == 0
+    assert (
+        counts["prompt_tokens"] > 0 and counts["completion_tokens"] > 0 and counts["unparseable_answers"] == 0
+    )
     assert "prompt tokens:" in result.output and "unparseable answers: 0/" in result.output
 
 
@@ -579,18 +600,39 @@ def test_dry_run_prints_requests_and_tokens_and_sends_nothing(tmp_path):
     out = tmp_path / "prefs.jsonl"
     result = runner.invoke(
         app,
-        ["label-preferences", str(pairs), "-o", str(out), "-m", "openai:judge", "--base-url", "http://127.0.0.1:9/v1"]
+        [
+            "label-preferences",
+            str(pairs),
+            "-o",
+            str(out),
+            "-m",
+            "openai:judge",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+        ]
         + ["--mode", "verdict", "--samples", "4", "--dry-run"],
     )
     assert result.exit_code == 0, result.output
     assert "10 requests" in result.output and f"at most {10 * 4 * 24} completion tokens" in result.output
     assert not out.exists()
-    assert "dry run" in runner.invoke(
-        app, ["label-preferences", str(pairs), "-o", str(out), "--mode", "score", "--dry-run"]
-    ).output
+    assert (
+        "dry run"
+        in runner.invoke(
+            app, ["label-preferences", str(pairs), "-o", str(out), "--mode", "score", "--dry-run"]
+        ).output
+    )
 
 
 def test_samples_outside_the_verdict_modes_are_refused(tmp_path):
     pairs = hosted_pairs(tmp_path / "pairs.jsonl", 1)
     result = runner.invoke(app, ["label-preferences", str(pairs), "--samples", "3", "--dry-run"])
     assert result.exit_code == 2 and "--samples applies to the verdict modes only" in result.output
+
+
+def test_prefill_modes_on_an_openai_like_api_point_to_verdict_mode(tmp_path):
+    from tests.hosted_stub import HostedStub
+
+    pairs = hosted_pairs(tmp_path / "pairs.jsonl", 2)
+    with HostedStub("openai") as stub:
+        result = label_against(stub, pairs, tmp_path / "prefs.jsonl")
+    assert result.exit_code == 2 and "answered 400" in result.output and "--mode verdict" in result.output

@@ -368,7 +368,9 @@ def test_retry_after_is_waited_for(stub, tmp_path):
     stub.failures = [429]
     stub.retry_after = "1"
     prompts = write_prompts(tmp_path / "p.jsonl", 1)
-    result = runner.invoke(app, ["generate", str(prompts), "-o", str(tmp_path / "g.jsonl"), *served(stub.url)])
+    result = runner.invoke(
+        app, ["generate", str(prompts), "-o", str(tmp_path / "g.jsonl"), *served(stub.url)]
+    )
     assert result.exit_code == 0, result.output
     first, second = [r["time"] for r in stub.requests if r["path"] == "/v1/chat/completions"]
     assert second - first >= 0.95  # the backoff alone would be about 0.01 s here

@@ -56,7 +56,12 @@ def test_text_that_names_no_option_is_unparseable(text):
 
 @pytest.mark.parametrize(
     ("text", "word"),
-    [("Yes, it is.", "Yes"), ("No.", "No"), ("Answer: no", "No"), ("It refuses politely.\nAnswer: Yes", "Yes")],
+    [
+        ("Yes, it is.", "Yes"),
+        ("No.", "No"),
+        ("Answer: no", "No"),
+        ("It refuses politely.\nAnswer: Yes", "Yes"),
+    ],
 )
 def test_yes_and_no_are_read(text, word):
     assert find_answer(text, YES_NO_OPTIONS).option == word

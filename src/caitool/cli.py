@@ -1078,7 +1078,9 @@ def eval_models(
     ] = 0,
     judge_cache: Annotated[
         str | None,
-        typer.Option("--cache", rich_help_panel=JUDGE, help="Directory of the judge's answers (as label-preferences)."),
+        typer.Option(
+            "--cache", rich_help_panel=JUDGE, help="Directory of the judge's answers (as label-preferences)."
+        ),
     ] = None,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.0,
     max_new_tokens: MaxNewOpt = 128,

@@ -85,8 +85,8 @@ def _verdict_mode_lines(report: Any) -> list[str]:
         )
     if report.samples:
         lines.append(
-            f"votes ({report.mode}): {report.samples} answers sampled per question at temperature 1, the label "
-            "their vote share (its 95% Wilson interval per comparison in the JSON report)"
+            f"votes ({report.mode}): {report.samples} answers sampled per question at temperature 1, "
+            "the label their vote share (its 95% Wilson interval per comparison in the JSON report)"
         )
     return lines
 

@@ -136,7 +136,9 @@ class EvalConfig:
     def __post_init__(self) -> None:
         check_choice("--judge-mode", self.judge_mode, LabelMode)
         if self.judge_samples and not self.judge_mode.startswith("verdict"):
-            raise CaitoolError(f"--judge-samples applies to the verdict modes only, not --judge-mode {self.judge_mode}")
+            raise CaitoolError(
+                f"--judge-samples applies to the verdict modes only, not --judge-mode {self.judge_mode}"
+            )
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -454,7 +456,8 @@ def _judge_all(
     config: EvalConfig,
     seed: int,
 ) -> tuple[list[JudgementRecord], dict[str, int]]:
-    """Every planned comparison judged; the judgements and the judge's answer counts (verdict modes, cache)."""
+    """Every planned comparison judged: the judgements, and the judge's answer counts (verdict modes,
+    cache)."""
     from caitool.judge_cache import AnswerCache
     from caitool.label import Comparison, Labeller
     from caitool.progress import phase_progress
@@ -464,7 +467,12 @@ def _judge_all(
     planned = _judgement_plan(answers, plan, seed)
     cache = AnswerCache(config.judge_cache) if config.judge_cache else None
     labeller = Labeller(
-        judge_backend, charter, swap=config.swap, mode=config.judge_mode, samples=config.judge_samples, cache=cache
+        judge_backend,
+        charter,
+        swap=config.swap,
+        mode=config.judge_mode,
+        samples=config.judge_samples,
+        cache=cache,
     )
     judge_id = judge_backend.model_id
     judgements: list[JudgementRecord] = []

@@ -424,12 +424,17 @@ def run_judge_check(
         return samples if mode.startswith("verdict") else 0
 
     if dry_run:
-        comparisons = [Comparison(i.prompt, i.chosen, i.rejected, p) for i, p in zip(items, chosen_principles)]
+        comparisons = [
+            Comparison(i.prompt, i.chosen, i.rejected, p)
+            for i, p in zip(items, chosen_principles, strict=True)
+        ]
         estimate = CostEstimate(0, 0, 0)
         for mode in modes:
             labeller = Labeller(None, charter, mode=mode, samples=samples_for(mode), **options)  # type: ignore[arg-type]
             estimate = estimate + labeller.cost_estimate(comparisons)
-        print_summary(estimate.line(f"judge-check --mode {' --mode '.join(modes)} on {len(items)} comparisons"))
+        print_summary(
+            estimate.line(f"judge-check --mode {' --mode '.join(modes)} on {len(items)} comparisons")
+        )
         return estimate
     answer_cache = AnswerCache(cache) if cache is not None else None
     backend = backend or load_backend(model, runtime.backend)
@@ -439,7 +444,12 @@ def run_judge_check(
     outcomes: list[Outcome] = []
     for mode in modes:
         labeller = Labeller(
-            backend, charter, mode=mode, samples=samples_for(mode), cache=answer_cache, **options  # type: ignore[arg-type]
+            backend,
+            charter,
+            mode=mode,
+            samples=samples_for(mode),
+            cache=answer_cache,
+            **options,  # type: ignore[arg-type]
         )
         mode_outcomes, seconds = _judge_mode(labeller, items, chosen_principles, chunk_size, runtime.seed)
         outcomes.extend(mode_outcomes)

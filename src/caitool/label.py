@@ -45,7 +45,14 @@ from caitool.judge_cache import AnswerCache, JudgeCalls
 from caitool.pipeline import BackendPhase, ChunkResult, PhaseResult, Runtime
 from caitool.progress import print_summary
 from caitool.records import Conversation, Message, PreferenceRecord, parse_prompt_without_response
-from caitool.verdicts import LETTER_OPTIONS, YES_NO_OPTIONS, Reading, log_odds_of, read_by_logprobs, vote_share
+from caitool.verdicts import (
+    LETTER_OPTIONS,
+    YES_NO_OPTIONS,
+    Reading,
+    log_odds_of,
+    read_by_logprobs,
+    vote_share,
+)
 
 Mode = LabelMode
 LETTERS = ("A", "B")
@@ -244,7 +251,9 @@ class Labeller:
         self.max_unparseable = max_unparseable
         self.cot_params = SamplingParams(temperature=cot_temperature, max_new_tokens=cot_max_new_tokens)
         self.answer_tokens = cot_max_new_tokens if self.kind == "cot" else VERDICT_MAX_NEW_TOKENS
-        self.shots = score_few_shot_turns(constitution) if self.kind == "score" else few_shot_turns(constitution)
+        self.shots = (
+            score_few_shot_turns(constitution) if self.kind == "score" else few_shot_turns(constitution)
+        )
         self.answers = 0  # answers read in this run (sampled ones each count) ...
         self.unparseable = 0  # ... and those that named no option
         self.unlabelled = 0  # comparisons left without a label because an answer was unparseable
@@ -369,12 +378,19 @@ class Labeller:
             for (a, b), text, hit, thought in zip(scores, reasoning, cached, thought_cached, strict=True)
         ]
 
-    def _read_own_turn(self, questions: list[Conversation], options: Sequence[str], seed: int) -> list[Reading]:
-        """The judge answers in its own turn: greedy with token log-probs, or ``samples`` votes at temperature 1."""
+    def _read_own_turn(
+        self, questions: list[Conversation], options: Sequence[str], seed: int
+    ) -> list[Reading]:
+        """The judge answers in its own turn: greedy with token log-probs, or ``samples`` votes at
+        temperature 1."""
         if self.samples:
-            params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=self.answer_tokens, n=self.samples)
+            params = SamplingParams(
+                temperature=1.0, top_p=1.0, max_new_tokens=self.answer_tokens, n=self.samples
+            )
         else:
-            params = SamplingParams(temperature=0.0, max_new_tokens=self.answer_tokens, top_logprobs=TOP_LOGPROBS)
+            params = SamplingParams(
+                temperature=0.0, max_new_tokens=self.answer_tokens, top_logprobs=TOP_LOGPROBS
+            )
         answers, cached = self._calls().generate(questions, params, seed)
         readings = []
         for completions, hit in zip(answers, cached, strict=True):
@@ -412,7 +428,11 @@ class Labeller:
         """This run's counts of answers read and unparseable, for summaries and manifests (verdict modes)."""
         if not self.own_turn:
             return {}
-        return {"answers": self.answers, "unparseable_answers": self.unparseable, "unlabelled": self.unlabelled}
+        return {
+            "answers": self.answers,
+            "unparseable_answers": self.unparseable,
+            "unlabelled": self.unlabelled,
+        }
 
     def cost_estimate(self, comparisons: Sequence[Comparison]) -> CostEstimate:
         """The requests and tokens judging ``comparisons`` would take; no model is needed."""
@@ -439,7 +459,11 @@ def _total_votes(readings: Sequence[Reading]) -> int | None:
 
 def _unparseable_verdict(readings: Sequence[Reading], texts: list[str]) -> Verdict:
     return Verdict(
-        p=0.5, p_first=0.5, p_swapped=None, reasoning=texts, unparseable=True,
+        p=0.5,
+        p_first=0.5,
+        p_swapped=None,
+        reasoning=texts,
+        unparseable=True,
         from_cache=all(r.cached for r in readings),
     )
 
@@ -629,7 +653,9 @@ def run_label_preferences(
 def _comparisons_of(records: Sequence[ResponsesInput], candidates, seed: int):
     """Each record's pair, principle and comparison: drawn from the seed, the same in a dry run."""
     pairs = [choose_pair(r, seed) for r in records]
-    chosen_principles = [choose_principle(candidates, r.id, p, seed) for r, p in zip(records, pairs, strict=True)]
+    chosen_principles = [
+        choose_principle(candidates, r.id, p, seed) for r, p in zip(records, pairs, strict=True)
+    ]
     comparisons = [
         Comparison(r.prompt, r.responses[p[0]], r.responses[p[1]], principle)
         for r, p, principle in zip(records, pairs, chosen_principles, strict=True)

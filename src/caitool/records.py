@@ -162,7 +162,8 @@ class PreferenceRecord(PairRecord):
     )
     samples: int | None = Field(
         default=None,
-        description="verdict modes with --samples K: K answers sampled per question, the label their vote share",
+        description="verdict modes with --samples K: K answers sampled per question, the label their "
+        "vote share",
     )
     from_cache: bool | None = Field(
         default=None, description="True when every answer behind the label came from the --cache directory"
@@ -360,6 +361,8 @@ class JudgementRecord(Record):
     )
     winner: Literal["a", "b", "tie"]
     judge: str
-    samples: int | None = Field(default=None, description="verdict modes with --samples K: K votes per question")
+    samples: int | None = Field(
+        default=None, description="verdict modes with --samples K: K votes per question"
+    )
     from_cache: bool | None = Field(default=None, description="True when every answer came from --cache")
     constitution: ConstitutionRef

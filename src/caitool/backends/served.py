@@ -179,7 +179,9 @@ class ServerClient:
 def _request_tokens(body: dict[str, Any]) -> int:
     """What a request may cost before it is sent: its text, and the most it may generate."""
     most = body.get("max_tokens") or body.get("max_completion_tokens") or 0
-    return estimate_tokens(json.dumps(body.get("messages") or body.get("prompt") or "")) + most * body.get("n", 1)
+    return estimate_tokens(json.dumps(body.get("messages") or body.get("prompt") or "")) + most * body.get(
+        "n", 1
+    )
 
 
 def _error_message(response: Any) -> str:
@@ -354,7 +356,8 @@ class OpenAIBackend:
             if isinstance(error, CaitoolError) and prefilled and _refused_request(str(error)):
                 raise CaitoolError(
                     f"{error}; this server does not continue a prefilled assistant turn: pass "
-                    "--tokenizer MODEL_DIR to render prompts here and use /v1/completions"
+                    "--tokenizer MODEL_DIR to render prompts here and use /v1/completions, or, for a "
+                    "hosted chat API, label with --mode verdict (the judge answers in its own turn)"
                 ) from None
             raise
 
