@@ -10,14 +10,16 @@ model as ``smol`` (started here unless --base-url names one). Printed:
 * the mean absolute difference of the labels p (both orders averaged, as label-preferences writes);
 * verdict mode's unparseable answers (left out, never guessed).
 
-Run it under the heavy-jobs lock on a shared machine:
+With ``--local`` the default model runs in this process instead (the local backend also
+reports generated tokens' log-probs). Run it under the heavy-jobs lock on a shared machine:
 
-    flock /tmp/caitool-heavy.lock .venv/bin/python benchmarks/bench_verdict_vs_logprob.py [--out FILE]
+    flock /tmp/caitool-heavy.lock .venv/bin/python benchmarks/bench_verdict_vs_logprob.py [--local]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import tempfile
@@ -56,18 +58,23 @@ def main() -> None:
     parser.add_argument("--base-url", help="a server already serving the default model as smol")
     parser.add_argument("--input", default=str(REPO / "examples" / "judge_check.jsonl"))
     parser.add_argument("--out", help="also write the judge-check report and the comparison here (JSON)")
+    parser.add_argument(
+        "--local", action="store_true", help="the default model in this process instead of a vLLM server"
+    )
     args = parser.parse_args()
 
-    with (
-        tempfile.TemporaryDirectory() as scratch,
-        default_model_server(args.base_url, Path(scratch), eager=True) as url,
-    ):
-        runtime = Runtime(backend=BackendOptions(base_urls=(url,), concurrency=8))
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
+        if args.local:
+            model, runtime = "default", Runtime(backend=BackendOptions(batch_size=8))
+        else:
+            url = stack.enter_context(default_model_server(args.base_url, Path(scratch), eager=True))
+            model = f"openai:{SERVED_NAME}"
+            runtime = Runtime(backend=BackendOptions(base_urls=(url,), concurrency=8))
         report_path = Path(scratch) / "check.json"
         started = time.perf_counter()
         result = run_judge_check(
             args.input,
-            model=f"openai:{SERVED_NAME}",
+            model=model,
             modes=["logprob", "verdict"],
             max_unparseable=1.0,  # measure how often it happens rather than stop
             output=report_path,
@@ -79,7 +86,7 @@ def main() -> None:
     figures = compare(report, "logprob", "verdict")
     unparseable = report["modes"]["verdict"].get("unparseable", {})
     print(
-        f"verdict vs logprob on {args.input}: {figures['compared']} comparisons readable in both; "
+        f"verdict vs logprob ({model}) on {args.input}: {figures['compared']} comparisons readable in both; "
         f"same side picked {figures['agreement']:.1%}; mean |label difference| "
         f"{figures['mean_abs_label_difference']:.3f}; verdict answers unparseable: "
         f"{unparseable.get('unparseable_answers')} of {unparseable.get('answers')}; "
