@@ -336,6 +336,9 @@ def test_judge_check_verdict_modes_on_an_openai_like_api(tmp_path):
     assert all(c["p"] == pytest.approx(0.9) for c in report["comparisons"] if c["mode"] == "verdict")
     counts = report["manifest"]["counts"]
     assert counts["prompt_tokens"] > 0 and counts["completion_tokens"] > 0
+    assert f"{counts['prompt_tokens']} prompt tokens, {counts['completion_tokens']} completion tokens" in (
+        result.output
+    )
 
 
 def test_judge_check_votes_with_wilson_intervals_where_there_are_no_logprobs(tmp_path):

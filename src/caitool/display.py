@@ -140,6 +140,13 @@ def show_judge_check(result: JudgeCheckResult, console: Console | None = None) -
         "order with the better response shown first/second; mass: P(A)+P(B), score mode P(Yes)+P(No)",
         highlight=False,
     )
+    if "prompt_tokens" in result.usage:
+        usage = result.usage
+        console.print(
+            f"usage: {usage.get('requests', 0)} requests, {usage['prompt_tokens']} prompt tokens, "
+            f"{usage.get('completion_tokens', 0)} completion tokens",
+            highlight=False,
+        )
     for report in result.modes:
         console.print(verdict_line(report), highlight=False, soft_wrap=True)
 

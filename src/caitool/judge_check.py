@@ -327,6 +327,7 @@ class JudgeCheckResult:
     model: str
     modes: list[ModeReport]
     outcomes: list[Outcome]
+    usage: dict[str, int] = field(default_factory=dict)  # requests and billed tokens (served judges)
 
 
 def group_figures(outcomes: Sequence[Outcome], by: Sequence[str]) -> dict[str, dict[str, Figures]]:
@@ -463,7 +464,7 @@ def run_judge_check(
                 samples=samples_for(mode),
             )
         )
-    result = JudgeCheckResult(model=backend.model_id, modes=reports, outcomes=outcomes)
+    result = JudgeCheckResult(model=backend.model_id, modes=reports, outcomes=outcomes, usage=backend.stats())
     if output is not None:
         manifest = build_manifest(
             phase="judge-check",
