@@ -34,6 +34,7 @@ class StubOpenAIServer:
         self.letters = letters if letters is not None else {"A": -0.5, "B": -1.0, "C": -4.0}
         self.refuse_fields = refuse_fields
         self.failures: list[int | str] = []
+        self.retry_after: str | None = None  # sent as Retry-After with every failure answer
         self.fail_from: int | None = None  # every POST from this one on answers 500 (a dying server)
         self.posts = 0
         self.requests: list[dict[str, Any]] = []
@@ -107,7 +108,7 @@ class StubOpenAIServer:
                 length = int(self.headers.get("content-length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else {}
                 with stub._lock:
-                    stub.requests.append({"path": self.path, "body": body})
+                    stub.requests.append({"path": self.path, "body": body, "time": time.monotonic()})
                     stub.headers.append(dict(self.headers))
                     failure = stub.failures.pop(0) if stub.failures and method == "POST" else None
                     if method == "POST":
@@ -124,6 +125,8 @@ class StubOpenAIServer:
                     status, payload = stub._answer(self.path, body)
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                if failure is not None and stub.retry_after is not None:
+                    self.send_header("retry-after", stub.retry_after)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()

@@ -40,6 +40,21 @@ def test_greedy_batched_matches_unbatched(backend, tiny_model_dir):
     assert [s[0].text for s in batched] == [s[0].text for s in single.generate(CONVERSATIONS, params, seed=0)]
 
 
+def test_greedy_generation_reports_each_tokens_top_logprobs(backend):
+    """The verdict modes read an answer letter from these, as from a server's top_logprobs."""
+    params = SamplingParams(temperature=0.0, max_new_tokens=6, top_logprobs=5)
+    completion = backend.generate([CONVERSATIONS[1]], params, seed=0)[0][0]
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
+    plain = backend.generate([CONVERSATIONS[1]], greedy, seed=0)[0][0]
+    assert completion.text == plain.text and plain.token_logprobs is None
+    tokens = completion.token_logprobs
+    assert tokens and len(tokens) <= 6
+    for token in tokens:
+        assert len(token.top) <= 5 and token.logprob == pytest.approx(max(token.top.values()), abs=1e-5)
+        assert sum(math.exp(v) for v in token.top.values()) <= 1.0 + 1e-5
+    assert "".join(t.text for t in tokens).strip() == completion.text
+
+
 def test_generation_stops_at_end_of_turn(backend):
     eot = backend.tokenizer.convert_tokens_to_ids("<|im_end|>")
     completion = backend._completion([40, 41, eot, 42])

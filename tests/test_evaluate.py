@@ -171,7 +171,11 @@ def test_the_judge_can_score_each_answer_alone(eval_prompts, tmp_path):
 
 
 def test_an_unknown_judge_mode_is_refused():
-    with pytest.raises(CaitoolError, match='--judge-mode must be one of logprob, cot, score, got "vote"'):
+    with pytest.raises(
+        CaitoolError,
+        match="--judge-mode must be one of logprob, cot, score, verdict, verdict-cot, verdict-score, "
+        'got "vote"',
+    ):
         EvalConfig(judge_mode="vote")  # type: ignore[arg-type]
 
 
@@ -527,3 +531,33 @@ def test_eval_rewards_of_texts_over_the_reward_models_training_length_are_cut_an
     assert "6 scored texts were longer than the reward model's 8 tokens and were cut from the left" in (
         result.output
     )
+
+
+# ---------------------------------------------------------------------------
+# A hosted chat API as the judge (tests/hosted_stub.py), every model served by it
+
+
+@pytest.mark.parametrize(("kind", "extra"), [("openai", []), ("plain", ["--judge-samples", "5"])])
+def test_eval_with_a_hosted_judge_in_verdict_mode(eval_prompts, tmp_path, kind, extra):
+    from tests.hosted_stub import GOOD_MARKER, HostedStub
+
+    red, _ = eval_prompts
+    out = tmp_path / "eval"
+    replies = {"polite": f"I would {GOOD_MARKER} rather not.", "rude": "Do it yourself."}
+    with HostedStub(kind, confidence=0.95, replies=replies) as stub:
+        result = runner.invoke(
+            app,
+            ["eval", str(red), "-m", "rude=openai:rude", "-m", "polite=openai:polite", "-o", str(out)]
+            + ["--judge", "openai:judge", "--judge-mode", "verdict", "--base-url", stub.url, *extra],
+        )
+        judge_bodies = [b for b in stub.posted("/v1/chat/completions") if b["model"] == "judge"]
+    assert result.exit_code == 0, result.output
+    assert all("continue_final_message" not in b for b in judge_bodies)
+    judgements = lines(out / "judgements.jsonl")
+    assert len(judgements) == 6 and all(j["winner"] == "a" for j in judgements)  # polite (given later) wins
+    assert all(j["samples"] == (5 if extra else None) for j in judgements)
+    usage = json.loads((out / "summary.json").read_text())["judge_usage"]
+    assert usage["answers"] == (60 if extra else 12) and usage["unparseable_answers"] == 0
+    if kind == "openai":
+        accepted = [b for b in judge_bodies if "max_completion_tokens" in b]
+        assert usage["prompt_tokens"] > 0 and len(accepted) == 12  # after the 400 on max_tokens

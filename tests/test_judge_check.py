@@ -184,7 +184,11 @@ def test_bad_input_is_one_line(tmp_path, record, message):
 def test_unknown_mode_is_refused(tmp_path):
     path = write_labelled(tmp_path / "set.jsonl", labelled(1))
     result = runner.invoke(app, ["judge-check", str(path), "--mode", "vote"])
-    assert result.exit_code == 2 and '--mode must be one of logprob, cot, score, got "vote"' in result.output
+    assert (
+        result.exit_code == 2
+        and '--mode must be one of logprob, cot, score, verdict, verdict-cot, verdict-score, got "vote"'
+        in result.output
+    )
 
 
 def test_accepts_trl_conversational_responses(tmp_path):
@@ -285,3 +289,79 @@ def test_judge_check_a_served_model(fake_openai_server, tmp_path):
     assert report["model"] == "openai:judge"
     assert {mode: r["verdict"] for mode, r in report["modes"].items()} == {"logprob": "fit", "score": "fit"}
     assert report["manifest"]["models"]["feedback"]["backend"] == "openai"
+
+
+# ---------------------------------------------------------------------------
+# Verdict modes against scripted hosted chat APIs (tests/hosted_stub.py)
+
+
+def hosted_labelled(path, count, garbled=()):
+    from tests.hosted_stub import GARBLE_MARKER, GOOD_MARKER
+
+    records = [
+        {
+            "id": f"c{i}",
+            "prompt": f"Question number {i}?",
+            "chosen": f"I would {GOOD_MARKER} help with number {i}.",
+            "rejected": f"Not my problem {i}." + (f" {GARBLE_MARKER}" if i in garbled else ""),
+            "principle_id": "less-harmful",
+            "category": "harm" if i % 2 else "help",
+        }
+        for i in range(count)
+    ]
+    return write_labelled(path, records)
+
+
+def check_against(stub, path, out, *extra):
+    return runner.invoke(
+        app, ["judge-check", str(path), "-o", str(out), "-m", "openai:judge", "--base-url", stub.url, *extra]
+    )
+
+
+def test_judge_check_verdict_modes_on_an_openai_like_api(tmp_path):
+    from tests.hosted_stub import HostedStub
+
+    path = hosted_labelled(tmp_path / "set.jsonl", 12, garbled=(5,))
+    out = tmp_path / "check.json"
+    with HostedStub("openai") as stub:
+        result = check_against(stub, path, out, "--mode", "verdict", "--mode", "verdict-score")
+    assert result.exit_code == 0, result.output
+    assert "verdict (verdict): fit" in result.output and "verdict (verdict-score): fit" in result.output
+    assert "unparseable (verdict): 2 of 24 answers named no option; 1 comparisons left out" in result.output
+    report = json.loads(out.read_text())
+    verdict = report["modes"]["verdict"]
+    assert verdict["overall"]["n"] == 11 and verdict["overall"]["accuracy"] == 1.0
+    assert verdict["unparseable"] == {"answers": 24, "unparseable_answers": 2, "unlabelled": 1}
+    assert verdict["overall"]["mean_letter_mass"] == pytest.approx(1.0)
+    assert all(c["p"] == pytest.approx(0.9) for c in report["comparisons"] if c["mode"] == "verdict")
+    counts = report["manifest"]["counts"]
+    assert counts["prompt_tokens"] > 0 and counts["completion_tokens"] > 0
+    assert f"{counts['prompt_tokens']} prompt tokens, {counts['completion_tokens']} completion tokens" in (
+        result.output
+    )
+
+
+def test_judge_check_votes_with_wilson_intervals_where_there_are_no_logprobs(tmp_path):
+    from tests.hosted_stub import HostedStub
+
+    path = hosted_labelled(tmp_path / "set.jsonl", 8)
+    out = tmp_path / "check.json"
+    with HostedStub("plain", confidence=0.95) as stub:
+        result = check_against(stub, path, out, "--mode", "verdict", "--samples", "5")
+    assert result.exit_code == 0, result.output
+    assert "votes (verdict): 5 answers sampled per question" in result.output
+    report = json.loads(out.read_text())
+    assert report["modes"]["verdict"]["samples"] == 5 and report["manifest"]["params"]["samples"] == 5
+    for comparison in report["comparisons"]:
+        assert comparison["votes"] == 10  # 5 per order, both orders
+        low, high = comparison["p_interval"]
+        assert low <= comparison["p"] <= high and high - low > 0.1  # ten votes leave a wide interval
+
+
+def test_judge_check_dry_run_counts_every_mode(tmp_path):
+    path = hosted_labelled(tmp_path / "set.jsonl", 6)
+    result = runner.invoke(
+        app, ["judge-check", str(path), "--mode", "verdict", "--mode", "score", "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "6 comparisons: 24 requests" in result.output  # 12 letter questions and 12 yes/no ones

@@ -224,7 +224,10 @@ def test_unknown_mode_is_refused(tmp_path):
     result = runner.invoke(app, ["label-preferences", str(pairs), "--mode", "vote"])
     assert result.exit_code == 2
     assert "'vote' is not one of 'logprob', 'cot', 'score'" in unboxed(result.output)
-    with pytest.raises(CaitoolError, match='--mode must be one of logprob, cot, score, got "vote"'):
+    with pytest.raises(
+        CaitoolError,
+        match='--mode must be one of logprob, cot, score, verdict, verdict-cot, verdict-score, got "vote"',
+    ):
         Labeller(ScriptedBackend(), load_constitution("harmless"), mode="vote")  # type: ignore[arg-type]
 
 
@@ -447,3 +450,189 @@ def test_cli_score_mode_on_a_real_model(tiny_model_dir, tmp_path):
     assert first.chosen == second.chosen and first.p_chosen == pytest.approx(second.p_chosen, abs=1e-4)
     assert "disagreed" not in result.output
     assert json.loads(manifest_path(out).read_text())["params"]["mode"] == "score"
+
+
+# ---------------------------------------------------------------------------
+# Verdict modes against scripted hosted chat APIs (tests/hosted_stub.py)
+
+
+def hosted_pairs(path, count, garbled=()):
+    """Pairs whose better response says "kindly" (the stub judge's preference), in both positions."""
+    from tests.hosted_stub import GARBLE_MARKER, GOOD_MARKER
+
+    records = []
+    for i in range(count):
+        good = f"I would {GOOD_MARKER} suggest asking a baker, number {i}."
+        bad = f"Figure it out yourself {i}." + (f" {GARBLE_MARKER}" if i in garbled else "")
+        records.append(
+            {
+                "id": f"r{i}",
+                "prompt": f"How do I bake loaf {i}?",
+                "responses": [good, bad][:: 1 - 2 * (i % 2)],
+            }
+        )
+    return write_pairs(path, records)
+
+
+def label_against(stub, pairs, out, *extra):
+    return runner.invoke(
+        app,
+        [
+            "label-preferences",
+            str(pairs),
+            "-o",
+            str(out),
+            "-m",
+            "openai:judge",
+            "--base-url",
+            stub.url,
+            *extra,
+        ],
+    )
+
+
+@pytest.mark.parametrize("mode", ["verdict", "verdict-cot", "verdict-score"])
+def test_verdict_modes_label_through_an_openai_like_api(tmp_path, mode):
+    from tests.hosted_stub import GOOD_MARKER, HostedStub
+
+    pairs = hosted_pairs(tmp_path / "pairs.jsonl", 4)
+    out = tmp_path / "prefs.jsonl"
+    with HostedStub("openai") as stub:
+        result = label_against(stub, pairs, out, "--mode", mode)
+        sent = stub.posted("/v1/chat/completions")
+    assert result.exit_code == 0, result.output
+    assert not stub.posted("/v1/completions")
+    answered = [b for b in sent if "max_completion_tokens" in b]
+    assert answered and all(b["logprobs"] and b["top_logprobs"] == 20 for b in answered)
+    assert all("continue_final_message" not in b and "add_generation_prompt" not in b for b in sent)
+    records = lines(out)
+    assert len(records) == 4 and {r["mode"] for r in records} == {mode}
+    assert all(GOOD_MARKER in r["chosen"][0]["content"] for r in records)
+    expected = {"verdict": 0.9, "verdict-cot": 0.6, "verdict-score": 1 / (1 + (1 / 9) ** 2)}[mode]
+    assert all(r["p_chosen"] == pytest.approx(expected) for r in records)  # read from the letter's log-probs
+    assert all(r["samples"] is None and r["from_cache"] is None for r in records)
+    counts = json.loads(manifest_path(out).read_text())["counts"]
+    assert (
+        counts["prompt_tokens"] > 0 and counts["completion_tokens"] > 0 and counts["unparseable_answers"] == 0
+    )
+    assert "prompt tokens:" in result.output and "unparseable answers: 0/" in result.output
+
+
+def test_verdict_votes_where_the_api_returns_no_logprobs(tmp_path):
+    from tests.hosted_stub import GOOD_MARKER, HostedStub
+
+    pairs = hosted_pairs(tmp_path / "pairs.jsonl", 4)
+    out = tmp_path / "prefs.jsonl"
+    with HostedStub("plain", confidence=0.8) as stub:
+        result = label_against(stub, pairs, out, "--mode", "verdict", "--samples", "7")
+        sent = stub.posted("/v1/chat/completions")
+    assert result.exit_code == 0, result.output
+    assert len(sent) == 8 and all(b["n"] == 7 and b["temperature"] == 1.0 for b in sent)
+    records = lines(out)
+    assert all(r["samples"] == 7 for r in records)
+    for record in records:  # each order's label is a share of 7 votes
+        for p in (record["p_first"], 1 - record["p_swapped"]):
+            assert round(p * 7) == pytest.approx(p * 7)
+    assert sum(GOOD_MARKER in r["chosen"][0]["content"] for r in records) >= 3
+
+
+def test_verdict_mode_without_logprobs_or_samples_stops_with_one_line(tmp_path):
+    from tests.hosted_stub import HostedStub
+
+    pairs = hosted_pairs(tmp_path / "pairs.jsonl", 2)
+    with HostedStub("plain") as stub:
+        result = label_against(stub, pairs, tmp_path / "prefs.jsonl", "--mode", "verdict")
+    assert result.exit_code == 2
+    assert "returned no log-probabilities" in result.output and "--samples K" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "prefs.jsonl").exists()
+
+
+def test_unparseable_answers_are_counted_and_their_pairs_left_unlabelled(tmp_path):
+    from tests.hosted_stub import HostedStub
+
+    pairs = hosted_pairs(tmp_path / "pairs.jsonl", 12, garbled=(3,))
+    out = tmp_path / "prefs.jsonl"
+    with HostedStub("openai") as stub:
+        result = label_against(stub, pairs, out, "--mode", "verdict")
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in lines(out)] == [f"r{i}" for i in range(12) if i != 3]  # never guessed
+    counts = json.loads(manifest_path(out).read_text())["counts"]
+    assert counts["unparseable_answers"] == 2 and counts["answers"] == 24 and counts["unlabelled"] == 1
+    assert "unparseable answers: 2/24" in result.output and "unlabelled pairs: 1" in result.output
+
+
+def test_a_judge_that_mostly_names_no_option_stops_the_run(tmp_path):
+    from tests.hosted_stub import HostedStub
+
+    pairs = hosted_pairs(tmp_path / "pairs.jsonl", 10, garbled=range(10))
+    with HostedStub("openai") as stub:
+        result = label_against(stub, pairs, tmp_path / "prefs.jsonl", "--mode", "verdict")
+    assert result.exit_code == 2
+    assert "20 of 20 answers of the judge openai:judge named no option" in result.output
+    assert "Both responses have their merits" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "prefs.jsonl").exists()
+
+
+@pytest.mark.parametrize(("kind", "extra"), [("openai", []), ("plain", ["--samples", "3"])])
+def test_the_cache_makes_a_rerun_send_no_request(tmp_path, kind, extra):
+    from tests.hosted_stub import HostedStub
+
+    pairs = hosted_pairs(tmp_path / "pairs.jsonl", 4)
+    cache = tmp_path / "cache"
+    options = ["--mode", "verdict", "--cache", str(cache), *extra]
+    with HostedStub(kind) as stub:
+        first = label_against(stub, pairs, tmp_path / "a.jsonl", *options)
+        assert first.exit_code == 0, first.output
+        assert stub.posted("/v1/chat/completions")
+    with HostedStub(kind) as stub:
+        second = label_against(stub, pairs, tmp_path / "b.jsonl", *options)
+        assert second.exit_code == 0, second.output
+        assert stub.posted("/v1/chat/completions") == []  # every answer from the cache
+    assert all(r["from_cache"] is False for r in lines(tmp_path / "a.jsonl"))
+    again = lines(tmp_path / "b.jsonl")
+    assert all(r["from_cache"] is True for r in again) and "labels from cache: 4" in second.output
+    strip = lambda r: {k: v for k, v in r.items() if k != "from_cache"}  # noqa: E731
+    assert [strip(r) for r in again] == [strip(r) for r in lines(tmp_path / "a.jsonl")]
+
+
+def test_dry_run_prints_requests_and_tokens_and_sends_nothing(tmp_path):
+    pairs = hosted_pairs(tmp_path / "pairs.jsonl", 5)
+    out = tmp_path / "prefs.jsonl"
+    result = runner.invoke(
+        app,
+        [
+            "label-preferences",
+            str(pairs),
+            "-o",
+            str(out),
+            "-m",
+            "openai:judge",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+        ]
+        + ["--mode", "verdict", "--samples", "4", "--dry-run"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "10 requests" in result.output and f"at most {10 * 4 * 24} completion tokens" in result.output
+    assert not out.exists()
+    assert (
+        "dry run"
+        in runner.invoke(
+            app, ["label-preferences", str(pairs), "-o", str(out), "--mode", "score", "--dry-run"]
+        ).output
+    )
+
+
+def test_samples_outside_the_verdict_modes_are_refused(tmp_path):
+    pairs = hosted_pairs(tmp_path / "pairs.jsonl", 1)
+    result = runner.invoke(app, ["label-preferences", str(pairs), "--samples", "3", "--dry-run"])
+    assert result.exit_code == 2 and "--samples applies to the verdict modes only" in result.output
+
+
+def test_prefill_modes_on_an_openai_like_api_point_to_verdict_mode(tmp_path):
+    from tests.hosted_stub import HostedStub
+
+    pairs = hosted_pairs(tmp_path / "pairs.jsonl", 2)
+    with HostedStub("openai") as stub:
+        result = label_against(stub, pairs, tmp_path / "prefs.jsonl")
+    assert result.exit_code == 2 and "answered 400" in result.output and "--mode verdict" in result.output

@@ -345,3 +345,51 @@ def test_critique_revise_and_eval_run_through_a_served_model(stub, tmp_path):
     assert summary["pairwise"][0]["n"] == 2
     judge = json.loads((tmp_path / "eval" / "caitool_manifest.json").read_text())["models"]["judge"]
     assert judge["backend"] == "openai"
+
+
+# ---------------------------------------------------------------------------
+# Hosted APIs: client-side rate limits, Retry-After, max_completion_tokens, token usage
+
+
+def test_requests_stay_under_the_requests_per_minute_limit(stub, tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 9)
+    result = runner.invoke(
+        app,
+        ["generate", str(prompts), "-o", str(tmp_path / "g.jsonl"), *served(stub.url)]
+        + ["--max-requests-per-minute", "300", "--concurrency", "8"],
+    )
+    assert result.exit_code == 0, result.output
+    times = sorted(r["time"] for r in stub.requests if r["path"] == "/v1/chat/completions")
+    measured_per_minute = 60 * (len(times) - 1) / (times[-1] - times[0])
+    assert len(times) == 9 and measured_per_minute <= 300 * 1.05  # 8 gaps of 0.2 s at least
+
+
+def test_retry_after_is_waited_for(stub, tmp_path):
+    stub.failures = [429]
+    stub.retry_after = "1"
+    prompts = write_prompts(tmp_path / "p.jsonl", 1)
+    result = runner.invoke(
+        app, ["generate", str(prompts), "-o", str(tmp_path / "g.jsonl"), *served(stub.url)]
+    )
+    assert result.exit_code == 0, result.output
+    first, second = [r["time"] for r in stub.requests if r["path"] == "/v1/chat/completions"]
+    assert second - first >= 0.95  # the backoff alone would be about 0.01 s here
+
+
+def test_max_completion_tokens_is_sent_where_max_tokens_is_refused_and_usage_is_counted(tmp_path):
+    from tests.hosted_stub import HostedStub
+
+    prompts = write_prompts(tmp_path / "p.jsonl", 3)
+    out = tmp_path / "g.jsonl"
+    with HostedStub("openai", replies={"writer": "a short reply"}) as hosted:
+        result = runner.invoke(
+            app, ["generate", str(prompts), "-o", str(out), "-m", "openai:writer", "--base-url", hosted.url]
+        )
+        bodies = hosted.posted("/v1/chat/completions")
+    assert result.exit_code == 0, result.output
+    accepted = [b for b in bodies if "max_completion_tokens" in b]
+    assert len(accepted) == 3 and all("max_tokens" not in b for b in accepted)
+    assert [r["responses"] for r in lines(out)] == [["a short reply"]] * 3
+    counts = json.loads(manifest_path(out).read_text())["counts"]
+    assert counts["completion_tokens"] == 9 and counts["prompt_tokens"] > 0
+    assert "completion tokens: 9" in result.output

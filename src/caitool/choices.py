@@ -28,7 +28,9 @@ DpoLoss = Literal[
     "discopop",
     "sigmoid_norm",
 ]
-LabelMode = Literal["logprob", "cot", "score"]
+# The verdict modes ask the same questions, answered in the judge's own turn (no prefill): for
+# hosted chat APIs, which neither continue a prefilled assistant turn nor offer /v1/completions.
+LabelMode = Literal["logprob", "cot", "score", "verdict", "verdict-cot", "verdict-score"]
 SftRounds = Literal["final", "all"]  # also pairs-from-revisions' --round
 ValueFrom = Literal["rm", "policy"]
 ValueModel = Literal["shared", "separate"]

@@ -132,6 +132,45 @@ ResumeTrainingOpt = Annotated[
     bool,
     typer.Option("--resume/--no-resume", help="Continue from a killed run's last checkpoint."),
 ]
+JUDGE = "Judges without prefill (--mode verdict, verdict-cot, verdict-score)"
+SamplesOpt = Annotated[
+    int,
+    typer.Option(
+        "--samples",
+        min=0,
+        rich_help_panel=JUDGE,
+        help="Verdict modes: sample K answers per question at temperature 1 and label by their vote share "
+        "(for APIs that return no log-probs); 0 reads the answer token's log-probs.",
+    ),
+]
+CacheOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--cache",
+        rich_help_panel=JUDGE,
+        help="Directory of the judge's answers, keyed by model and exact request: a rerun, a judge-check "
+        "or a relabel asks nothing twice (records say from_cache).",
+    ),
+]
+MaxUnparseableOpt = Annotated[
+    float,
+    typer.Option(
+        "--max-unparseable",
+        min=0.0,
+        max=1.0,
+        rich_help_panel=JUDGE,
+        help="Verdict modes: stop when more than this share of the judge's answers name no option "
+        "(checked from the tenth answer on); such answers are always counted, never guessed.",
+    ),
+]
+DryRunOpt = Annotated[
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Print the number of requests and an estimate of the tokens this run would take; load and "
+        "send nothing.",
+    ),
+]
 ConstitutionOpt = Annotated[
     str,
     typer.Option("--constitution", "-c", help="Constitution YAML file or bundled name (harmless, honest)."),
@@ -201,6 +240,31 @@ BACKEND_OPTIONS: dict[str, tuple[Any, Any]] = {
             ),
         ],
         None,
+    ),
+    "max_requests_per_minute": (
+        Annotated[
+            float,
+            typer.Option(
+                "--max-requests-per-minute",
+                min=0.0,
+                rich_help_panel=SERVED,
+                help="Pace requests to stay under this many a minute (a hosted API's quota; 0: no limit).",
+            ),
+        ],
+        0.0,
+    ),
+    "max_tokens_per_minute": (
+        Annotated[
+            float,
+            typer.Option(
+                "--max-tokens-per-minute",
+                min=0.0,
+                rich_help_panel=SERVED,
+                help="Pace requests to stay under this many tokens a minute (prompt, estimated at 4 "
+                "characters a token, plus the most a request may generate; 0: no limit).",
+            ),
+        ],
+        0.0,
     ),
 }
 
@@ -507,7 +571,9 @@ def label_preferences(
         typer.Option(
             "--mode",
             help="logprob: read the option letters at once; cot: reason first, then read; score: "
-            "score each response alone (yes/no log-odds) and label by their difference (no positions).",
+            "score each response alone (yes/no log-odds) and label by their difference (no positions); "
+            "verdict, verdict-cot, verdict-score: the same, answered in the judge's own turn (hosted chat "
+            "APIs: no prefill), read from the answer token's log-probs or from --samples votes.",
         ),
     ] = "logprob",
     swap: Annotated[
@@ -527,6 +593,10 @@ def label_preferences(
     cot_max_new_tokens: Annotated[
         int, typer.Option("--cot-max-new-tokens", min=1, help="cot mode: reasoning length.")
     ] = 128,
+    samples: SamplesOpt = 0,
+    cache: CacheOpt = None,
+    max_unparseable: MaxUnparseableOpt = 0.2,
+    dry_run: DryRunOpt = False,
     *,
     runtime: Any,
 ) -> None:
@@ -538,10 +608,25 @@ def label_preferences(
     A warning line says when the two option orders disagreed on more than half of the pairs
     or the mean letter mass P(A)+P(B) was below 0.5: check the model with judge-check.
 
+    A hosted chat API as the judge: --mode verdict (add --samples 5 if it returns no log-probs);
+    --dry-run first prints the requests and tokens the file will cost.
+
     Example: caitool label-preferences runs/pairs.jsonl -o runs/prefs.jsonl --constitution harmless
     """
-    from caitool.label import run_label_preferences
+    from caitool.label import dry_run_label_preferences, run_label_preferences
 
+    if dry_run:
+        dry_run_label_preferences(
+            input_file,
+            constitution=constitution,
+            principles=principle or (),
+            mode=mode,
+            swap=swap,
+            cot_max_new_tokens=cot_max_new_tokens,
+            samples=samples,
+            seed=runtime.seed,
+        )
+        return
     run_label_preferences(
         input_file,
         output,
@@ -552,6 +637,9 @@ def label_preferences(
         swap=swap,
         clamp=clamp,
         cot_max_new_tokens=cot_max_new_tokens,
+        samples=samples,
+        cache=cache,
+        max_unparseable=max_unparseable,
         runtime=runtime,
     )
 
@@ -577,7 +665,8 @@ def judge_check(
         list[str] | None,  # Typer offers no choices for a list of a Literal: run_judge_check checks them
         typer.Option(
             "--mode",
-            help="Labelling mode to check (repeatable): logprob, cot, score. Default: logprob and score.",
+            help="Labelling mode to check (repeatable): logprob, cot, score, verdict, verdict-cot, "
+            "verdict-score. Default: logprob and score.",
         ),
     ] = None,
     principle: Annotated[
@@ -599,6 +688,10 @@ def judge_check(
     cot_max_new_tokens: Annotated[
         int, typer.Option("--cot-max-new-tokens", min=1, help="cot mode: reasoning length.")
     ] = 128,
+    samples: SamplesOpt = 0,
+    cache: CacheOpt = None,
+    max_unparseable: MaxUnparseableOpt = 0.2,
+    dry_run: DryRunOpt = False,
     *,
     runtime: Any,
 ) -> None:
@@ -616,6 +709,9 @@ def judge_check(
     interval of accuracy (ties as half) reaches 0.5; fit: accuracy >= 0.75 and order
     consistency >= 0.75 (letter modes); weak: anything else.
 
+    Verdict modes also print how many answers named no option (left out, never guessed) and,
+    with --samples, the votes behind each label.
+
     Example: caitool judge-check examples/judge_check.jsonl -m default --by category --by difficulty
     -o runs/judge-check.json
     """
@@ -631,10 +727,15 @@ def judge_check(
         by=by or ["category"],
         clamp=clamp,
         cot_max_new_tokens=cot_max_new_tokens,
+        samples=samples,
+        cache=cache,
+        max_unparseable=max_unparseable,
+        dry_run=dry_run,
         output=output,
         runtime=runtime,
     )
-    show_judge_check(result)
+    if not dry_run:
+        show_judge_check(result)
 
 
 @app.command("train-rm")
@@ -972,10 +1073,26 @@ def eval_models(
         LabelMode,
         typer.Option(
             "--judge-mode",
-            help="The judge's labelling mode, as in label-preferences: logprob, cot, or score (each "
-            "answer scored alone, so no position bias).",
+            help="The judge's labelling mode, as in label-preferences: logprob, cot, score (each "
+            "answer scored alone, so no position bias), or verdict, verdict-cot, verdict-score (a hosted "
+            "chat API: answered in its own turn).",
         ),
     ] = "logprob",
+    judge_samples: Annotated[
+        int,
+        typer.Option(
+            "--judge-samples",
+            min=0,
+            rich_help_panel=JUDGE,
+            help="Verdict modes: votes per question at temperature 1 (judges that return no log-probs).",
+        ),
+    ] = 0,
+    judge_cache: Annotated[
+        str | None,
+        typer.Option(
+            "--cache", rich_help_panel=JUDGE, help="Directory of the judge's answers (as label-preferences)."
+        ),
+    ] = None,
     temperature: Annotated[float, typer.Option(min=0.0, help="0 means greedy.")] = 0.0,
     max_new_tokens: MaxNewOpt = 128,
     refusal_judge: Annotated[

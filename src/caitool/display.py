@@ -87,6 +87,23 @@ def verdict_line(report: ModeReport) -> str:
     return f"verdict ({report.mode}): {report.overall.verdict}: {report.overall.reason}"
 
 
+def _verdict_mode_lines(report: Any) -> list[str]:
+    """The verdict modes' own figures: answers that named no option, and the votes behind a label."""
+    lines = []
+    if report.unparseable:
+        counts = report.unparseable
+        lines.append(
+            f"unparseable ({report.mode}): {counts['unparseable_answers']} of {counts['answers']} answers "
+            f"named no option; {counts['unlabelled']} comparisons left out"
+        )
+    if report.samples:
+        lines.append(
+            f"votes ({report.mode}): {report.samples} answers sampled per question at temperature 1, "
+            "the label their vote share (its 95% Wilson interval per comparison in the JSON report)"
+        )
+    return lines
+
+
 def show_judge_check(result: JudgeCheckResult, console: Console | None = None) -> None:
     """Per mode: a table of the figures (overall and per group), the reliability line, the time; then
     one verdict line per mode (stdout)."""
@@ -129,11 +146,20 @@ def show_judge_check(result: JudgeCheckResult, console: Console | None = None) -
         console.print(
             f"seconds per comparison ({report.mode}): {report.seconds_per_comparison:.3f}", highlight=False
         )
+        for line in _verdict_mode_lines(report):
+            console.print(line, highlight=False, soft_wrap=True)
     console.print(
         "accuracy: both orders averaged, ties (within 0.005 of 0.5) apart; as (A)/(B): accuracy of one "
         "order with the better response shown first/second; mass: P(A)+P(B), score mode P(Yes)+P(No)",
         highlight=False,
     )
+    if "prompt_tokens" in result.usage:
+        usage = result.usage
+        console.print(
+            f"usage: {usage.get('requests', 0)} requests, {usage['prompt_tokens']} prompt tokens, "
+            f"{usage.get('completion_tokens', 0)} completion tokens",
+            highlight=False,
+        )
     for report in result.modes:
         console.print(verdict_line(report), highlight=False, soft_wrap=True)
 

@@ -136,9 +136,15 @@ class EvalConfig:
     top_p: float = 0.95
     swap: bool = True
     judge_mode: LabelMode = "logprob"  # the labeller's mode, as in label-preferences
+    judge_samples: int = 0  # verdict modes: votes per question where the judge returns no log-probs
+    judge_cache: str | None = None  # the judge's answers looked up and kept here (--cache)
 
     def __post_init__(self) -> None:
         check_choice("--judge-mode", self.judge_mode, LabelMode)
+        if self.judge_samples and not self.judge_mode.startswith("verdict"):
+            raise CaitoolError(
+                f"--judge-samples applies to the verdict modes only, not --judge-mode {self.judge_mode}"
+            )
 
     def sampling(self) -> SamplingParams:
         return SamplingParams(
@@ -240,7 +246,8 @@ def run_eval(
     if plan.judging:
         judge_backend = kept_backend or load_backend(plan.judge)  # type: ignore[arg-type]
         model_ids["judge"] = judge_backend.describe()
-        judgements = _judge_all(answers, plan, judge_backend, config, runtime.seed)
+        judgements, judge_counts = _judge_all(answers, plan, judge_backend, config, runtime.seed)
+        model_ids["judge"]["usage"] = {**judge_backend.stats(), **judge_counts}
     if rm is not None:
         model_ids["rm"] = _describe_model(rm)
     return _write_results(plan, answers, judgements, model_ids, config, runtime)
@@ -351,6 +358,7 @@ def _write_results(
         "pairwise": [asdict(p) for p in pair_summaries],
         "refusal_classifier": _classifier_note(plan, model_ids),
         "refusal_patterns": list(REFUSAL_PATTERNS),
+        **({"judge_usage": model_ids["judge"]["usage"]} if isinstance(model_ids.get("judge"), dict) else {}),
     }
     write_json_atomic(output_dir / SUMMARY_FILE, summary)
     print_summary(f"eval: {len(answers)} answers, {len(judgements)} judgements; wrote {output_dir}")
@@ -554,14 +562,25 @@ def _judge_all(
     judge_backend: GenerationBackend,
     config: EvalConfig,
     seed: int,
-) -> list[JudgementRecord]:
+) -> tuple[list[JudgementRecord], dict[str, int]]:
+    """Every planned comparison judged: the judgements, and the judge's answer counts (verdict modes,
+    cache)."""
+    from caitool.judge_cache import AnswerCache
     from caitool.label import Comparison, Labeller
     from caitool.progress import phase_progress
 
     by_key = {(a.prompt_set, a.model_name, a.prompt_id): a for a in answers}
     charter = plan.charter
     planned = _judgement_plan(answers, plan, seed)
-    labeller = Labeller(judge_backend, charter, swap=config.swap, mode=config.judge_mode)
+    cache = AnswerCache(config.judge_cache) if config.judge_cache else None
+    labeller = Labeller(
+        judge_backend,
+        charter,
+        swap=config.swap,
+        mode=config.judge_mode,
+        samples=config.judge_samples,
+        cache=cache,
+    )
     judge_id = judge_backend.model_id
     judgements: list[JudgementRecord] = []
     with phase_progress("eval: judge", len(planned)) as tracker:
@@ -578,6 +597,8 @@ def _judge_all(
             ]
             verdicts = labeller.judge(comparisons, seed=derive_seed(seed, "judge", start))
             for (s, pid, a, b, principle), verdict in zip(chunk, verdicts, strict=True):
+                if verdict.unparseable:  # counted in the judge's usage, never guessed
+                    continue
                 judgements.append(
                     JudgementRecord(
                         id=f"{s}/{a}-vs-{b}/{pid}",
@@ -591,8 +612,11 @@ def _judge_all(
                         p_swapped=verdict.p_swapped,
                         winner=winner_of(verdict.p_first, verdict.p_swapped),
                         judge=judge_id,
+                        samples=config.judge_samples or None,
+                        from_cache=verdict.from_cache if cache is not None else None,
                         constitution=charter.ref,
                     )
                 )
             tracker.advance(len(chunk))
-    return judgements
+    counts = {**labeller.unparseable_counts(), **(cache.stats() if cache is not None else {})}
+    return judgements, counts

@@ -39,9 +39,18 @@ from caitool.constitution import ComparisonPrinciple, Constitution, draw, load_c
 from caitool.errors import CaitoolError
 from caitool.eval_stats import TIE_MARGIN, percent, wilson_interval
 from caitool.jsonl_io import batched, read_records, write_json_atomic
-from caitool.label import DEFAULT_CLAMP, Comparison, Labeller, Mode, Verdict
+from caitool.judge_cache import AnswerCache
+from caitool.label import (
+    DEFAULT_CLAMP,
+    MAX_UNPARSEABLE_SHARE,
+    Comparison,
+    CostEstimate,
+    Labeller,
+    Mode,
+    Verdict,
+)
 from caitool.pipeline import Runtime, backend_params, validate_input
-from caitool.progress import phase_progress
+from caitool.progress import phase_progress, print_summary
 from caitool.provenance import build_manifest, now_iso
 from caitool.records import Message, describe_validation_error, parse_prompt_without_response
 
@@ -147,6 +156,9 @@ class Outcome:
     p_better_as_b: float | None
     letter_mass: float | None
     fields: dict[str, Any] = field(default_factory=dict)
+    votes: int | None = None  # verdict modes with --samples: the readable votes behind p
+    p_interval: tuple[float, float] | None = None  # 95% Wilson interval of the vote share p
+    from_cache: bool = False
 
     @property
     def result(self) -> str:
@@ -175,6 +187,9 @@ def outcome_from(item: LabelledComparison, principle: ComparisonPrinciple, mode:
         p_better_as_b=verdict.p_swapped,
         letter_mass=verdict.letter_mass,
         fields=item.fields,
+        votes=verdict.votes,
+        p_interval=wilson_interval(verdict.p * verdict.votes, verdict.votes) if verdict.votes else None,
+        from_cache=verdict.from_cache,
     )
 
 
@@ -302,6 +317,9 @@ class ModeReport:
     overall: Figures
     groups: dict[str, dict[str, Figures]]
     seconds_per_comparison: float
+    # verdict modes: answers read, answers that named no option, comparisons left out for it
+    unparseable: dict[str, int] = field(default_factory=dict)
+    samples: int = 0
 
 
 @dataclass
@@ -309,6 +327,7 @@ class JudgeCheckResult:
     model: str
     modes: list[ModeReport]
     outcomes: list[Outcome]
+    usage: dict[str, int] = field(default_factory=dict)  # requests and billed tokens (served judges)
 
 
 def group_figures(outcomes: Sequence[Outcome], by: Sequence[str]) -> dict[str, dict[str, Figures]]:
@@ -352,7 +371,9 @@ def _judge_mode(
             verdicts = labeller.judge(comparisons, seed=derive_seed(seed, labeller.mode, index))
             spent += time.perf_counter() - started
             outcomes.extend(
-                outcome_from(i, p, labeller.mode, v) for (i, p), v in zip(chunk, verdicts, strict=True)
+                outcome_from(i, p, labeller.mode, v)
+                for (i, p), v in zip(chunk, verdicts, strict=True)
+                if not v.unparseable  # left out, and counted, never guessed
             )
             tracker.advance(len(chunk))
     return outcomes, spent
@@ -368,11 +389,19 @@ def run_judge_check(
     by: Sequence[str] = ("category",),
     clamp: tuple[float, float] | None = DEFAULT_CLAMP,
     cot_max_new_tokens: int = 128,
+    samples: int = 0,
+    cache: str | Path | None = None,
+    max_unparseable: float = MAX_UNPARSEABLE_SHARE,
+    dry_run: bool = False,
     output: str | Path | None = None,
     runtime: Runtime | None = None,
     backend: GenerationBackend | None = None,
-) -> JudgeCheckResult:
-    """Judge every labelled comparison in every mode and score the verdicts; ``output``: JSON report."""
+) -> JudgeCheckResult | CostEstimate:
+    """Judge every labelled comparison in every mode and score the verdicts; ``output``: JSON report.
+
+    With ``dry_run`` nothing is loaded or sent: the requests and tokens it would take are
+    printed and returned.
+    """
     runtime = runtime or Runtime()
     started = now_iso()
     modes = list(dict.fromkeys(modes))
@@ -385,6 +414,30 @@ def run_judge_check(
         raise CaitoolError(f"{input_path} holds no comparisons")
     items = list(read_records(source.path, labelled_parser(charter)))
     chosen_principles = _principles_for(items, charter, candidates, runtime.seed)
+    options = {
+        "swap": True,
+        "clamp": clamp,
+        "cot_max_new_tokens": cot_max_new_tokens,
+        "max_unparseable": max_unparseable,
+    }
+
+    def samples_for(mode: str) -> int:
+        return samples if mode.startswith("verdict") else 0
+
+    if dry_run:
+        comparisons = [
+            Comparison(i.prompt, i.chosen, i.rejected, p)
+            for i, p in zip(items, chosen_principles, strict=True)
+        ]
+        estimate = CostEstimate(0, 0, 0)
+        for mode in modes:
+            labeller = Labeller(None, charter, mode=mode, samples=samples_for(mode), **options)  # type: ignore[arg-type]
+            estimate = estimate + labeller.cost_estimate(comparisons)
+        print_summary(
+            estimate.line(f"judge-check --mode {' --mode '.join(modes)} on {len(items)} comparisons")
+        )
+        return estimate
+    answer_cache = AnswerCache(cache) if cache is not None else None
     backend = backend or load_backend(model, runtime.backend)
     chunk_size = CHUNK_FACTOR * backend.parallelism
 
@@ -392,8 +445,13 @@ def run_judge_check(
     outcomes: list[Outcome] = []
     for mode in modes:
         labeller = Labeller(
-            backend, charter, mode=mode, swap=True, clamp=clamp, cot_max_new_tokens=cot_max_new_tokens
-        )  # type: ignore[arg-type]
+            backend,
+            charter,
+            mode=mode,
+            samples=samples_for(mode),
+            cache=answer_cache,
+            **options,  # type: ignore[arg-type]
+        )
         mode_outcomes, seconds = _judge_mode(labeller, items, chosen_principles, chunk_size, runtime.seed)
         outcomes.extend(mode_outcomes)
         reports.append(
@@ -402,9 +460,11 @@ def run_judge_check(
                 overall=figures_of(mode_outcomes),
                 groups=group_figures(mode_outcomes, by),
                 seconds_per_comparison=seconds / len(items),
+                unparseable=labeller.unparseable_counts(),
+                samples=samples_for(mode),
             )
         )
-    result = JudgeCheckResult(model=backend.model_id, modes=reports, outcomes=outcomes)
+    result = JudgeCheckResult(model=backend.model_id, modes=reports, outcomes=outcomes, usage=backend.stats())
     if output is not None:
         manifest = build_manifest(
             phase="judge-check",
@@ -414,13 +474,18 @@ def run_judge_check(
                 "by": list(by),
                 "clamp": list(clamp) if clamp else None,
                 "cot_max_new_tokens": cot_max_new_tokens,
+                **({"samples": samples} if samples else {}),
                 **backend_params(model, runtime),
             },
             started_at=started,
             models={"feedback": backend.describe()},
             inputs=[input_path],
             constitution=charter.ref,
-            counts={"comparisons": len(items)},
+            counts={
+                "comparisons": len(items),
+                **backend.stats(),
+                **(answer_cache.stats() if answer_cache is not None else {}),
+            },
         )
         write_json_atomic(Path(output), report_json(result, manifest))
     return result
@@ -442,6 +507,8 @@ def report_json(result: JudgeCheckResult, manifest: dict[str, Any]) -> dict[str,
                 "verdict": r.overall.verdict,
                 "reason": r.overall.reason,
                 "seconds_per_comparison": r.seconds_per_comparison,
+                **({"unparseable": r.unparseable} if r.unparseable else {}),
+                **({"samples": r.samples} if r.samples else {}),
                 "overall": asdict(r.overall),
                 "groups": {
                     name: {value: asdict(f) for value, f in values.items()}

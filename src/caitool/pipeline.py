@@ -148,6 +148,17 @@ def backend_params(model: str, runtime: Runtime) -> dict[str, Any]:
 Process = Callable[[list[In], int], ChunkResult]
 
 
+def api_usage(counts: dict[str, Any]) -> dict[str, object]:
+    """The requests and billed tokens a hosted API reported, for a summary line (empty when none)."""
+    if "prompt_tokens" not in counts:
+        return {}
+    return {
+        "requests": counts.get("requests", 0),
+        "prompt_tokens": counts["prompt_tokens"],
+        "completion_tokens": counts.get("completion_tokens", 0),
+    }
+
+
 @dataclass
 class BackendPhase(Generic[In]):
     """A record phase that talks to a model: what is its own, apart from any one run of it.
@@ -207,6 +218,7 @@ class BackendPhase(Generic[In]):
                 result.tracker,
                 **self.summary_counts(result),
                 **({"retried_requests": retried} if retried else {}),
+                **api_usage(result.counts),
                 output=output,
             )
         )

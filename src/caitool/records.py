@@ -151,12 +151,23 @@ class PreferenceRecord(PairRecord):
         description="P(response pair[0] is better) when it is shown as option (B); None without swap "
         "and in score mode (no options, so no order)",
     )
-    mode: Literal["logprob", "cot", "score", "rule"] = Field(
+    mode: Literal["logprob", "cot", "score", "verdict", "verdict-cot", "verdict-score", "rule"] = Field(
         description="logprob: option letters; cot: letters after reasoning; score: each response "
-        "scored alone (yes/no log-odds), the label from their difference; rule: written by a rule or "
-        "by hand, not by a feedback model (feedback_model says which)"
+        "scored alone (yes/no log-odds), the label from their difference; verdict, verdict-cot, "
+        "verdict-score: the same questions answered in the judge's own turn (no prefill); rule: "
+        "written by a rule or by hand, not by a feedback model (feedback_model says which)"
     )
-    reasoning: list[str] = Field(default_factory=list, description="chain-of-thought texts (cot mode)")
+    reasoning: list[str] = Field(
+        default_factory=list, description="chain-of-thought texts (cot modes); the answers (verdict modes)"
+    )
+    samples: int | None = Field(
+        default=None,
+        description="verdict modes with --samples K: K answers sampled per question, the label their "
+        "vote share",
+    )
+    from_cache: bool | None = Field(
+        default=None, description="True when every answer behind the label came from the --cache directory"
+    )
     feedback_model: str
     constitution: ConstitutionRef
 
@@ -366,4 +377,8 @@ class JudgementRecord(Record):
     )
     winner: Literal["a", "b", "tie"]
     judge: str
+    samples: int | None = Field(
+        default=None, description="verdict modes with --samples K: K votes per question"
+    )
+    from_cache: bool | None = Field(default=None, description="True when every answer came from --cache")
     constitution: ConstitutionRef

@@ -21,6 +21,7 @@ from caitool.backends.base import (
     GenerationBackend,
     SamplingParams,
     ServedSpec,
+    TokenLogprobs,
     derive_seed,
 )
 from caitool.errors import CaitoolError
@@ -31,6 +32,7 @@ __all__ = [
     "GenerationBackend",
     "SamplingParams",
     "ServedSpec",
+    "TokenLogprobs",
     "check_model_spec",
     "derive_seed",
     "load_backend",

@@ -34,6 +34,9 @@ class SamplingParams:
     max_new_tokens: int = 256
     n: int = 1
     ignore_eos: bool = False  # always produce max_new_tokens (benchmarks, like vLLM's ignore_eos)
+    # Ask for the N most likely alternatives of every generated token (0: none). Backends that
+    # cannot return them leave Completion.token_logprobs None (a judge then votes instead).
+    top_logprobs: int = 0
 
     @property
     def greedy(self) -> bool:
@@ -41,10 +44,21 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """One generated token: its text, its log-probability and the top alternatives' (text -> logprob)."""
+
+    text: str
+    logprob: float
+    top: dict[str, float]
+
+
+@dataclass(frozen=True)
 class Completion:
     text: str
     num_tokens: int
     finished: bool  # ended at end-of-turn rather than at max_new_tokens
+    # The generated tokens with their top alternatives, when asked for (top_logprobs) and returned.
+    token_logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 class GenerationBackend(Protocol):
@@ -83,6 +97,9 @@ class BackendOptions:
     max_retries: int = 5
     api_key_env: str = "OPENAI_API_KEY"
     tokenizer: str | None = None  # a local tokenizer: render chat templates here, use /v1/completions
+    # Client-side limits for hosted APIs (0: none): requests are paced to stay under them.
+    max_requests_per_minute: float = 0.0
+    max_tokens_per_minute: float = 0.0
 
 
 SERVED_PREFIX = "openai:"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from caitool.backends.base import Completion, SamplingParams, derive_seed
+from caitool.backends.base import Completion, SamplingParams, TokenLogprobs, derive_seed
 from caitool.records import Conversation
 from caitool.sampling import plain_generation_config, sample
 from caitool.tokens import cut_at_stop, decode, encode, left_padded, next_token_id, render_chat
@@ -121,19 +121,52 @@ class TransformersBackend:
                 eos_token_id=self.stop_ids,
                 pad_token_id=pad,
             )
+            if params.top_logprobs:  # the raw distribution of every step, as a server reports it
+                config.update(output_logits=True, return_dict_in_generate=True)
             with torch.inference_mode():
                 output = sample(self.model, input_ids, attention_mask, config)
-            new_tokens = output[:, input_ids.shape[1] :]
+            sequences = output.sequences if params.top_logprobs else output
+            new_tokens = sequences[:, input_ids.shape[1] :]
             for row, tokens in enumerate(new_tokens):
-                completion = self._completion(tokens.tolist())
+                steps = [step[row] for step in output.logits] if params.top_logprobs else None
+                completion = self._completion(tokens.tolist(), steps, params.top_logprobs)
                 results[indices[row // copies]].extend([completion] * (params.n // copies))
         return results
 
-    def _completion(self, tokens: list[int]) -> Completion:
+    def _completion(self, tokens: list[int], step_logits: Any = None, top: int = 0) -> Completion:
         kept, finished = cut_at_stop(tokens, self.stop_ids, self.tokenizer.pad_token_id)
         return Completion(
-            text=decode(self.tokenizer, kept), num_tokens=len(kept) + int(finished), finished=finished
+            text=decode(self.tokenizer, kept),
+            num_tokens=len(kept) + int(finished),
+            finished=finished,
+            token_logprobs=self._token_logprobs(kept, step_logits, top) if step_logits is not None else None,
         )
+
+    def _token_logprobs(self, kept: list[int], step_logits: Any, top: int) -> tuple[TokenLogprobs, ...]:
+        """Each kept token with the ``top`` most likely tokens of its step, by their text (merged)."""
+        import torch
+
+        tokens = []
+        for token_id, logits in zip(kept, step_logits, strict=False):
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            values, ids = logprobs.topk(top)
+            alternatives: dict[str, float] = {}
+            for value, alternative in zip(values.tolist(), ids.tolist(), strict=True):
+                text = self.tokenizer.decode([alternative])
+                known = alternatives.get(text)
+                alternatives[text] = (
+                    value
+                    if known is None
+                    else float(torch.logaddexp(torch.tensor(known), torch.tensor(value)))
+                )
+            tokens.append(
+                TokenLogprobs(
+                    text=self.tokenizer.decode([token_id]),
+                    logprob=float(logprobs[token_id]),
+                    top=alternatives,
+                )
+            )
+        return tuple(tokens)
 
     # -- scoring -----------------------------------------------------------------
     def score_continuations(

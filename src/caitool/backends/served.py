@@ -22,13 +22,18 @@ Servers continue it in one of two ways:
 A server that refuses the chat fields (OpenAI's own API answers 400) is reported with a hint
 to pass ``--tokenizer``. Requests run ``concurrency`` at a time, spread round-robin over the
 replicas, each retried with exponential backoff and jitter on 429, 5xx, time-outs and
-connection errors. The API key is read from the environment variable named by
+connection errors, after at least the wait a ``Retry-After`` header asks for. Hosted APIs get
+client-side pacing (``--max-requests-per-minute``, ``--max-tokens-per-minute``), token usage
+summed from ``usage`` into the run's stats, ``max_completion_tokens`` where ``max_tokens`` is
+refused, and generated tokens' log-probabilities when asked for (:mod:`caitool.backends.hosted`).
+The API key is read from the environment variable named by
 ``api_key_env`` and is never written to records, manifests, logs or error messages.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import random
@@ -41,6 +46,15 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from caitool.backends.base import BackendOptions, Completion, SamplingParams, ServedSpec, derive_seed
+from caitool.backends.hosted import (
+    RateLimiter,
+    Usage,
+    estimate_tokens,
+    generated_token_logprobs,
+    retry_after_seconds,
+    wants_max_completion_tokens,
+    with_max_completion_tokens,
+)
 from caitool.errors import CaitoolError
 from caitool.records import Conversation
 from caitool.tokens import as_dicts, render_chat
@@ -55,9 +69,10 @@ TOP_LOGPROBS = 20
 class RequestFailed(Exception):
     """One attempt failed; ``retry`` says whether another attempt may succeed."""
 
-    def __init__(self, message: str, *, retry: bool):
+    def __init__(self, message: str, *, retry: bool, retry_after: float | None = None):
         super().__init__(message)
         self.retry = retry
+        self.retry_after = retry_after
 
 
 def public_url(url: str) -> str:
@@ -96,6 +111,8 @@ class ServerClient:
         self.requests = 0
         self.retried_requests = 0
         self.retries = 0
+        self.limiter = RateLimiter(options.max_requests_per_minute, options.max_tokens_per_minute)
+        self.usage = Usage()
 
     def redact(self, text: str) -> str:
         return text.replace(self._secret, "***") if self._secret else text
@@ -115,8 +132,11 @@ class ServerClient:
         attempt = 0
         while True:
             base_url = self._replica()
+            self.limiter.acquire(_request_tokens(body))
             try:
-                return self._attempt("POST", base_url, path, body)
+                answer = self._attempt("POST", base_url, path, body)
+                self.usage.add(answer)
+                return answer
             except RequestFailed as failure:
                 if not failure.retry or attempt >= self.max_retries:
                     tries = f" after {attempt + 1} tries" if attempt else ""
@@ -124,7 +144,7 @@ class ServerClient:
                 with self._lock:
                     self.retries += 1
                     self.retried_requests += attempt == 0
-                    pause = backoff_seconds(attempt, self._rng)
+                    pause = max(backoff_seconds(attempt, self._rng), failure.retry_after or 0.0)
                 time.sleep(pause)
                 attempt += 1
 
@@ -145,6 +165,7 @@ class ServerClient:
             raise RequestFailed(
                 f"{shown} answered {response.status_code}: {message}",
                 retry=response.status_code in RETRIED_STATUS,
+                retry_after=retry_after_seconds(response.headers),
             )
         try:
             return response.json()
@@ -153,6 +174,14 @@ class ServerClient:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _request_tokens(body: dict[str, Any]) -> int:
+    """What a request may cost before it is sent: its text, and the most it may generate."""
+    most = body.get("max_tokens") or body.get("max_completion_tokens") or 0
+    return estimate_tokens(json.dumps(body.get("messages") or body.get("prompt") or "")) + most * body.get(
+        "n", 1
+    )
 
 
 def _error_message(response: Any) -> str:
@@ -185,6 +214,7 @@ class OpenAIBackend:
         self.tokenizer = tokenizer
         self.tokenizer_dir = tokenizer_dir
         self.vllm = server.get("owned_by") == "vllm"
+        self.max_completion_tokens = False  # set once the API refuses max_tokens
         self.weights_sha256 = _local_weights_hash(server.get("root"))
         root_name = Path(str(server.get("root") or "")).name
         self.model_id = (
@@ -234,6 +264,7 @@ class OpenAIBackend:
             "requests": self.client.requests,
             "retried_requests": self.client.retried_requests,
             "retries": self.client.retries,
+            **self.client.usage.stats(),
         }
 
     def generate(
@@ -276,7 +307,10 @@ class OpenAIBackend:
             body["ignore_eos"] = True  # a vLLM extension; benchmarks only
         if self.vllm:
             body["return_token_ids"] = True  # exact per-sample token counts
-        return self._with_conversation(body, conversation)
+        path, body = self._with_conversation(body, conversation)
+        if params.top_logprobs and path == "/chat/completions":
+            body.update(logprobs=True, top_logprobs=params.top_logprobs)
+        return path, body
 
     def _scoring_request(self, conversation: Conversation) -> tuple[str, dict[str, Any]]:
         body: dict[str, Any] = {"model": self.served.name, "max_tokens": 1, "temperature": 0.0}
@@ -299,6 +333,18 @@ class OpenAIBackend:
         return "/chat/completions", body
 
     def _run_all(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
+        """Every request; sent again with ``max_completion_tokens`` if the API refuses ``max_tokens``."""
+        if self.max_completion_tokens:
+            requests = [(path, with_max_completion_tokens(body)) for path, body in requests]
+        try:
+            return self._run_all_once(requests)
+        except CaitoolError as error:
+            if self.max_completion_tokens or not wants_max_completion_tokens(str(error)):
+                raise
+            self.max_completion_tokens = True
+            return self._run_all(requests)
+
+    def _run_all_once(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
         """Every request, ``parallelism`` in flight; the first failure cancels the rest and is raised."""
         futures = [self._pool.submit(self.client.post, path, body) for path, body in requests]
         try:
@@ -310,7 +356,8 @@ class OpenAIBackend:
             if isinstance(error, CaitoolError) and prefilled and _refused_request(str(error)):
                 raise CaitoolError(
                     f"{error}; this server does not continue a prefilled assistant turn: pass "
-                    "--tokenizer MODEL_DIR to render prompts here and use /v1/completions"
+                    "--tokenizer MODEL_DIR to render prompts here and use /v1/completions, or, for a "
+                    "hosted chat API, label with --mode verdict (the judge answers in its own turn)"
                 ) from None
             raise
 
@@ -337,7 +384,10 @@ class OpenAIBackend:
                 tokens = 0
             completions.append(
                 Completion(
-                    text=text.strip(), num_tokens=tokens, finished=choice.get("finish_reason") == "stop"
+                    text=text.strip(),
+                    num_tokens=tokens,
+                    finished=choice.get("finish_reason") == "stop",
+                    token_logprobs=generated_token_logprobs(choice),
                 )
             )
         return completions
