@@ -68,8 +68,9 @@ class GenerationBackend(Protocol):
 class BackendOptions:
     """How to run or reach a model, for every phase that generates or scores.
 
-    ``batch_size``, ``dtype`` and ``trust_remote_code`` apply to local models; ``base_urls``
-    (several replicas are used round-robin), ``concurrency``, ``request_timeout``,
+    ``engine``, ``batch_size``, ``dtype`` and ``trust_remote_code`` apply to local models
+    (``engine="vllm"`` runs them with vLLM in this process, ``concurrency`` sequences at once);
+    ``base_urls`` (several replicas are used round-robin), ``concurrency``, ``request_timeout``,
     ``max_retries`` and ``api_key_env`` (the *name* of the variable holding the key, never
     the key) to served ones.
     """
@@ -83,6 +84,7 @@ class BackendOptions:
     max_retries: int = 5
     api_key_env: str = "OPENAI_API_KEY"
     tokenizer: str | None = None  # a local tokenizer: render chat templates here, use /v1/completions
+    engine: str = "transformers"
 
 
 SERVED_PREFIX = "openai:"
