@@ -134,7 +134,7 @@ class VLLMBackend:
 
     @classmethod
     def load(cls, spec: str, options: BackendOptions | None = None, **engine_args: Any) -> VLLMBackend:
-        """Start the engine on a local model; ``engine_args`` override the defaults below (tests, benchmarks)."""
+        """Start the engine on a local model; ``engine_args`` override the settings below."""
         from caitool.models import (
             end_of_turn_ids,
             force_offline,
