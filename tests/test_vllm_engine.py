@@ -74,6 +74,18 @@ def test_the_engine_shapes_the_run_key_only_when_it_is_not_transformers():
     assert "engine" not in served
 
 
+def test_eval_keeps_answers_of_one_engine_apart_from_the_other(tmp_path, tiny_model_dir):
+    from caitool.evaluate import _generation_key
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    params = SamplingParams()
+    plain = _generation_key(prompts, str(tiny_model_dir), params, 0)
+    assert _generation_key(prompts, str(tiny_model_dir), params, 0, "transformers") == plain
+    assert _generation_key(prompts, str(tiny_model_dir), params, 0, "vllm") == {**plain, "engine": "vllm"}
+    assert "engine" not in _generation_key(prompts, "openai:x", params, 0, "vllm")
+
+
 def test_engine_vllm_without_vllm_is_one_clear_line(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
     prompts = tmp_path / "p.jsonl"
