@@ -142,6 +142,7 @@ def test_sampling_is_seeded_per_request_with_n_samples(engine):
     assert first == engine.generate(CONVERSATIONS, params, seed=5)
     assert first != engine.generate(CONVERSATIONS, params, seed=6)
     assert [len(samples) for samples in first] == [2] * len(CONVERSATIONS)
+    assert any(samples[0] != samples[1] for samples in first)  # n samples, not n copies of one
     # A request's samples depend on its own seed, not on which requests share the batch.
     alone = engine.generate(CONVERSATIONS[1:2], params, seed=5)
     assert alone[0] != first[1] or len(CONVERSATIONS) == 1  # position 0 vs 1: other seeds
