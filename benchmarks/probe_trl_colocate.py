@@ -1,6 +1,6 @@
 """Does TRL's vLLM colocate mode (``use_vllm=True, vllm_mode="colocate"``) run here?
 
-One RLOO step of TRL's own RLOOTrainer on a tiny random chat model (head size 32, which vLLM's
+Two RLOO steps of TRL's own RLOOTrainer on a tiny random chat model (head size 32, which vLLM's
 CPU attention takes), rewards from the completion length, generation by vLLM in this process.
 Prints "colocate: works" with the step's loss, or the exception that stopped it. CPU or GPU.
 
@@ -39,9 +39,10 @@ def main() -> None:
             output_dir=str(Path(tmp) / "out"),
             use_cpu=True,
             per_device_train_batch_size=4,
+            learning_rate=1e-3,
             num_generations=2,
             max_completion_length=8,
-            max_steps=1,
+            max_steps=2,  # the second step generates after a weight sync from an updated policy
             report_to="none",
             use_vllm=True,
             vllm_mode="colocate",
@@ -57,7 +58,7 @@ def main() -> None:
                 processing_class=tokenizer,
             )
             result = trainer.train()
-            print(f"colocate: works (one step, loss {result.training_loss:.4f})")
+            print(f"colocate: works (two steps, mean loss {result.training_loss:.4f})")
         except Exception as error:  # report the reason, whatever it is
             traceback.print_exc()
             print(f"colocate: fails: {type(error).__name__}: {error}")
