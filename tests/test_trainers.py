@@ -27,3 +27,13 @@ def test_how_often_a_run_saves_is_in_its_manifest_but_not_in_its_run_key(tmp_pat
         "device": "cpu",
         "resumed_from": None,
     }
+
+
+def test_cpu_training_arguments_are_ones_the_installed_transformers_takes(tmp_path):
+    """transformers 5.2x renamed gradient_checkpointing; vLLM's pins (caitool[vllm]) keep it below 5.20."""
+    from transformers import TrainingArguments
+
+    from caitool.trainers import cpu_training_kwargs
+
+    arguments = TrainingArguments(output_dir=str(tmp_path), **cpu_training_kwargs("cpu"))
+    assert arguments.use_cpu

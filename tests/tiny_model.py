@@ -33,11 +33,17 @@ CORPUS = [
 
 
 def build_tiny_model(
-    directory: Path, *, seed: int = 0, corpus: list[str] | None = None, extra_corpus: tuple[str, ...] = ()
+    directory: Path,
+    *,
+    seed: int = 0,
+    corpus: list[str] | None = None,
+    extra_corpus: tuple[str, ...] = (),
+    hidden_size: int = 64,
 ) -> Path:
     """The model in ``directory``; another ``corpus`` gives a tokenizer of another family (other ids).
 
     ``extra_corpus``: more text for the tokenizer, so that text a test uses a lot becomes few tokens.
+    ``hidden_size``: 4 heads share it (vLLM's CPU attention needs a head size of 32 or more: 128).
     """
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -64,8 +70,8 @@ def build_tiny_model(
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,

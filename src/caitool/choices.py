@@ -11,6 +11,8 @@ from typing import Any, Literal, get_args
 from caitool.errors import CaitoolError
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# How a local model runs: transformers in this process, or vLLM in this process (caitool[vllm]).
+Engine = Literal["transformers", "vllm"]
 # TRL's DPO losses (DPOConfig.loss_type); caitool's soft labels apply to the first.
 DpoLoss = Literal[
     "sigmoid",

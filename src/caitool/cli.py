@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import typer
 
-from caitool.choices import DpoLoss, Dtype, LabelMode, SftRounds, ValueFrom, ValueModel
+from caitool.choices import DpoLoss, Dtype, Engine, LabelMode, SftRounds, ValueFrom, ValueModel
 from caitool.errors import CaitoolError
 
 app = typer.Typer(
@@ -176,7 +176,16 @@ ConstitutionOpt = Annotated[
     typer.Option("--constitution", "-c", help="Constitution YAML file or bundled name (harmless, honest)."),
 ]
 SERVED = "Served models (--model openai:NAME)"
+EngineOpt = Annotated[
+    Engine,
+    typer.Option(
+        "--engine",
+        help="What runs a local model: transformers, or vllm (vLLM in this process, caitool[vllm]; "
+        "--concurrency sequences at once). Served models (openai:NAME) ignore it.",
+    ),
+]
 BACKEND_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "engine": (EngineOpt, "transformers"),
     "batch_size": (BatchOpt, 8),
     "dtype": (DtypeOpt, "auto"),
     "trust_remote_code": (TrustOpt, False),
@@ -195,7 +204,13 @@ BACKEND_OPTIONS: dict[str, tuple[Any, Any]] = {
     ),
     "concurrency": (
         Annotated[
-            int, typer.Option("--concurrency", min=1, rich_help_panel=SERVED, help="Requests in flight.")
+            int,
+            typer.Option(
+                "--concurrency",
+                min=1,
+                rich_help_panel=SERVED,
+                help="Requests in flight (and sequences at once under --engine vllm).",
+            ),
         ],
         64,
     ),

@@ -398,7 +398,7 @@ def _generate_for_model(
 
     outputs = [(s, plan.output_dir / GENERATIONS_DIR / f"{s}.{model.name}.jsonl") for s in plan.set_names]
     keyed = [
-        (source, path, _generation_key(source.path, model.spec, params, runtime.seed))
+        (source, path, _generation_key(source.path, model.spec, params, runtime.seed, runtime.backend.engine))
         for source, (_, path) in zip(plan.sources, outputs, strict=True)
     ]
     pending = [
@@ -426,7 +426,9 @@ def _generate_for_model(
     return outputs
 
 
-def _generation_key(prompts: Path, spec: str, params: SamplingParams, seed: int) -> dict[str, Any]:
+def _generation_key(
+    prompts: Path, spec: str, params: SamplingParams, seed: int, engine: str = "transformers"
+) -> dict[str, Any]:
     """What shapes a generation file: the prompts' content, the model's weights, sampling and seed.
 
     The weights hash (cached by path, size and mtime, so cheap after the first run) matters:
@@ -440,6 +442,8 @@ def _generation_key(prompts: Path, spec: str, params: SamplingParams, seed: int)
         "weights": _weights_id(spec),
         **asdict(params),
         "seed": seed,
+        # Named only for another engine on a local model, so the keys of existing outputs stand.
+        **({"engine": engine} if engine != "transformers" and not backends.is_served(spec) else {}),
     }
 
 

@@ -116,10 +116,16 @@ def ensure_default_model() -> Path:
     plain = AutoModelForCausalLM.from_config(config)
     plain.load_state_dict(quantised.state_dict())
     plain.generation_config = quantised.generation_config
+    return save_model_atomically(plain, tokenizer, target)
+
+
+def save_model_atomically(model: Any, tokenizer: Any, target: Path) -> Path:
+    """Save a model and tokenizer so that ``target`` appears whole or not at all (a killed save
+    leaves no half-written directory; a concurrent one that finished first wins)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
     try:
-        plain.save_pretrained(staging)
+        model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, target)
     except OSError:

@@ -142,6 +142,9 @@ def backend_params(model: str, runtime: Runtime) -> dict[str, Any]:
     if is_served(model):
         shaping["concurrency"] = options.concurrency
         shaping["tokenizer"] = options.tokenizer
+    elif options.engine != "transformers":
+        # Another engine's kernels give other samples; named only then, so existing run keys stand.
+        shaping["engine"] = options.engine
     return shaping
 
 

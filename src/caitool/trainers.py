@@ -70,7 +70,18 @@ def cpu_training_kwargs(device: str) -> dict[str, Any]:
         import torch
 
         return {"bf16": torch.cuda.is_bf16_supported(), "use_cpu": False, **distributed}
-    return {"use_cpu": True, "bf16": False, "fp16": False, "activation_checkpointing": False, **distributed}
+    return {"use_cpu": True, "bf16": False, "fp16": False, checkpointing_argument(): False, **distributed}
+
+
+def checkpointing_argument() -> str:
+    """transformers 5.2x renamed ``gradient_checkpointing`` to ``activation_checkpointing``; vLLM's
+    pins hold transformers below 5.20 (caitool[vllm]), so take whichever name is installed."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 def quiet_trainer(trainer: Any, log: Any) -> Any:

@@ -9,6 +9,9 @@ A model is named on the command line in one of two ways:
   with the address in the spec itself: ``openai:NAME@http://host:8000/v1[,http://host2:8000/v1]``
   (:mod:`caitool.backends.served`).
 
+A local model runs with transformers unless ``--engine vllm`` asks for vLLM in this process
+(:mod:`caitool.backends.vllm_engine`, installed with ``caitool[vllm]``).
+
 Phases never name a concrete backend: they call :func:`load_backend`.
 """
 
@@ -66,6 +69,9 @@ def parse_served_spec(spec: str, options: BackendOptions) -> ServedSpec | None:
 
 
 def check_local_options(spec: str, options: BackendOptions) -> None:
+    from caitool.choices import Engine, check_choice
+
+    check_choice("--engine", options.engine, Engine)
     if options.dtype != "auto" and is_served(spec):
         raise CaitoolError(
             f"--dtype {options.dtype} cannot apply to {spec}: the server chooses its precision"
@@ -83,7 +89,8 @@ def check_model_spec(spec: str, options: BackendOptions | None = None) -> None:
 
 
 def load_backend(spec: str, options: BackendOptions | None = None) -> GenerationBackend:
-    """The backend for a model spec: a served model when it starts with ``openai:``, else a local one."""
+    """The backend for a model spec: a served model when it starts with ``openai:``, else a local one
+    (run by transformers, or by vLLM under ``--engine vllm``)."""
     options = options or BackendOptions()
     check_local_options(spec, options)
     served = parse_served_spec(spec, options)
@@ -91,6 +98,10 @@ def load_backend(spec: str, options: BackendOptions | None = None) -> Generation
         from caitool.backends.served import OpenAIBackend
 
         return OpenAIBackend.connect(served, options)
+    if options.engine == "vllm":
+        from caitool.backends.vllm_engine import VLLMBackend
+
+        return VLLMBackend.load(spec, options)
     from caitool.backends.local import TransformersBackend
 
     return TransformersBackend.load(

@@ -82,8 +82,9 @@ class GenerationBackend(Protocol):
 class BackendOptions:
     """How to run or reach a model, for every phase that generates or scores.
 
-    ``batch_size``, ``dtype`` and ``trust_remote_code`` apply to local models; ``base_urls``
-    (several replicas are used round-robin), ``concurrency``, ``request_timeout``,
+    ``engine``, ``batch_size``, ``dtype`` and ``trust_remote_code`` apply to local models
+    (``engine="vllm"`` runs them with vLLM in this process, ``concurrency`` sequences at once);
+    ``base_urls`` (several replicas are used round-robin), ``concurrency``, ``request_timeout``,
     ``max_retries`` and ``api_key_env`` (the *name* of the variable holding the key, never
     the key) to served ones.
     """
@@ -100,6 +101,7 @@ class BackendOptions:
     # Client-side limits for hosted APIs (0: none): requests are paced to stay under them.
     max_requests_per_minute: float = 0.0
     max_tokens_per_minute: float = 0.0
+    engine: str = "transformers"
 
 
 SERVED_PREFIX = "openai:"
