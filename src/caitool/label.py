@@ -190,6 +190,7 @@ class Labeller:
         self.clamp = clamp
         self.cot_params = SamplingParams(temperature=cot_temperature, max_new_tokens=cot_max_new_tokens)
         self.shots = score_few_shot_turns(constitution) if mode == "score" else few_shot_turns(constitution)
+        self._score_shots: list[Message] | None = None
 
     def judge(self, comparisons: Sequence[Comparison], seed: int = 0) -> list[Verdict]:
         """One verdict per comparison; all questions of the call go to the model as one batch."""
@@ -218,14 +219,39 @@ class Labeller:
             )
         return verdicts
 
-    def _judge_by_scores(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
-        """Both responses of every comparison scored alone; the label is sigmoid of their log-odds gap."""
-        questions = [self.score_question(c, c.first) for c in comparisons]
-        questions += [self.score_question(c, c.second) for c in comparisons]
+    def score_responses(
+        self,
+        prompts: Sequence[Conversation],
+        responses: Sequence[str],
+        principles: Sequence[ComparisonPrinciple],
+    ) -> list[tuple[float, float]]:
+        """Each response alone, under its principle: its log-odds of being good, log P(Yes) - log P(No),
+        and the mass P(Yes) + P(No); one batch of questions (score mode's question, whatever the mode)."""
+        questions = [
+            [*self.score_shots, Message(role="user", content=score_question_text(p, principle.text, r))]
+            for p, r, principle in zip(prompts, responses, principles, strict=True)
+        ]
         prefilled = [[*q, Message(role="assistant", content=SCORE_PREFILL)] for q in questions]
         scores = self.backend.score_continuations(prefilled, list(VERDICT_WORDS))
-        log_odds = [yes - no for yes, no in scores]
-        masses = [answer_mass(yes, no) for yes, no in scores]
+        return [(yes - no, answer_mass(yes, no)) for yes, no in scores]
+
+    @property
+    def score_shots(self) -> list[Message]:
+        if self.mode == "score":
+            return self.shots
+        if self._score_shots is None:
+            self._score_shots = score_few_shot_turns(self.constitution)
+        return self._score_shots
+
+    def _judge_by_scores(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
+        """Both responses of every comparison scored alone; the label is sigmoid of their log-odds gap."""
+        scored = self.score_responses(
+            [c.prompt for c in comparisons] * 2,
+            [c.first for c in comparisons] + [c.second for c in comparisons],
+            [c.principle for c in comparisons] * 2,
+        )
+        log_odds = [odds for odds, _ in scored]
+        masses = [mass for _, mass in scored]
         count = len(comparisons)
         verdicts = []
         for index in range(count):
