@@ -111,10 +111,10 @@ def main() -> None:
         f"{'reward':<12} {'s/step':>8} {'x rm':>6} {'reward s/step':>14} {'x rm':>7} {'questions/step':>15}"
     )
     for label, figures in results.items():
+        step, reward = figures["step_seconds"], figures["reward_seconds"]
         print(
-            f"{label:<12} {figures['step_seconds']:>8.2f} {figures['step_seconds'] / base['step_seconds']:>6.2f} "
-            f"{figures['reward_seconds']:>14.2f} {figures['reward_seconds'] / base['reward_seconds']:>7.1f} "
-            f"{figures['questions']:>15.0f}"
+            f"{label:<12} {step:>8.2f} {step / base['step_seconds']:>6.2f} "
+            f"{reward:>14.2f} {reward / base['reward_seconds']:>7.1f} {figures['questions']:>15.0f}"
         )
     print(f"work files in {work}")
 
