@@ -37,7 +37,7 @@ def prompts_file(path: Path, count: int) -> Path:
 
 
 def run(label: str, reward_args: list[str], args: argparse.Namespace, work: Path) -> dict[str, float]:
-    out = work / label.replace(" ", "-")
+    out = work / f"grpo-{label.replace(' ', '-')}"
     command = [
         str(Path(sys.executable).with_name("caitool")),
         "grpo",
@@ -61,7 +61,9 @@ def run(label: str, reward_args: list[str], args: argparse.Namespace, work: Path
         *reward_args,
     ]
     started = time.perf_counter()
-    subprocess.run(command, check=True, capture_output=True, text=True)
+    finished = subprocess.run(command, capture_output=True, text=True)
+    if finished.returncode != 0:
+        sys.exit(f"{label}: grpo failed:\n{finished.stderr[-2000:]}")
     wall = time.perf_counter() - started
     log = [json.loads(line) for line in (out / "training_log.jsonl").read_text().splitlines()]
     timed = log[1:] or log
