@@ -322,3 +322,18 @@ def test_one_grpo_step_judged_by_a_real_vllm_server(tiny_model_dir, judged_promp
     assert entry["judge_calls"] == 4
     judge = json.loads((out / MODEL_MANIFEST).read_text())["params"]["judge"]
     assert judge["backend"] == "openai" and judge["spec"] == f"openai:{SERVED_NAME}"
+
+
+@pytest.mark.parametrize("judge", ["ref", "policy"])
+def test_the_policy_can_judge_itself(tiny_model_dir, prompts_file, tmp_path, judge):
+    """Self-rewarding: ``ref`` is the starting policy loaded again, ``policy`` the very model being
+    trained; both answer the judge's question with a real forward pass (no scripted backend)."""
+    out = tmp_path / "grpo"
+    result = small_grpo(tiny_model_dir, prompts_file, out, "--judge", judge, "--steps", 2)
+    assert result.exit_code == 0, result.output
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 8
+    assert all(0.0 < s["judge"]["p_good"] < 1.0 for s in samples)
+    assert len({round(s["judge"]["log_odds"], 6) for s in samples}) > 1  # each sample read, not a constant
+    manifest = json.loads((out / MODEL_MANIFEST).read_text())
+    assert manifest["params"]["judge"]["spec"] == judge and "judge" not in manifest["models"]

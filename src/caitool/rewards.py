@@ -420,7 +420,7 @@ def build_sources(
             models["judge"] = model_info(spec.judge)  # its weights' hash keys the run's checkpoints
         described = backend.describe() if spec.judge != "policy" else {"backend": "the policy being trained"}
         described = {k: v for k, v in described.items() if not k.startswith("_")}
-        judged = {"spec": spec.judge, **described, "constitution": constitution.ref.model_dump()}
+        judged = {**described, "spec": spec.judge, "constitution": constitution.ref.model_dump()}
     if spec.rule is not None:
         sources.append((RuleSource(), spec.rule_weight))
     return sources, models, judged
