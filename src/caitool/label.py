@@ -228,7 +228,7 @@ class Labeller:
         """Each response alone, under its principle: its log-odds of being good, log P(Yes) - log P(No),
         and the mass P(Yes) + P(No); one batch of questions (score mode's question, whatever the mode)."""
         questions = [
-            [*self.score_shots, Message(role="user", content=score_question_text(p, principle.text, r))]
+            self.score_question_about(p, principle, r)
             for p, r, principle in zip(prompts, responses, principles, strict=True)
         ]
         prefilled = [[*q, Message(role="assistant", content=SCORE_PREFILL)] for q in questions]
@@ -279,8 +279,13 @@ class Labeller:
 
     def score_question(self, comparison: Comparison, response: str) -> Conversation:
         """The yes/no few-shot turns, then the question about one response of the comparison."""
-        text = score_question_text(comparison.prompt, comparison.principle.text, response)
-        return [*self.shots, Message(role="user", content=text)]
+        return self.score_question_about(comparison.prompt, comparison.principle, response)
+
+    def score_question_about(
+        self, prompt: Conversation, principle: ComparisonPrinciple, response: str
+    ) -> Conversation:
+        text = score_question_text(prompt, principle.text, response)
+        return [*self.score_shots, Message(role="user", content=text)]
 
     def _ask(self, questions: list[Conversation], seed: int) -> tuple[list[float], list[float], list[str]]:
         """P(option A) and the letter mass P(A) + P(B) for each question; the reasoning texts in cot mode."""
