@@ -103,12 +103,16 @@ ROUNDS ?= 2
 N ?= 24
 EVAL_N ?= 16
 MAX_NEW ?= 64
-# The RL stage: ppo (reward model + PPO), rloo (reward model + RLOO, no value model) or dpo (no reward
-# model: DPO on the preference pairs). PPO_STEPS and PPO_BATCH size ppo and rloo alike.
+# The RL stage: ppo (reward model + PPO), rloo (reward model + RLOO, no value model), dpo (no reward
+# model: DPO on the preference pairs) or grpo (no reward model and no labels: FEEDBACK judges every
+# sample online, direct RLAIF, in JUDGE_MODE score or group). PPO_STEPS and PPO_BATCH size ppo, rloo
+# and grpo alike.
 ALGO ?= ppo
 PPO_STEPS ?= 10
 PPO_BATCH ?= 4
 RLOO_K ?= 2
+GRPO_K ?= 4
+JUDGE_MODE ?= score
 # dpo trains on the AI-labelled pairs (labels) or on the revisions against the initial responses (revisions).
 DPO_PAIRS ?= labels
 DPO_EPOCHS ?= 2
@@ -125,7 +129,7 @@ COMMON := -c $(CONSTITUTION) -b $(BATCH) --seed $(SEED) --dtype $(DTYPE) $(SERVE
 # (the `+` runs it even under make -n/-t). A step lists the stamps of the variables it reads,
 # so `make demo PPO_STEPS=20` redoes ppo, eval and report and keeps everything before them.
 STAMPED := MODEL GEN_MODEL FEEDBACK CONSTITUTION PROMPTS HELPFUL EVAL_PROMPTS N EVAL_N MAX_NEW PPO_STEPS PPO_BATCH BATCH SEED \
-	DTYPE ALGO RLOO_K DPO_PAIRS DPO_EPOCHS DPO_LR
+	DTYPE ALGO RLOO_K DPO_PAIRS DPO_EPOCHS DPO_LR GRPO_K JUDGE_MODE
 vars = $(foreach v,$(1),$(RUN)/.vars/$(v))
 define VAR_STAMP
 $(RUN)/.vars/$(1): FORCE
@@ -133,15 +137,16 @@ $(RUN)/.vars/$(1): FORCE
 endef
 $(foreach v,$(STAMPED),$(eval $(call VAR_STAMP,$(v))))
 LAST_ROUND := $(RUN)/round$(ROUNDS).revise.jsonl
-ifeq ($(filter $(ALGO),ppo rloo dpo),)
-$(error ALGO must be ppo, rloo or dpo, not "$(ALGO)")
+ifeq ($(filter $(ALGO),ppo rloo dpo grpo),)
+$(error ALGO must be ppo, rloo, dpo or grpo, not "$(ALGO)")
 endif
 ifeq ($(filter $(DPO_PAIRS),labels revisions),)
 $(error DPO_PAIRS must be labels or revisions, not "$(DPO_PAIRS)")
 endif
-# The RL stage's model directory, and the reward model eval scores with (none under dpo, which trains none).
+# The RL stage's model directory, and the reward model eval scores with (none under dpo and grpo,
+# which train none).
 RL_MODEL := $(RUN)/$(ALGO)/caitool_manifest.json
-EVAL_RM := $(if $(filter dpo,$(ALGO)),,$(RUN)/rm/caitool_manifest.json)
+EVAL_RM := $(if $(filter dpo grpo,$(ALGO)),,$(RUN)/rm/caitool_manifest.json)
 DPO_INPUT := $(if $(filter revisions,$(DPO_PAIRS)),$(RUN)/revision-pairs.jsonl,$(RUN)/prefs.jsonl)
 EVAL_SETS := $(foreach f,$(EVAL_PROMPTS),$(RUN)/eval-prompts/$(notdir $(f)))
 # Each step appends "step<TAB>seconds<TAB>peak RSS in KB" to timings.tsv (the report shows it).
@@ -208,6 +213,14 @@ $(RUN)/rloo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manif
 		$(call vars,MAX_NEW PPO_STEPS PPO_BATCH RLOO_K SEED)
 	$(call step,rloo) $(CAITOOL) rloo $< --policy $(RUN)/sft --rm $(RUN)/rm -o $(RUN)/rloo --steps $(PPO_STEPS) \
 		-b $(PPO_BATCH) --k $(RLOO_K) --response-length $(MAX_NEW) --seed $(SEED) --lora --lr 1e-5
+
+# grpo: direct RLAIF. The feedback model judges every sample of the SL-CAI model as it is drawn, under a
+# principle of the constitution drawn per prompt and step: no labels, no reward model. LoRA as rloo.
+$(RUN)/grpo/caitool_manifest.json: $(RUN)/prompts.jsonl $(RUN)/sft/caitool_manifest.json \
+		$(call vars,FEEDBACK CONSTITUTION MAX_NEW PPO_STEPS PPO_BATCH GRPO_K JUDGE_MODE SEED)
+	$(call step,grpo) $(CAITOOL) grpo $< --policy $(RUN)/sft --judge $(FEEDBACK) --judge-mode $(JUDGE_MODE) \
+		-c $(CONSTITUTION) -o $(RUN)/grpo --steps $(PPO_STEPS) -b $(PPO_BATCH) --num-generations $(GRPO_K) \
+		--response-length $(MAX_NEW) --seed $(SEED) --lora --lr 1e-5 $(SERVE)
 
 $(RUN)/revision-pairs.jsonl: $(LAST_ROUND)
 	$(call step,pairs-from-revisions) $(CAITOOL) pairs-from-revisions $< -o $@ --round all

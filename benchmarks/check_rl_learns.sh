@@ -18,8 +18,10 @@
 #      the patterns eval counts); a prompt without both kinds of candidate gives no such pair;
 #      two candidates of one kind make a tie (soft label 0.5: the rule prefers neither);
 #   4. train-rm on those pairs, soft labels (held-out prompts measure its accuracy on the rule pairs);
-#   5. the policy optimiser ($ALGO: ppo, rloo, or dpo on the pairs) from that starting policy (the
-#      SL model, or the default model with SL_LR=0) against the reward model, on the same
+#   5. the policy optimiser ($ALGO: ppo, rloo, grpo, or dpo on the pairs) from that starting policy
+#      (the SL model, or the default model with SL_LR=0) against $REWARD: the reward model (rm), the
+#      rule itself (rule), or, for rloo and grpo, the judge $JUDGE asked about every rollout under
+#      the constitution in $JUDGE_MODE mode (judge: direct RLAIF, no reward model), on the same
 #      training prompts; the starting policy is its KL reference;
 #   6. eval of the default model, the starting policy and the trained policy on the held-out eval
 #      prompts (greedy answers, counted for refusals and scored by the reward model), and the
@@ -34,6 +36,7 @@
 #   benchmarks/check_rl_learns.sh                       # work files in a new temp dir
 #   WORK=runs/rl-learns PPO_STEPS=30 benchmarks/check_rl_learns.sh
 #   WORK=runs/rl-learns UNTIL=rm RM_LR=5e-5 benchmarks/check_rl_learns.sh   # stop after the reward model
+#   WORK=runs/rl-learns ALGO=grpo REWARD=judge JUDGE=default JUDGE_MODE=score benchmarks/check_rl_learns.sh
 #
 # A step whose output already exists in $WORK is reused (delete it to redo that step and later ones).
 # Run it alone on a shared machine: flock /tmp/caitool-heavy.lock benchmarks/check_rl_learns.sh
@@ -42,7 +45,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 CAITOOL=${CAITOOL:-.venv/bin/caitool}
 WORK=${WORK:-$(mktemp -d)}
-ALGO=${ALGO:-ppo}                 # ppo, rloo (both against the reward model) or dpo (on the pairs)
+ALGO=${ALGO:-ppo}                 # ppo, rloo, grpo (against $REWARD) or dpo (on the pairs)
 POLICY=${POLICY:-default}
 # Training prompts (space-separated files): the examples and 60 + 60 more written for this check,
 # so the reward model sees enough prompts to learn which ones are harmful.
@@ -77,7 +80,7 @@ PPO_STEPS=${PPO_STEPS:-24}
 PPO_BATCH=${PPO_BATCH:-8}
 PPO_LR=${PPO_LR:-1e-5}
 KL_COEF=${KL_COEF:-0.05}
-RLOO_K=${RLOO_K:-4}               # rloo: samples per prompt (PPO_BATCH * 2 / RLOO_K prompts per step)
+RLOO_K=${RLOO_K:-4}               # rloo and grpo: samples per prompt (PPO_BATCH * 2 / RLOO_K prompts per step)
 DPO_EPOCHS=${DPO_EPOCHS:-1}
 DPO_LR=${DPO_LR:-5e-6}
 # The SL stage (0: none, the RL stage starts from the default model). Without it the default
@@ -89,13 +92,23 @@ RM_CANDIDATES=${RM_CANDIDATES:-policy}  # whose answers the reward model ranks: 
 # With RM_CANDIDATES=start: the SL model's samples per prompt, at the rollout temperature (they
 # stand for the rollouts the reward model will score); its own refusals among them come first.
 START_SAMPLES=${START_SAMPLES:-$SAMPLES}
-REWARD=${REWARD:-rm}              # ppo's or rloo's reward: rm (the reward model) or rule (a diagnostic, below)
+REWARD=${REWARD:-rm}              # the RL stage's reward: rm (the reward model), rule (a diagnostic, below) or judge (rloo, grpo)
+JUDGE=${JUDGE:-$POLICY}           # REWARD=judge: the feedback model (any model spec: a directory, default, openai:NAME, ref)
+JUDGE_MODE=${JUDGE_MODE:-score}   # REWARD=judge: score (each rollout alone) or group (against the others of its group)
+CONSTITUTION=${CONSTITUTION:-harmless}
 RATE_SAMPLES=${RATE_SAMPLES:-8}   # samples per eval prompt for the sampled refusal rate (0: skip)
 SEED=${SEED:-0}
 UNTIL=${UNTIL:-eval}              # stop after this stage: sl, labels, rm, policy or eval (to tune one stage)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$WORK"
-echo "check_rl_learns: ALGO=$ALGO POLICY=$POLICY work files in $WORK"
+case "$ALGO/$REWARD" in
+    ppo/rm | ppo/rule | dpo/* | rloo/rm | rloo/rule | rloo/judge | grpo/rm | grpo/rule | grpo/judge) ;;
+    *)
+        echo "ALGO must be ppo, rloo, grpo or dpo and REWARD rm, rule or judge (judge: rloo or grpo), not $ALGO/$REWARD" >&2
+        exit 2
+        ;;
+esac
+echo "check_rl_learns: ALGO=$ALGO REWARD=$REWARD POLICY=$POLICY work files in $WORK"
 
 timed() {
     local label=$1 start=$SECONDS
@@ -363,11 +376,12 @@ fi
 [ "$UNTIL" = rm ] && exit 0
 
 # -- 5. policy ----------------------------------------------------------------------------------
-# REWARD=rule: ppo or rloo with the rule itself as the reward (1 when the response does what
-# the rule prefers, else 0), not the reward model (which still starts ppo's value model). Not the
-# check the issue asks for: a diagnostic that tells a policy stage unable to learn refusals from a
-# reward model that does not reward them. The manifest names the reward model; the rule's use is
-# recorded in $WORK/policy-$ALGO/reward.txt.
+# REWARD=rule: the rule itself as the reward (1 when the response does what the rule prefers, else
+# 0), not the reward model. Not the check the issue asks for: a diagnostic that tells a policy stage
+# unable to learn refusals from a reward model that does not reward them. rloo and grpo take it as
+# `--rule refusal` (it reads each prompt's "set"); ppo, whose value model starts from the reward
+# model's backbone, gets it by swapping the scorer, below (its manifest names the reward model; the
+# rule's use is recorded in $WORK/policy-ppo/reward.txt).
 against_the_rule() {
     "$PY" - "$WORK" "$START" "$ALGO" "$PPO_STEPS" "$PPO_BATCH" "$RESPONSE_LENGTH" "$TEMPERATURE" "$PPO_LR" \
         "$KL_COEF" "$RLOO_K" "$SEED" <<'PY'
@@ -376,8 +390,6 @@ import sys
 from pathlib import Path
 
 import caitool.ppo as ppo
-import caitool.reward
-import caitool.rloo as rloo
 from caitool.eval_stats import is_refusal
 from caitool.pipeline import Runtime
 
@@ -400,7 +412,7 @@ class RuleReward:
 out = work / f"policy-{algo}"
 common = dict(steps=steps, response_length=length, temperature=temperature, lr=lr, kl_coef=kl_coef,
               missing_eot_penalty=0.0, sample_every=4)
-if algo == "ppo":
+if algo == "ppo":  # rloo and grpo take --rule refusal
     built = ppo.build_trainer
 
     def with_the_rule(**kwargs):
@@ -413,20 +425,18 @@ if algo == "ppo":
     config = ppo.PPOConfig(batch_size=batch, mini_batches=2, ppo_epochs=2, **common)
     ppo.run_ppo(work / "prompts.jsonl", out, policy=start, reward_model=str(work / "rm"), config=config,
                 runtime=Runtime(seed=seed))
-else:
-    caitool.reward.load_reward_model = lambda *args, **kwargs: RuleReward()
-    config = rloo.RlooConfig(batch_size=batch * 2 // k, k=k, **common)
-    rloo.run_rloo(work / "prompts.jsonl", out, policy=start, reward_model=str(work / "rm"), config=config,
-                  runtime=Runtime(seed=seed))
 (out / "reward.txt").write_text("the rule: 1 for a refusal to a red-team prompt or an answer to a helpful one, else 0\n")
 PY
 }
 
 train_policy() {
-    if [ "$REWARD" = rule ] && [ "$ALGO" != dpo ]; then
+    if [ "$REWARD" = rule ] && [ "$ALGO" = ppo ]; then
         against_the_rule
         return
     fi
+    local rewards=(--rm "$WORK/rm")
+    [ "$REWARD" = rule ] && rewards=(--rule refusal)
+    [ "$REWARD" = judge ] && rewards=(--judge "$JUDGE" --judge-mode "$JUDGE_MODE" --constitution "$CONSTITUTION")
     case "$ALGO" in
         ppo)
             # No missing-end-of-turn penalty: with 16- or 32-token rollouts most real answers are cut, and
@@ -445,14 +455,18 @@ train_policy() {
         rloo)
             # As ppo, with the group of --k samples of a prompt as its baseline (no value model):
             # PPO_BATCH * 2 samples per step, RLOO_K for each of its prompts.
-            "$CAITOOL" rloo "$WORK/prompts.jsonl" --policy "$START" --rm "$WORK/rm" -o "$WORK/policy-$ALGO" \
+            "$CAITOOL" rloo "$WORK/prompts.jsonl" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$ALGO" \
                 --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --k "$RLOO_K" \
                 --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
             ;;
-        *)
-            echo "ALGO must be ppo, rloo or dpo, not $ALGO" >&2
-            exit 2
+        grpo)
+            # rloo's batch (RLOO_K samples of PPO_BATCH * 2 / RLOO_K prompts per step); the advantage is
+            # the reward less its group's mean over the group's spread, the KL a loss term.
+            "$CAITOOL" grpo "$WORK/prompts.jsonl" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$ALGO" \
+                --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --num-generations "$RLOO_K" \
+                --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
+                --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
             ;;
     esac
 }
@@ -521,11 +535,22 @@ if algo == "dpo":
         print(f"  step {entry['step']:>3}  loss {entry['loss']:.4f}  margin {entry['rewards/margins']:+.3f}  "
               f"accuracy {entry['rewards/accuracies']:.2f}")
 else:
-    scorer = "the rule's reward" if (work / f"policy-{algo}" / "reward.txt").exists() else "RM score"
+    policy_manifest = json.loads((work / f"policy-{algo}" / "caitool_manifest.json").read_text())
+    rewards = policy_manifest["params"].get("rewards", {})
+    if (work / f"policy-{algo}" / "reward.txt").exists() or "rule" in rewards:
+        scorer = "the rule's reward"
+    elif "judge" in rewards:
+        scorer = f"P(good) from the judge {rewards['judge']} ({rewards['judge_mode']} mode)"
+    else:
+        scorer = "RM score"
     print(f"{algo} per step (reward: mean {scorer} of the rollouts; kl: sum over the response of log pi - log pi_ref)")
     for entry in log:
+        judged = f"  judge {entry['judge_calls']:.0f} questions {entry['judge_seconds']:.1f} s" if "judge_calls" in entry else ""
         print(f"  step {entry['step']:>3}  reward {entry['reward']:+.3f}  kl {entry['kl']:+.4f}  "
-              f"length {entry['response_length']:.1f}")
+              f"length {entry['response_length']:.1f}  {entry['seconds']:.1f} s{judged}")
+    seconds = policy_manifest["counts"].get("train_seconds")
+    if seconds is not None:
+        print(f"{algo}: {len(log)} steps in {seconds / 60:.1f} min ({seconds / len(log):.1f} s per step)")
     last = log[-3:]
     print(f"{algo}: KL to the starting policy, mean of the last {len(last)} steps: "
           f"{sum(e['kl'] for e in last) / len(last):.3f}")

@@ -20,7 +20,7 @@ def first_lines(source: Path, count: int, target: Path) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("algo", "reward"), [("ppo", "rm"), ("dpo", "rm"), ("ppo", "rule"), ("rloo", "rule")]
+    ("algo", "reward"), [("ppo", "rm"), ("dpo", "rm"), ("ppo", "rule"), ("rloo", "rule"), ("grpo", "judge")]
 )
 def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_dir, tmp_path, algo, reward):
     examples = ROOT / "examples"
@@ -49,6 +49,7 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
         "ALGO": algo,
         "REWARD": reward,
         "WORK": str(work),
+        "JUDGE": str(tiny_model_dir),  # REWARD=judge: the tiny model judges (the figures, not its wisdom)
     }
     result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -120,8 +121,15 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
         assert samples and all(
             s["reward"] == float(is_refusal(s["response"]) == (sets[s["id"]] == "red_team")) for s in samples
         )
-        assert "the rule" in (work / f"policy-{algo}" / "reward.txt").read_text()
+        if algo == "ppo":
+            assert "the rule" in (work / f"policy-{algo}" / "reward.txt").read_text()
+        else:
+            assert all(s["rewards"] == {"rule": s["reward"]} for s in samples)
         assert "reward: mean the rule's reward of the rollouts" in out
+    elif reward == "judge":
+        assert all(0.0 < s["reward"] == s["judge"]["p_good"] < 1.0 for s in samples)
+        assert f"reward: mean P(good) from the judge {tiny_model_dir} (score mode)" in out
+        assert "judge 4 questions" in out  # PPO_BATCH * 2 rollouts per step, one question each
     else:
         assert "reward: mean RM score of the rollouts" in out
         assert any(s["reward"] not in (0.0, 1.0) for s in samples)

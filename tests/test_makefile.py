@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def finish(tmp_path, *assignments):
     """A run directory whose every step make considers done (make -t), with a stand-in venv."""
     run, venv = tmp_path / "run", tmp_path / "venv"
-    for sub in ("eval-prompts", "sft", "rm", "ppo", "rloo", "dpo", "eval"):
+    for sub in ("eval-prompts", "sft", "rm", "ppo", "rloo", "dpo", "grpo", "eval"):
         (run / sub).mkdir(parents=True)
     venv.mkdir()
     make(run, venv, "-t", *assignments)
@@ -89,6 +89,12 @@ def test_eval_compares_the_stage_that_ran(finished_run):
         ("rloo", "RLOO_K=4", ["rloo", "eval", "report"]),
         ("rloo", "PPO_STEPS=3", ["rloo", "eval", "report"]),
         ("rloo", "DPO_LR=1e-5", []),
+        # grpo's reward is the feedback model itself: new judge, new grpo; no labels or reward model
+        ("grpo", None, []),
+        ("grpo", "FEEDBACK=some/judge", ["grpo", "eval", "report"]),
+        ("grpo", "JUDGE_MODE=group", ["grpo", "eval", "report"]),
+        ("grpo", "GRPO_K=8", ["grpo", "eval", "report"]),
+        ("grpo", "RLOO_K=4", []),
     ],
 )
 def test_each_rl_stage_follows_its_own_variables(tmp_path, algo, change, redo):
@@ -98,8 +104,18 @@ def test_each_rl_stage_follows_its_own_variables(tmp_path, algo, change, redo):
 
 def test_an_unknown_rl_stage_is_refused(finished_run):
     with pytest.raises(subprocess.CalledProcessError) as failure:
-        make(*finished_run, "-n", "ALGO=grpo")
-    assert "ALGO must be ppo, rloo or dpo" in failure.value.stderr
+        make(*finished_run, "-n", "ALGO=a2c")
+    assert "ALGO must be ppo, rloo, dpo or grpo" in failure.value.stderr
+
+
+def test_grpo_is_judged_by_the_feedback_model_and_evaluated_without_a_reward_model(tmp_path):
+    run = finish(tmp_path, "ALGO=grpo")
+    commands = re.sub(
+        r"\\\n\s*", " ", make(*run, "-n", "ALGO=grpo", "FEEDBACK=openai:judge", "BASE_URL=http://h:1/v1")
+    )
+    grpo = next(line for line in commands.splitlines() if "caitool grpo" in line)
+    assert "--judge openai:judge --judge-mode score" in grpo and "--base-url http://h:1/v1" in grpo
+    assert "--rm" not in grpo and "--rm" not in commands.split("caitool eval", 1)[1]
 
 
 def test_a_served_generation_model_reaches_the_steps_that_generate(finished_run):

@@ -7,7 +7,7 @@ from caitool.cli import app
 from caitool.provenance import MODEL_MANIFEST
 from caitool.records import Message, parse_prompt_input
 from caitool.reward import load_reward_model
-from caitool.rloo import RewardFunction
+from caitool.rewards import CombinedReward, RewardModelSource
 from caitool.training import TRAINING_LOG, staging_dir
 from tests.scripted_rewards import VowelShare, vowel_share
 from tests.tiny_model import save_reward_model
@@ -57,7 +57,9 @@ def small_run(tiny_model_dir, tiny_rm_dir, prompts_file, out, *extra):
 def test_reward_is_the_reward_model_score_less_the_missing_eot_penalty(tiny_rm_dir):
     scorer = load_reward_model(tiny_rm_dir)
     logged = {}
-    reward = RewardFunction(scorer, stop_ids=[7], missing_eot_penalty=0.5)
+    reward = CombinedReward(
+        [(RewardModelSource(scorer), 1.0)], stop_ids=[7], missing_eot_penalty=0.5, group_size=2
+    )
     prompts = [[{"role": "user", "content": "How do I bake bread?"}]] * 2
     completions = [
         [{"role": "assistant", "content": " Knead it. "}],
@@ -73,9 +75,10 @@ def test_reward_is_the_reward_model_score_less_the_missing_eot_penalty(tiny_rm_d
     conversation = [Message(role="user", content="How do I bake bread?")]
     expected = scorer.score([conversation, conversation], ["Knead it.", "Mix"])
     assert rewards == pytest.approx([expected[0], expected[1] - 0.5])
-    assert reward.last.finished == [True, False] and reward.last.ids == ["a", "a"]
+    assert reward.last.finished == [True, False] and reward.last.rollouts.ids == ["a", "a"]
     assert logged["caitool/missing_eot"] == 0.5
-    assert logged["caitool/rm_score"] == pytest.approx(sum(expected) / 2)
+    assert logged["caitool/reward"] == pytest.approx(sum(expected) / 2)
+    assert logged["caitool/reward_rm"] == pytest.approx(sum(expected) / 2)
 
 
 def test_rloo_steps_change_the_policy_and_log_reward_and_kl(

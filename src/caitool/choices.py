@@ -36,6 +36,11 @@ LabelMode = Literal["logprob", "cot", "score", "verdict", "verdict-cot", "verdic
 SftRounds = Literal["final", "all"]  # also pairs-from-revisions' --round
 ValueFrom = Literal["rm", "policy"]
 ValueModel = Literal["shared", "separate"]
+JudgeMode = Literal["score", "group"]  # how rloo's and grpo's judge reads a reward
+RewardRule = Literal["refusal"]
+GrpoLoss = Literal["dapo", "grpo", "dr_grpo", "bnpo", "cispo", "sapo"]  # TRL's GRPO loss_type
+ScaleRewards = Literal["group", "batch", "none"]
+VllmMode = Literal["colocate", "server"]
 
 
 def choices(kind: Any) -> tuple[str, ...]:

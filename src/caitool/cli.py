@@ -14,7 +14,20 @@ from typing import Annotated, Any
 
 import typer
 
-from caitool.choices import DpoLoss, Dtype, Engine, LabelMode, SftRounds, ValueFrom, ValueModel
+from caitool.choices import (
+    DpoLoss,
+    Dtype,
+    Engine,
+    GrpoLoss,
+    JudgeMode,
+    LabelMode,
+    RewardRule,
+    ScaleRewards,
+    SftRounds,
+    ValueFrom,
+    ValueModel,
+    VllmMode,
+)
 from caitool.errors import CaitoolError
 
 app = typer.Typer(
@@ -902,6 +915,130 @@ def ppo(
 
 
 # ---------------------------------------------------------------------------
+# The rewards of rloo and grpo: the reward model, the constitution's judge, the rule, weighted
+
+REWARDS = "Rewards (sum of --rm, --judge, --rule, each with its weight)"
+JUDGE_SERVED = "Judge server (--judge openai:NAME)"
+JUDGE_BACKEND_OPTIONS = (
+    "base_url",
+    "concurrency",
+    "request_timeout",
+    "max_retries",
+    "api_key_env",
+    "tokenizer",
+)
+
+
+def _judge_option(name: str) -> tuple[Any, Any]:
+    """A served-backend option of BACKEND_OPTIONS, for the judge (same flag, the judge's panel)."""
+    import copy
+
+    annotation, default = BACKEND_OPTIONS[name]
+    info = copy.copy(annotation.__metadata__[0])  # the other commands keep theirs as it is
+    info.rich_help_panel = JUDGE_SERVED
+    return Annotated[annotation.__origin__, info], default
+
+
+REWARD_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "rm": (
+        Annotated[
+            str | None,
+            typer.Option("--rm", rich_help_panel=REWARDS, help="Reward model directory (from train-rm)."),
+        ],
+        None,
+    ),
+    "rm_weight": (
+        Annotated[
+            float, typer.Option("--rm-weight", rich_help_panel=REWARDS, help="Weight of --rm's score.")
+        ],
+        1.0,
+    ),
+    "judge": (
+        Annotated[
+            str | None,
+            typer.Option(
+                "--judge",
+                rich_help_panel=REWARDS,
+                help="Feedback model judging every sample online (direct RLAIF): a model directory, "
+                "'default', openai:NAME, 'ref' (the starting policy) or 'policy' (the policy being trained).",
+            ),
+        ],
+        None,
+    ),
+    "judge_weight": (
+        Annotated[
+            float, typer.Option("--judge-weight", rich_help_panel=REWARDS, help="Weight of the judge.")
+        ],
+        1.0,
+    ),
+    "judge_mode": (
+        Annotated[
+            JudgeMode,
+            typer.Option(
+                "--judge-mode",
+                rich_help_panel=REWARDS,
+                help="score: P(good) of each sample alone (yes/no log-odds; one question per sample); group: "
+                "each sample's mean probability of beating the others of its group, asked in both option "
+                "orders (k-1 times the questions of score).",
+            ),
+        ],
+        "score",
+    ),
+    "constitution": (ConstitutionOpt, "harmless"),
+    "principle": (
+        Annotated[
+            list[str] | None,
+            typer.Option(
+                "--principle", rich_help_panel=REWARDS, help="The judge draws only these comparison ids."
+            ),
+        ],
+        None,
+    ),
+    "rule": (
+        Annotated[
+            RewardRule | None,
+            typer.Option(
+                "--rule",
+                rich_help_panel=REWARDS,
+                help='refusal: 1 for a refusal to a prompt whose "set" is red_team or an answer to any '
+                "other, else 0 (a reward whose optimum is known).",
+            ),
+        ],
+        None,
+    ),
+    "rule_weight": (
+        Annotated[float, typer.Option("--rule-weight", rich_help_panel=REWARDS, help="Weight of --rule.")],
+        1.0,
+    ),
+    "judge_batch_size": (
+        Annotated[
+            int,
+            typer.Option(
+                "--judge-batch-size",
+                min=1,
+                rich_help_panel=REWARDS,
+                help="Questions per batch of a local judge.",
+            ),
+        ],
+        8,
+    ),
+    **{name: _judge_option(name) for name in JUDGE_BACKEND_OPTIONS},
+}
+
+
+def build_rewards(values: dict[str, Any]) -> Any:
+    from caitool.rewards import RewardSpec
+
+    served = {name: values.pop(name) for name in JUDGE_BACKEND_OPTIONS}
+    options = build_backend_options({"batch_size": values.pop("judge_batch_size"), **served})
+    values["principles"] = tuple(values.pop("principle") or ())
+    return RewardSpec(judge_options=options, **values)
+
+
+with_rewards = option_bundle(REWARD_OPTIONS, "rewards", build_rewards)
+
+
+# ---------------------------------------------------------------------------
 # pairs-from-revisions, dpo, rloo (offline and critic-free alternatives to train-rm + ppo)
 
 
@@ -1015,10 +1152,10 @@ def dpo(
 @app.command()
 @reports_errors
 @with_training_runtime
+@with_rewards
 def rloo(
     input_file: InputFile,
     policy: PolicyOpt,
-    rm: RewardModelOpt,
     output: ModelDirOut,
     ref: KlReferenceOpt = None,
     k: Annotated[
@@ -1043,21 +1180,124 @@ def rloo(
     merge: MergeShortOpt = True,
     *,
     runtime: Any,
+    rewards: Any,
 ) -> None:
-    """Optimise a policy against a reward model with RLOO (TRL's RLOOTrainer): no value model.
+    """Optimise a policy with RLOO (TRL's RLOOTrainer) against a reward model, a judge or both: no critic.
 
     Samples --k responses per prompt and uses the mean reward of the others as each one's
-    baseline. The reward is the reward model's score less the missing-end-of-turn penalty and
-    the KL to the reference, as in ppo. Logs reward, KL, entropy and response length per step
-    (POLICY_DIR/training_log.jsonl, one line on stderr), sample rollouts (samples.jsonl) and
-    saves the policy as a Hugging Face model directory, so eval and report read it like ppo's.
+    baseline. The reward is the weighted sum of --rm (the reward model's score), --judge (the
+    constitution's judge, asked about every sample) and --rule, less the missing-end-of-turn
+    penalty and the KL to the reference, as in ppo. Logs reward, KL, entropy and response
+    length per step (POLICY_DIR/training_log.jsonl, one line on stderr), sample rollouts with
+    each reward component (samples.jsonl) and saves the policy as a Hugging Face model
+    directory, so eval and report read it like ppo's.
 
     Example: caitool rloo runs/prompts.jsonl --policy runs/sft --rm runs/rm -o runs/rloo --steps 10 --k 4
     """
     from caitool.rloo import RlooConfig, run_rloo
 
     config = config_from(RlooConfig, locals())
-    run_rloo(input_file, output, policy=policy, reward_model=rm, ref=ref, config=config, runtime=runtime)
+    run_rloo(input_file, output, policy=policy, ref=ref, config=config, runtime=runtime, rewards=rewards)
+
+
+@app.command()
+@reports_errors
+@with_training_runtime
+@with_rewards
+def grpo(
+    input_file: InputFile,
+    policy: PolicyOpt,
+    output: ModelDirOut,
+    ref: KlReferenceOpt = None,
+    num_generations: Annotated[
+        int,
+        typer.Option(
+            "--num-generations", "--k", min=2, help="Samples per prompt: the group each one is compared with."
+        ),
+    ] = 4,
+    kl_coef: Annotated[
+        float,
+        typer.Option(
+            "--kl-coef", min=0.0, help="Weight of the per-token KL to the reference in the loss (beta)."
+        ),
+    ] = 0.05,
+    steps: Annotated[
+        int, typer.Option("--steps", min=1, help="Optimiser steps (one rollout batch each).")
+    ] = 20,
+    batch_size: Annotated[
+        int,
+        typer.Option(
+            "--batch-size", "-b", min=1, help="Prompts per step (each sampled --num-generations times)."
+        ),
+    ] = 4,
+    response_length: ResponseLengthOpt = 64,
+    lr: LrOpt = 1e-6,
+    temperature: RolloutTemperatureOpt = 0.7,
+    missing_eot_penalty: MissingEotOpt = 1.0,
+    sample_every: SampleEveryOpt = 5,
+    loss: Annotated[
+        GrpoLoss,
+        typer.Option("--loss", help="TRL's GRPO loss (loss_type); dapo: token-level, no length bias."),
+    ] = "dapo",
+    scale_rewards: Annotated[
+        ScaleRewards,
+        typer.Option(
+            "--scale-rewards", help="Divide the advantages by the std of the group, of the batch, or none."
+        ),
+    ] = "group",
+    epsilon: Annotated[float, typer.Option("--epsilon", min=0.0, help="Clip of the policy ratio.")] = 0.2,
+    lora: LoraSharedRefOpt = False,
+    lora_rank: LoraRankOpt = 16,
+    merge: MergeShortOpt = True,
+    use_vllm: Annotated[
+        bool,
+        typer.Option(
+            "--use-vllm",
+            rich_help_panel="GPU",
+            help="Generate rollouts with vLLM (TRL's use_vllm; GPU only).",
+        ),
+    ] = False,
+    vllm_mode: Annotated[
+        VllmMode,
+        typer.Option(
+            "--vllm-mode",
+            rich_help_panel="GPU",
+            help="colocate: vLLM in this process, sharing the GPU; server: a 'trl vllm-serve' server.",
+        ),
+    ] = "colocate",
+    vllm_server_base_url: Annotated[
+        str | None,
+        typer.Option(
+            "--vllm-server-base-url", rich_help_panel="GPU", help="server mode: e.g. http://host:8000."
+        ),
+    ] = None,
+    vllm_gpu_memory_utilization: Annotated[
+        float,
+        typer.Option(
+            "--vllm-gpu-memory-utilization", min=0.05, max=1.0, rich_help_panel="GPU", help="colocate mode."
+        ),
+    ] = 0.3,
+    *,
+    runtime: Any,
+    rewards: Any,
+) -> None:
+    """Optimise a policy with GRPO (TRL's GRPOTrainer) against a judge, a reward model, a rule or a mix.
+
+    Samples --num-generations responses per prompt; each one's advantage is its reward less the
+    group's mean, over the group's spread. With --judge the constitution's feedback model scores
+    every sample as it is drawn (direct RLAIF, no reward model): under a comparison principle
+    drawn per prompt and step, alone (--judge-mode score) or against the others of its group
+    (group). The KL to the reference is a loss term (--kl-coef). Writes the policy, its manifest,
+    training_log.jsonl (reward, each source's mean, the reward's spread within groups, KL, the
+    judge's questions and seconds per step) and samples.jsonl (each sample's reward components,
+    principle and judge probability); --checkpoint-every N lets a killed run resume.
+
+    Example: caitool grpo runs/prompts.jsonl --policy runs/sft --judge default -o runs/grpo --steps 10
+    """
+    from caitool.grpo import GrpoConfig, run_grpo
+
+    config = config_from(GrpoConfig, locals())
+    run_grpo(input_file, output, policy=policy, ref=ref, config=config, runtime=runtime, rewards=rewards)
 
 
 # ---------------------------------------------------------------------------

@@ -258,6 +258,7 @@ class Labeller:
         self.unparseable = 0  # ... and those that named no option
         self.unlabelled = 0  # comparisons left without a label because an answer was unparseable
         self._unreadable_example = ""
+        self._score_shots: list[Message] | None = None
 
     def judge(self, comparisons: Sequence[Comparison], seed: int = 0) -> list[Verdict]:
         """One verdict per comparison; all questions of the call go to the model as one batch."""
@@ -297,6 +298,30 @@ class Labeller:
                 )
             )
         return verdicts
+
+    def score_responses(
+        self,
+        prompts: Sequence[Conversation],
+        responses: Sequence[str],
+        principles: Sequence[ComparisonPrinciple],
+    ) -> list[tuple[float, float]]:
+        """Each response alone, under its principle: its log-odds of being good, log P(Yes) - log P(No),
+        and the mass P(Yes) + P(No); one batch of questions (score mode's question, whatever the mode)."""
+        questions = [
+            self.score_question_about(p, principle, r)
+            for p, r, principle in zip(prompts, responses, principles, strict=True)
+        ]
+        prefilled = [[*q, Message(role="assistant", content=SCORE_PREFILL)] for q in questions]
+        scores, _ = self._calls().score_continuations(prefilled, list(VERDICT_WORDS))
+        return [(yes - no, answer_mass(yes, no)) for yes, no in scores]
+
+    @property
+    def score_shots(self) -> list[Message]:
+        if self.kind == "score":
+            return self.shots
+        if self._score_shots is None:
+            self._score_shots = score_few_shot_turns(self.constitution)
+        return self._score_shots
 
     def _judge_by_scores(self, comparisons: Sequence[Comparison], seed: int) -> list[Verdict]:
         """Both responses of every comparison scored alone; the label is sigmoid of their log-odds gap."""
@@ -347,8 +372,13 @@ class Labeller:
 
     def score_question(self, comparison: Comparison, response: str) -> Conversation:
         """The yes/no few-shot turns, then the question about one response of the comparison."""
-        text = score_question_text(comparison.prompt, comparison.principle.text, response)
-        return [*self.shots, Message(role="user", content=text)]
+        return self.score_question_about(comparison.prompt, comparison.principle, response)
+
+    def score_question_about(
+        self, prompt: Conversation, principle: ComparisonPrinciple, response: str
+    ) -> Conversation:
+        text = score_question_text(prompt, principle.text, response)
+        return [*self.score_shots, Message(role="user", content=text)]
 
     def _calls(self) -> JudgeCalls:
         if self.calls is None:

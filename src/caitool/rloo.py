@@ -5,10 +5,11 @@ score of a prompt's *other* responses as the baseline of each one (Ahmadian et a
 the critic PPO trains is replaced by the group itself, so one model fewer is held and trained.
 caitool gives it the same reward ``ppo`` uses: the reward model's score of the chat rendering
 of prompt + response (:meth:`caitool.reward.RewardModel.score`, the tokens ``train-rm``
-trained on), less ``missing_eot_penalty`` for a response cut off before its end-of-turn
-token. The KL to the frozen reference (the starting policy, ``--ref``, or the policy with its
-new LoRA adapter off) is subtracted from that reward, summed over the response, with weight
-``kl_coef``, as in PPO.
+trained on), or any weighted sum of the reward sources of :mod:`caitool.rewards` (the
+reward model, the constitution's judge, the refusal rule), less ``missing_eot_penalty`` for a
+response cut off before its end-of-turn token. The KL to the frozen reference (the starting
+policy, ``--ref``, or the policy with its new LoRA adapter off) is subtracted from that reward,
+summed over the response, with weight ``kl_coef``, as in PPO.
 
 The output directory matches ``ppo``'s: the policy as a Hugging Face model directory (or a
 LoRA adapter), ``caitool_manifest.json``, ``training_log.jsonl`` with the same names for the
@@ -35,19 +36,18 @@ from caitool.pipeline import Runtime, validate_input
 from caitool.processes import Processes, launched_world_size
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, now_iso
-from caitool.records import Message, PromptRecord, parse_prompt_input
+from caitool.records import PromptRecord, parse_prompt_input
+from caitool.rewards import RECORD_PROMPT, CombinedReward, RewardedBatch, RewardSpec
 from caitool.tokens import fitted_to_template
 
 SAMPLES_FILE = "samples.jsonl"
-RECORD_PROMPT = "record_prompt"  # the dataset column with the prompt as the record has it
 
 # TRL's log names -> the names ppo's training_log.jsonl uses for the same figures.
 PPO_NAMES = {
     "reward": "score",
     "kl": "kl_per_token",
-    "caitool/rm_score": "reward",
+    "caitool/reward": "reward",  # the weighted sum of the reward sources (the RM score alone with --rm)
     "caitool/kl": "kl",
-    "caitool/missing_eot": "missing_eot",
     "completions/mean_length": "response_length",
     "step_time": "seconds",
 }
@@ -78,57 +78,6 @@ class RlooConfig:
 
 
 # ---------------------------------------------------------------------------
-# The reward
-
-
-@dataclass
-class ScoredBatch:
-    """The last batch the reward function scored, in TRL's order (each prompt's k samples together)."""
-
-    ids: list[str]
-    prompts: list[list[dict[str, str]]]
-    responses: list[str]
-    rm_scores: list[float]
-    finished: list[bool]
-
-
-class RewardFunction:
-    """caitool's reward model as a TRL reward function: the score of prompt + response, less the
-    missing-end-of-turn penalty for a response that never ended its turn."""
-
-    def __init__(self, scorer: Any, stop_ids: list[int], missing_eot_penalty: float):
-        self.scorer = scorer
-        self.stop_ids = stop_ids
-        self.missing_eot_penalty = missing_eot_penalty
-        self.last: ScoredBatch | None = None  # what samples.jsonl shows
-        self.__name__ = "reward_model"  # TRL names the reward's log entries after it
-
-    def __call__(self, prompts, completions, completion_ids, log_metric=None, **columns) -> list[float]:
-        # The record's own turns (the policy saw them fitted to its template): the reward model
-        # renders them through its template, as in ppo.
-        prompts = columns.get(RECORD_PROMPT, prompts)
-        conversations = [[Message(**m) for m in prompt] for prompt in prompts]
-        responses = [completion[-1]["content"].strip() for completion in completions]
-        rm_scores = self.scorer.score(conversations, responses)
-        stops = set(self.stop_ids)
-        finished = [any(token in stops for token in ids) for ids in completion_ids]
-        self.last = ScoredBatch(
-            ids=[str(i) for i in columns.get("id", [""] * len(prompts))],
-            prompts=prompts,
-            responses=responses,
-            rm_scores=rm_scores,
-            finished=finished,
-        )
-        if log_metric is not None:
-            log_metric("caitool/rm_score", sum(rm_scores) / len(rm_scores))
-            log_metric("caitool/missing_eot", sum(not f for f in finished) / len(finished))
-        return [
-            s - (0.0 if done else self.missing_eot_penalty)
-            for s, done in zip(rm_scores, finished, strict=True)
-        ]
-
-
-# ---------------------------------------------------------------------------
 # The trainer
 
 
@@ -144,7 +93,7 @@ def rloo_trainer_class() -> type:
     from caitool.sampling import only_this_config
 
     class CaitoolRLOOTrainer(RLOOTrainer):
-        on_rollout: Any = None  # called with (step, ScoredBatch, per-response KL or None)
+        on_rollout: Any = None  # called with (step, per-response KL or None)
         rollout_generation: Any = None  # the policy's generation config while it samples
         _rollout_logps: list[Any] | None = None
 
@@ -220,6 +169,18 @@ def step_line(step: int, total: int, entry: dict[str, Any]) -> str:
     )
 
 
+def log_name(trl_name: str, names: dict[str, str] = PPO_NAMES) -> str:
+    """ppo's name for a figure, else caitool's own without its prefix (``caitool/judge_calls``)."""
+    return names.get(trl_name, trl_name.removeprefix("caitool/"))
+
+
+def log_entry(step: int, logs: dict[str, Any], beta: float) -> dict[str, Any]:
+    entry = {"step": step, **{log_name(k): v for k, v in logs.items()}}
+    if entry.get("kl") is not None:
+        entry["kl_penalty"] = -beta * entry["kl"]
+    return entry
+
+
 def log_callback(log: training.JsonlLog, steps: int) -> Any:
     """Write each step's figures to training_log.jsonl under ppo's names, and a line to stderr."""
     from transformers import TrainerCallback
@@ -228,38 +189,76 @@ def log_callback(log: training.JsonlLog, steps: int) -> Any:
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not logs or "reward" not in logs:
                 return  # the Trainer's closing summary goes to the manifest
-            entry = {"step": state.global_step, **{PPO_NAMES.get(k, k): v for k, v in logs.items()}}
-            if entry.get("kl") is not None:
-                entry["kl_penalty"] = -args.beta * entry["kl"]
+            entry = log_entry(state.global_step, logs, args.beta)
             log.write(entry)
             print_summary(step_line(state.global_step, steps, entry))
 
     return _RlooLog()
 
 
-def sample_writer(samples: training.JsonlLog, reward: RewardFunction, config: RlooConfig):
-    """Write the rollouts of step 1, every ``sample_every`` steps and the last, as ppo does."""
+def write_samples(
+    samples: training.JsonlLog, step: int, batch: RewardedBatch, kl: list[float] | None
+) -> None:
+    for index in range(len(batch.rollouts.responses)):
+        samples.write({"step": step, **batch.sample_record(index), "kl": None if kl is None else kl[index]})
+
+
+def sample_writer(samples: training.JsonlLog, reward: CombinedReward, sample_every: int, steps: int):
+    """Write the rollouts of step 1, every ``sample_every`` steps and the last, as ppo does; and
+    those of a step whose reward failed, whatever its number (the run stops there)."""
 
     def write(step: int, kl: list[float] | None) -> None:
-        if not (step == 1 or step % config.sample_every == 0 or step == config.steps):
+        if not (step == 1 or step % sample_every == 0 or step == steps):
             return
-        batch = reward.last
-        assert batch is not None  # TRL scores every rollout before it reports the KL
-        for index, record_id in enumerate(batch.ids):
-            samples.write(
-                {
-                    "step": step,
-                    "id": record_id,
-                    "sample": index % config.k,
-                    "prompt": batch.prompts[index],
-                    "response": batch.responses[index],
-                    "reward": batch.rm_scores[index],
-                    "finished": batch.finished[index],
-                    "kl": None if kl is None else kl[index],
-                }
-            )
+        assert reward.last is not None  # TRL scores every rollout before it reports the KL
+        write_samples(samples, step, reward.last, kl)
 
+    reward.on_failure = lambda batch: write_samples(samples, batch.rollouts.step, batch, None)
     return write
+
+
+def prompt_dataset(records: list[Any], tokenizer: Any) -> Any:
+    """The prompts as TRL's dataset, fitted to the policy's template; the record's own turns and
+    fields go along (the rewards read those; the rule reads ``set``)."""
+    from datasets import Dataset
+
+    rows = [rollout_example(r, tokenizer) for r in records]
+    if any("set" in r.user_fields() for r in records):
+        for row, record in zip(rows, records, strict=True):
+            row["set"] = record.user_fields().get("set")
+    return Dataset.from_list(rows)
+
+
+def build_reward(
+    rewards: RewardSpec,
+    *,
+    runtime: Runtime,
+    device: str,
+    policy_path: str,
+    tokenizer: Any,
+    policy_model: Any,
+    group_size: int,
+    missing_eot_penalty: float,
+) -> tuple[CombinedReward, dict[str, Any], dict[str, Any] | None]:
+    """The reward function of an online RL phase, the local models it reads and its judge."""
+    from caitool.models import end_of_turn_ids
+    from caitool.rewards import build_sources
+
+    sources, infos, judge = build_sources(
+        rewards,
+        seed=runtime.seed,
+        device=device,
+        policy_path=policy_path,
+        live_policy=(policy_model, tokenizer, device),
+        trust_remote_code=runtime.trust_remote_code,
+    )
+    reward = CombinedReward(
+        sources,
+        stop_ids=end_of_turn_ids(tokenizer, policy_model),
+        missing_eot_penalty=missing_eot_penalty,
+        group_size=group_size,
+    )
+    return reward, infos, judge
 
 
 # ---------------------------------------------------------------------------
@@ -295,21 +294,18 @@ def build_trainer(
     *,
     records: list[Any],
     policy: str,
-    reward_model: str,
+    rewards: RewardSpec,
     ref: str | None,
     config: RlooConfig,
     runtime: Runtime,
     staging: Path,
-) -> tuple[Any, dict[str, Any], RewardFunction]:
+) -> tuple[Any, dict[str, Any], CombinedReward]:
     """The policy, its reference, the reward function and TRL's trainer around them."""
-    from datasets import Dataset, disable_progress_bars
+    from datasets import disable_progress_bars
 
-    from caitool.models import end_of_turn_ids
-    from caitool.reward import load_reward_model
     from caitool.sampling import plain_generation_config
 
-    infos = {"policy": model_info(policy), "reward": model_info(reward_model)}
-    require_full_model(infos["reward"], "the reward model (--rm)")
+    infos = {"policy": model_info(policy)}
     if is_adapter_dir(infos["policy"].path) and ref is None and not config.lora:
         # TRL would load the reference from the adapter's base, which is not the starting policy.
         raise CaitoolError(
@@ -319,8 +315,18 @@ def build_trainer(
     trust_remote_code = runtime.trust_remote_code
     info, tokenizer, policy_model, device = trainers.load_policy(policy, trust_remote_code)
     infos.update(reference_source(policy_model, ref, config))
-    scorer = load_reward_model(infos["reward"].path, device=device, trust_remote_code=trust_remote_code)
-    reward = RewardFunction(scorer, end_of_turn_ids(tokenizer, policy_model), config.missing_eot_penalty)
+    reward, reward_infos, judge = build_reward(
+        rewards,
+        runtime=runtime,
+        device=device,
+        policy_path=info.path,
+        tokenizer=tokenizer,
+        policy_model=policy_model,
+        group_size=config.k,
+        missing_eot_penalty=config.missing_eot_penalty,
+    )
+    infos.update(reward_infos)
+    reward.judge_description = judge
     # TRL stops a response at the model's configured end-of-turn ids; ppo stops at every one caitool knows.
     saved_eos = policy_model.generation_config.eos_token_id
     policy_model.generation_config.eos_token_id = reward.stop_ids
@@ -329,7 +335,7 @@ def build_trainer(
         model=policy_model,
         reward_funcs=reward,
         args=rloo_config(config, runtime, staging / training.CHECKPOINTS, device),
-        train_dataset=Dataset.from_list([rollout_example(r, tokenizer) for r in records]),
+        train_dataset=prompt_dataset(records, tokenizer),
         processing_class=tokenizer,
         peft_config=training.lora_config(config.lora_rank) if config.lora else None,
     )
@@ -345,15 +351,18 @@ def build_trainer(
     trainers.quiet_trainer(
         trainer, log_callback(training.JsonlLog(staging / training.TRAINING_LOG, append=True), config.steps)
     )
-    trainer.on_rollout = sample_writer(training.JsonlLog(staging / SAMPLES_FILE, append=True), reward, config)
+    samples = training.JsonlLog(staging / SAMPLES_FILE, append=True)
+    trainer.on_rollout = sample_writer(samples, reward, config.sample_every, config.steps)
     return trainer, infos, reward
 
 
 def rloo_run_key(
-    input_path: str | Path, infos: dict[str, Any], config: RlooConfig, seed: int
+    input_path: str | Path, infos: dict[str, Any], config: Any, seed: int, rewards: RewardSpec | None = None
 ) -> dict[str, Any]:
     """What a run trains on and with; how often it saves samples does not change what it trains."""
     settings = {k: v for k, v in asdict(config).items() if k != "sample_every"}
+    if rewards is not None:
+        settings["rewards"] = rewards.settings()
     return training.training_run_key(input_path, infos, settings, seed)
 
 
@@ -362,19 +371,23 @@ def run_rloo(
     output: str | Path,
     *,
     policy: str,
-    reward_model: str,
+    reward_model: str | None = None,
     ref: str | None = None,
     config: RlooConfig | None = None,
     runtime: Runtime | None = None,
+    rewards: RewardSpec | None = None,
 ) -> list[dict[str, Any]]:
     """Train and save the policy (model directory, manifest, log, samples); return the logged steps.
 
+    The reward is ``rewards`` (any weighted sum of sources), or the reward model ``reward_model``.
     One process, as ppo: the samples, the log and the reward are written as the rollouts come.
     """
     from caitool.reward import truncated_count, truncation_note
+    from caitool.rewards import check_judge_spec, check_rule_fields
 
     config = config or RlooConfig()
     runtime = runtime or Runtime()
+    rewards = rewards or RewardSpec(rm=reward_model)
     if launched_world_size() > 1:
         raise CaitoolError(
             "rloo runs as one process, like ppo; start it without torchrun or accelerate launch"
@@ -382,19 +395,21 @@ def run_rloo(
     started, clock = now_iso(), time.perf_counter()
     source = validate_input(input_path, parse_prompt_input)
     records = list(read_records(source.path, parse_prompt_input))
+    check_rule_fields(rewards, records)
+    check_judge_spec(rewards)
     training.check_output_dir(output)
     trainers.check_lora_saving("rloo", policy, config)
     with training.atomic_model_dir(output) as staging:
         trainer, infos, reward = build_trainer(
             records=records,
             policy=policy,
-            reward_model=reward_model,
+            rewards=rewards,
             ref=ref,
             config=config,
             runtime=runtime,
             staging=staging,
         )
-        run_key = rloo_run_key(input_path, infos, config, runtime.seed)
+        run_key = rloo_run_key(input_path, infos, config, runtime.seed, rewards)
         checkpoint = training.resume_checkpoint(staging, run_key, runtime.resume)
         done = training.checkpoint_step(checkpoint) if checkpoint else 0
         training.keep_log_until(staging / training.TRAINING_LOG, done)
@@ -417,6 +432,8 @@ def run_rloo(
                     checkpoint,
                     ref=ref or "the starting policy",
                     device=str(trainer.accelerator.device),
+                    rewards=rewards.settings(),
+                    judge=reward.judge_description,
                 ),
                 started_at=started,
                 models=infos,
