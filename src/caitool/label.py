@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from caitool.backends import GenerationBackend, SamplingParams, derive_seed
+from caitool.backends import ContinuationsNotScored, GenerationBackend, SamplingParams, derive_seed
 from caitool.choices import LabelMode, check_choice
 from caitool.constitution import ComparisonExample, ComparisonPrinciple, Constitution, draw, load_constitution
 from caitool.errors import CaitoolError
@@ -90,6 +90,13 @@ class Verdict:
     @property
     def orders_disagree(self) -> bool:
         return self.p_swapped is not None and (self.p_first > 0.5) != (self.p_swapped > 0.5)
+
+
+@dataclass(frozen=True)
+class Unjudged:
+    """A comparison the feedback model could not answer: why (one line)."""
+
+    reason: str
 
 
 def letter_probability(logprob_a: float, logprob_b: float) -> float:
@@ -193,19 +200,33 @@ class Labeller:
 
     def judge(self, comparisons: Sequence[Comparison], seed: int = 0) -> list[Verdict]:
         """One verdict per comparison; all questions of the call go to the model as one batch."""
+        verdicts = self.judge_each(comparisons, seed)
+        for verdict in verdicts:
+            if isinstance(verdict, Unjudged):
+                raise CaitoolError(verdict.reason)
+        return verdicts  # type: ignore[return-value]
+
+    def judge_each(self, comparisons: Sequence[Comparison], seed: int = 0) -> list[Verdict | Unjudged]:
+        """As :meth:`judge`, but a comparison whose answer tokens the model could not score (a
+        served model's top log-probs left one out) is :class:`Unjudged` and the others are kept."""
         if self.mode == "score":
             return self._judge_by_scores(comparisons)
         questions = [self.question(c, swapped=False) for c in comparisons]
         if self.swap:
             questions += [self.question(c, swapped=True) for c in comparisons]
-        p_option_a, masses, reasoning = self._ask(questions, seed)
+        scores, reasoning = self._ask(questions, seed)
         count = len(comparisons)
-        verdicts = []
+        verdicts: list[Verdict | Unjudged] = []
         for index in range(count):
-            p_first = p_option_a[index]
-            p_swapped = 1.0 - p_option_a[count + index] if self.swap else None
+            asked = scores[index::count]
+            failed = [row for row in asked if isinstance(row, str)]
+            if failed:
+                verdicts.append(Unjudged(failed[0]))
+                continue
+            p_first = letter_probability(*asked[0])
+            p_swapped = 1.0 - letter_probability(*asked[1]) if self.swap else None
             shown = [p_first] if p_swapped is None else [p_first, p_swapped]
-            asked = masses[index::count]
+            masses = [answer_mass(*row) for row in asked]
             texts = reasoning[index::count] if reasoning else []
             verdicts.append(
                 Verdict(
@@ -213,32 +234,43 @@ class Labeller:
                     p_first=p_first,
                     p_swapped=p_swapped,
                     reasoning=texts,
-                    letter_mass=sum(asked) / len(asked),
+                    letter_mass=sum(masses) / len(masses),
                 )
             )
         return verdicts
 
-    def _judge_by_scores(self, comparisons: Sequence[Comparison]) -> list[Verdict]:
+    def _judge_by_scores(self, comparisons: Sequence[Comparison]) -> list[Verdict | Unjudged]:
         """Both responses of every comparison scored alone; the label is sigmoid of their log-odds gap."""
         questions = [self.score_question(c, c.first) for c in comparisons]
         questions += [self.score_question(c, c.second) for c in comparisons]
         prefilled = [[*q, Message(role="assistant", content=SCORE_PREFILL)] for q in questions]
-        scores = self.backend.score_continuations(prefilled, list(VERDICT_WORDS))
-        log_odds = [yes - no for yes, no in scores]
-        masses = [answer_mass(yes, no) for yes, no in scores]
+        scores = self._scores(prefilled, list(VERDICT_WORDS))
         count = len(comparisons)
-        verdicts = []
+        verdicts: list[Verdict | Unjudged] = []
         for index in range(count):
-            p = sigmoid(log_odds[index] - log_odds[count + index])
+            first, second = scores[index], scores[count + index]
+            if isinstance(first, str) or isinstance(second, str):
+                verdicts.append(Unjudged(first if isinstance(first, str) else str(second)))
+                continue
+            p = sigmoid((first[0] - first[1]) - (second[0] - second[1]))
             verdicts.append(
                 Verdict(
                     p=p,
                     p_first=p,
                     p_swapped=None,
-                    letter_mass=(masses[index] + masses[count + index]) / 2,
+                    letter_mass=(answer_mass(*first) + answer_mass(*second)) / 2,
                 )
             )
         return verdicts
+
+    def _scores(self, prefilled: list[Conversation], words: list[str]) -> list[list[float] | str]:
+        """Each prompt's answer-token log-probs, or why they could not be read for it."""
+        try:
+            return list(self.backend.score_continuations(prefilled, words))
+        except ContinuationsNotScored as partial:
+            return [
+                partial.reasons[index] if row is None else row for index, row in enumerate(partial.scores)
+            ]
 
     def _final(self, p: float) -> float:
         if self.mode == "cot" and self.clamp is not None:
@@ -256,8 +288,9 @@ class Labeller:
         text = score_question_text(comparison.prompt, comparison.principle.text, response)
         return [*self.shots, Message(role="user", content=text)]
 
-    def _ask(self, questions: list[Conversation], seed: int) -> tuple[list[float], list[float], list[str]]:
-        """P(option A) and the letter mass P(A) + P(B) for each question; the reasoning texts in cot mode."""
+    def _ask(self, questions: list[Conversation], seed: int) -> tuple[list[list[float] | str], list[str]]:
+        """The two letters' log-probs for each question (or why they could not be read); the
+        reasoning texts in cot mode."""
         reasoning: list[str] = []
         if self.mode == "logprob":
             prefilled = [[*q, Message(role="assistant", content=ANSWER_PREFILL)] for q in questions]
@@ -269,9 +302,7 @@ class Labeller:
                 [*q, Message(role="assistant", content=f"{COT_PREFILL} {text}\n{COT_ANSWER}")]
                 for q, text in zip(questions, reasoning, strict=True)
             ]
-        scores = self.backend.score_continuations(prefilled, list(LETTERS))
-        probabilities = [letter_probability(a, b) for a, b in scores]
-        return probabilities, [answer_mass(a, b) for a, b in scores], reasoning
+        return self._scores(prefilled, list(LETTERS)), reasoning
 
 
 # ---------------------------------------------------------------------------
@@ -396,7 +427,11 @@ def run_label_preferences(
                 Comparison(r.prompt, r.responses[p[0]], r.responses[p[1]], principle)
                 for r, p, principle in zip(records, pairs, chosen_principles, strict=True)
             ]
-            verdicts = labeller.judge(comparisons, seed=derive_seed(seed, chunk_index))
+            judged = labeller.judge_each(comparisons, seed=derive_seed(seed, chunk_index))
+            for record, verdict in zip(records, judged, strict=True):
+                if isinstance(verdict, Unjudged):
+                    print_summary(f"warning: record {record.id!r} left unlabelled: {verdict.reason}")
+            verdicts = [v for v in judged if isinstance(v, Verdict)]
             masses.extend(v.letter_mass for v in verdicts if v.letter_mass is not None)
             out = [
                 preference_record(
@@ -408,9 +443,14 @@ def run_label_preferences(
                     feedback_model=backend.model_id,
                     constitution=loaded_constitution,
                 )
-                for r, p, principle, v in zip(records, pairs, chosen_principles, verdicts, strict=True)
+                for r, p, principle, v in zip(records, pairs, chosen_principles, judged, strict=True)
+                if isinstance(v, Verdict)
             ]
-            return ChunkResult(out, counts={"disagree": sum(v.orders_disagree for v in verdicts)})
+            counts = {
+                "disagree": sum(v.orders_disagree for v in verdicts),
+                "unlabelled": len(records) - len(out),
+            }
+            return ChunkResult(out, counts=counts)
 
         return process
 
@@ -466,9 +506,11 @@ def fitness_warning(
 
 
 def _summary_counts(result: PhaseResult, both_orders: bool) -> dict[str, object]:
+    unlabelled = result.counts.get("unlabelled", 0)
+    shown: dict[str, object] = {"left_unlabelled": unlabelled} if unlabelled else {}
     if not both_orders:
-        return {}
+        return shown
     labelled = max(result.tracker.records, 1)
     disagree = result.counts.get("disagree", 0)
     share = f"{disagree}/{result.tracker.records} ({100.0 * disagree / labelled:.0f}%)"
-    return {"the_two_option_orders_disagreed": share}
+    return {**shown, "the_two_option_orders_disagreed": share}

@@ -18,6 +18,7 @@ from caitool.backends.base import (
     SERVED_PREFIX,
     BackendOptions,
     Completion,
+    ContinuationsNotScored,
     GenerationBackend,
     SamplingParams,
     ServedSpec,
@@ -28,6 +29,7 @@ from caitool.errors import CaitoolError
 __all__ = [
     "BackendOptions",
     "Completion",
+    "ContinuationsNotScored",
     "GenerationBackend",
     "SamplingParams",
     "ServedSpec",
