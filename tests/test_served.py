@@ -402,22 +402,11 @@ def test_replicas_share_the_requests_round_robin(tmp_path):
 @pytest.fixture(scope="module")
 def bos_tokenizer_dir(tmp_path_factory):
     """A tiny Llama-style tokenizer whose chat template starts with BOS, as Llama, Gemma, Mistral's do."""
-    from tests.tiny_model import FAMILIES, _family_tokenizer
+    from tests.tiny_model import FAMILIES, _family_tokenizer, with_bos_added
 
     directory = tmp_path_factory.mktemp("llama-tokenizer")
-    _with_bos_added(_family_tokenizer(FAMILIES["llama"])).save_pretrained(directory)
+    with_bos_added(_family_tokenizer(FAMILIES["llama"])).save_pretrained(directory)
     return directory
-
-
-def _with_bos_added(tokenizer):
-    """Encoding adds BOS, as Llama's tokenizer (add_bos_token) does when a server tokenizes text."""
-    from tokenizers.processors import TemplateProcessing
-
-    bos = tokenizer.bos_token
-    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)]
-    )
-    return tokenizer
 
 
 def test_a_local_tokenizer_sends_token_ids_with_the_templates_one_bos(stub, bos_tokenizer_dir):

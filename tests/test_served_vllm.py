@@ -191,3 +191,94 @@ def test_a_killed_server_stops_the_run_cleanly_and_the_rerun_completes(server, t
     subprocess.run(command, check=True, capture_output=True, text=True)
     ids = [r["id"] for r in lines(out)]
     assert sorted(ids) == sorted(r["id"] for r in lines(prompts)) and len(ids) == len(set(ids))
+
+
+# ---------------------------------------------------------------------------
+# Tiny family models (tests/tiny_model.py) served by vLLM: what the served path must send so that
+# the server computes what the local backend computes, on the records the family matrix uses
+# (one with a system turn).
+
+
+def serve_family(name: str, root: Path, **build: bool) -> VLLMServer:
+    from tests.tiny_model import FAMILIES, SERVABLE_MAX_LENGTH, build_family_model
+
+    model = build_family_model(root / name, FAMILIES[name], servable=True, **build)
+    return VLLMServer(vllm_python(), model, root, max_model_len=SERVABLE_MAX_LENGTH).start()
+
+
+def family_prompts(target: Path) -> Path:
+    from tests.test_families import PROMPTS
+
+    target.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return target
+
+
+def test_greedy_served_equals_greedy_local_on_a_model_shipping_sampling_settings(tmp_path):
+    """The Qwen2 tiny model's generation config sets repetition_penalty 1.05 and top_k 20, which
+    vLLM applies unless the request says otherwise (the penalty even under greedy decoding)."""
+    server = serve_family("qwen2", tmp_path)
+    try:
+        prompts = family_prompts(tmp_path / "p.jsonl")
+        greedy = ["--temperature", "0", "--max-new-tokens", "24"]
+        invoke(
+            ["generate", str(prompts), "-o", str(tmp_path / "local.jsonl"), "-m", str(server.model_dir), *greedy]
+        )
+        invoke(["generate", str(prompts), "-o", str(tmp_path / "chat.jsonl"), *served(server.url, *greedy)])
+        invoke(
+            ["generate", str(prompts), "-o", str(tmp_path / "ids.jsonl"), *served(server.url, *greedy)]
+            + ["--tokenizer", str(server.model_dir)]
+        )
+    finally:
+        server.kill()
+    local = [r["responses"] for r in lines(tmp_path / "local.jsonl")]
+    assert [r["responses"] for r in lines(tmp_path / "chat.jsonl")] == local
+    assert [r["responses"] for r in lines(tmp_path / "ids.jsonl")] == local
+    sent = json.loads(manifest_path(tmp_path / "chat.jsonl").read_text())["models"]["policy"]["sampling_sent"]
+    assert sent["repetition_penalty"] == 1.0 and sent["top_k"] == -1
+
+
+def test_a_bos_template_model_is_served_and_scored_as_locally(tmp_path):
+    """Llama's template starts with BOS and its tokenizer adds one to text: the --tokenizer path
+    must send ids, or the model sees two. Letters are scored exactly (prompt_logprobs) on both
+    served paths, so the labels equal the local ones."""
+    server = serve_family("llama", tmp_path, bos_added=True)
+    try:
+        prompts = family_prompts(tmp_path / "p.jsonl")
+        model = str(server.model_dir)
+        pairs = tmp_path / "pairs.jsonl"
+        invoke(["generate", str(prompts), "-o", str(pairs), "-m", model, "-n", "2", "--max-new-tokens", "8"])
+        tokenizer = ["--tokenizer", model]
+        invoke(["label-preferences", str(pairs), "-o", str(tmp_path / "local.jsonl"), "-m", model])
+        invoke(
+            [
+                "label-preferences",
+                str(pairs),
+                "-o",
+                str(tmp_path / "ids.jsonl"),
+                *served(server.url, *tokenizer),
+            ]
+        )
+        invoke(["label-preferences", str(pairs), "-o", str(tmp_path / "chat.jsonl"), *served(server.url)])
+        greedy = ["--temperature", "0", "--max-new-tokens", "16"]
+        invoke(["generate", str(prompts), "-o", str(tmp_path / "g-local.jsonl"), "-m", model, *greedy])
+        invoke(
+            [
+                "generate",
+                str(prompts),
+                "-o",
+                str(tmp_path / "g-ids.jsonl"),
+                *served(server.url, *greedy, *tokenizer),
+            ]
+        )
+    finally:
+        server.kill()
+    local = lines(tmp_path / "local.jsonl")
+    for name in ("ids", "chat"):
+        remote = lines(tmp_path / f"{name}.jsonl")
+        gaps = [
+            abs(a[k] - b[k]) for a, b in zip(local, remote, strict=True) for k in ("p_first", "p_swapped")
+        ]
+        assert max(gaps) < 1e-3, (name, gaps)
+    assert len({round(r["p_first"], 3) for r in local}) > 1  # the labels differ between records
+    same = [r["responses"] for r in lines(tmp_path / "g-local.jsonl")]
+    assert [r["responses"] for r in lines(tmp_path / "g-ids.jsonl")] == same
