@@ -200,11 +200,11 @@ class Labeller:
 
     def judge(self, comparisons: Sequence[Comparison], seed: int = 0) -> list[Verdict]:
         """One verdict per comparison; all questions of the call go to the model as one batch."""
-        verdicts = self.judge_each(comparisons, seed)
-        for verdict in verdicts:
+        judged = self.judge_each(comparisons, seed)
+        for verdict in judged:
             if isinstance(verdict, Unjudged):
                 raise CaitoolError(verdict.reason)
-        return verdicts  # type: ignore[return-value]
+        return [v for v in judged if isinstance(v, Verdict)]
 
     def judge_each(self, comparisons: Sequence[Comparison], seed: int = 0) -> list[Verdict | Unjudged]:
         """As :meth:`judge`, but a comparison whose answer tokens the model could not score (a

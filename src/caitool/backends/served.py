@@ -1,14 +1,20 @@
 """The served backend: a model behind an OpenAI-compatible HTTP API (vLLM, SGLang, llama.cpp...).
 
 Generation goes through ``/v1/chat/completions`` (``n``, ``temperature``, ``top_p``,
-``max_tokens``, ``seed``); ``finished`` comes from ``finish_reason`` and token counts from
-the response (vLLM's ``token_ids``) or ``usage``. Letter scoring asks for one token with
-``logprobs``/``top_logprobs`` and reads each candidate letter's log-probability from the
-returned top tokens; a letter the server did not return is an error, never a guess. A letter
-is the token whose text is exactly the letter, which is what a model writes right after "(";
-vLLM 0.32 reports a SentencePiece "▁A" (the letter after a space) as " A", another answer that
-is not counted. (A server that stripped that space would report it as "A", and the two would
-be added: see :func:`_top_logprobs`.)
+``max_tokens``, ``seed``, and neutral values for every other sampling field the server would
+otherwise fill from the model's generation config); ``finished`` comes from ``finish_reason``
+and token counts from the response (vLLM's ``token_ids``) or ``usage``.
+
+Letter scoring on vLLM is exact, as the local backend's: each letter is appended to the
+prefilled prompt and vLLM's ``prompt_logprobs`` give its log-probability there, after checking
+that it is one token of its own after the prefill (with ``--tokenizer`` by the local tokenizer,
+otherwise by the prompt ids the server returns). Other servers are asked for the top
+``logprobs``/``top_logprobs`` of one generated token; a letter is the token whose text is
+exactly the letter, which is what a model writes right after "("; vLLM 0.32 reports a
+SentencePiece "▁A" (the letter after a space) as " A", another answer that is not counted. (A
+server that stripped that space would report it as "A", and the two would be added: see
+:func:`_top_logprobs`.) A letter missing from those fails that conversation alone
+(:class:`~caitool.backends.base.ContinuationsNotScored`), never a guess.
 
 A conversation ending in an assistant turn is a *prefill* (the labeller's "The answer is (").
 Servers continue it in one of two ways:
@@ -16,8 +22,9 @@ Servers continue it in one of two ways:
 * ``continue_final_message: true`` with ``add_generation_prompt: false`` in the chat request:
   vLLM and SGLang honour these (llama.cpp's server continues a final assistant turn by itself);
 * with ``--tokenizer DIR`` the chat template is rendered here, with the model's own
-  tokenizer, and the text goes to ``/v1/completions``: any server with a completions
-  endpoint, whatever it does with chat requests.
+  tokenizer, and its token ids go to ``/v1/completions``: any server with a completions
+  endpoint, whatever it does with chat requests. Ids, not text, so that the server adds no
+  second BOS to a template that starts with one.
 
 A server that refuses the chat fields (OpenAI's own API answers 400) is reported with a hint
 to pass ``--tokenizer``. Requests run ``concurrency`` at a time, spread round-robin over the
