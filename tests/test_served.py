@@ -220,7 +220,7 @@ def test_a_letter_missing_from_the_top_logprobs_fails_that_record_and_keeps_the_
     assert json.loads(manifest_path(out).read_text())["counts"]["unlabelled"] == 1
 
 
-def test_judge_check_still_stops_on_a_letter_it_cannot_read():
+def test_top_logprob_failures_name_each_conversation_and_score_none_for_it():
     with StubOpenAIServer(owned_by="sglang", letters={"A": -0.1}) as stub:
         backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
         with pytest.raises(served_module.ContinuationsNotScored, match="'B' are not among") as raised:

@@ -220,9 +220,8 @@ def test_greedy_served_equals_greedy_local_on_a_model_shipping_sampling_settings
     try:
         prompts = family_prompts(tmp_path / "p.jsonl")
         greedy = ["--temperature", "0", "--max-new-tokens", "24"]
-        invoke(
-            ["generate", str(prompts), "-o", str(tmp_path / "local.jsonl"), "-m", str(server.model_dir), *greedy]
-        )
+        local_model = ["-m", str(server.model_dir)]
+        invoke(["generate", str(prompts), "-o", str(tmp_path / "local.jsonl"), *local_model, *greedy])
         invoke(["generate", str(prompts), "-o", str(tmp_path / "chat.jsonl"), *served(server.url, *greedy)])
         invoke(
             ["generate", str(prompts), "-o", str(tmp_path / "ids.jsonl"), *served(server.url, *greedy)]
