@@ -106,6 +106,12 @@ def test_a_server_not_known_to_take_the_extensions_gets_the_standard_fields_and_
     assert policy["sampling_left_to_server"] == ["top_k", "min_p", "repetition_penalty"]
 
 
+def test_llama_cpp_gets_its_own_name_for_the_repetition_penalty():
+    fields = served_module.neutral_sampling("llamacpp")
+    assert fields["repeat_penalty"] == 1.0 and "repetition_penalty" not in fields
+    assert fields["top_k"] == 0 and fields["min_p"] == 0.0  # llama.cpp: top_k <= 0 is the whole vocabulary
+
+
 def test_same_seed_same_requests(stub, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", 2)
     for name in ("a", "b"):
