@@ -2,7 +2,8 @@
 
 It answers ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` from a script:
 ``reply(request_body) -> text`` decides generated text, ``letters`` the top log-probs of a
-one-token scoring request, and ``failures`` a queue of status codes (or ``"stall"``) served
+one-token scoring request (and, for vLLM's ``prompt_logprobs``, the log-prob of a prompt that
+ends in that letter), and ``failures`` a queue of status codes (or ``"stall"``) served
 before normal answers. Every request body and its headers are recorded for assertions.
 """
 
@@ -24,8 +25,10 @@ class StubOpenAIServer:
         owned_by: str = "vllm",
         root: str | None = None,
         reply: Callable[[dict[str, Any]], str] | None = None,
-        letters: dict[str, float] | None = None,
+        letters: dict[str, float] | Callable[[dict[str, Any]], dict[str, float]] | None = None,
         refuse_fields: tuple[str, ...] = (),
+        vocabulary: dict[int, str] | None = None,
+        glued: str | None = None,
     ):
         self.model = model
         self.owned_by = owned_by
@@ -33,6 +36,11 @@ class StubOpenAIServer:
         self.reply = reply or (lambda body: "stub answer")
         self.letters = letters if letters is not None else {"A": -0.5, "B": -1.0, "C": -4.0}
         self.refuse_fields = refuse_fields
+        # Exact scoring (vLLM's prompt_logprobs): a prompt's last token gets its letter's log-prob.
+        # Token-id prompts are read through ``vocabulary`` (id -> text); chat prompts are
+        # tokenized here one character a token, except that ``glued`` at the end is one token.
+        self.vocabulary = vocabulary or {}
+        self.glued = glued
         self.failures: list[int | str] = []
         self.retry_after: str | None = None  # sent as Retry-After with every failure answer
         self.fail_from: int | None = None  # every POST from this one on answers 500 (a dying server)
@@ -68,8 +76,10 @@ class StubOpenAIServer:
             return 200, {"data": [{"id": self.model, "owned_by": self.owned_by, "root": self.root}]}
         if body.get("model") != self.model:
             return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}}
+        if "prompt_logprobs" in body or (body.get("return_token_ids") and body.get("max_tokens") == 1):
+            return 200, self._exact_answer(path, body)
         if body.get("max_tokens") == 1 and (body.get("logprobs") or body.get("top_logprobs")):
-            return 200, self._scoring_answer(path)
+            return 200, self._scoring_answer(path, body)
         n = body.get("n", 1)
         text = self.reply(body)
         finish = "length" if len(text.split()) >= body.get("max_tokens", 10**6) else "stop"
@@ -83,11 +93,57 @@ class StubOpenAIServer:
         tokens = len(text.split()) + (finish == "stop")
         return 200, {"choices": choices, "usage": {"completion_tokens": tokens * n}}
 
-    def _scoring_answer(self, path: str) -> dict[str, Any]:
+    def chat_token_ids(self, body: dict[str, Any]) -> list[int]:
+        text = "".join(m["content"] for m in body["messages"])
+        if body.get("add_generation_prompt", True):
+            text += "\n"
+        ids = [ord(c) for c in text]
+        if self.glued and text.endswith(self.glued):
+            ids[-len(self.glued) :] = [10**6 + len(self.glued)]
+        return ids
+
+    def _letters(self, body: dict[str, Any]) -> dict[str, float]:
+        return self.letters(body) if callable(self.letters) else self.letters
+
+    def _prompt_logprobs(
+        self, body: dict[str, Any], ids: list[int], text_of: Callable[[int], str]
+    ) -> list[Any]:
+        logprob = self._letters(body).get(text_of(ids[-1]), -20.0)  # a real server scores any token
+        return [None] * (len(ids) - 1) + [{str(ids[-1]): {"logprob": logprob}}]
+
+    def _exact_answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        asked = "prompt_logprobs" in body
         if path == "/v1/completions":
-            logprobs: dict[str, Any] = {"top_logprobs": [dict(self.letters)]}
+            prompts = body["prompt"] if isinstance(body["prompt"][0], list) else [body["prompt"]]
+            choices = [
+                {
+                    "index": i,
+                    "text": "x",
+                    "prompt_token_ids": ids,
+                    "prompt_logprobs": self._prompt_logprobs(body, ids, lambda t: self.vocabulary.get(t, ""))
+                    if asked
+                    else None,
+                }
+                for i, ids in enumerate(prompts)
+            ]
+            return {"choices": choices}
+        ids = self.chat_token_ids(body)
+        answer: dict[str, Any] = {
+            "choices": [{"index": 0, "message": {"content": "x"}}],
+            "prompt_token_ids": ids,
+        }
+        if asked:
+            answer["prompt_logprobs"] = self._prompt_logprobs(
+                body, ids, lambda t: chr(t) if t < 10**6 else ""
+            )
+        return answer
+
+    def _scoring_answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        letters = self._letters(body)
+        if path == "/v1/completions":
+            logprobs: dict[str, Any] = {"top_logprobs": [dict(letters)]}
         else:
-            top = [{"token": t, "logprob": lp} for t, lp in self.letters.items()]
+            top = [{"token": t, "logprob": lp} for t, lp in letters.items()]
             logprobs = {"content": [{"token": top[0]["token"], "top_logprobs": top}]}
         return {"choices": [{"index": 0, "message": {"content": "A"}, "logprobs": logprobs}]}
 

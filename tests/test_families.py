@@ -290,3 +290,34 @@ def test_rloo_rolls_out_prompts_with_a_system_turn_on_every_family(pipeline):
     prompts = [[Message(**m) for m in s["prompt"]] for s in samples]
     scores = reward_model.score(prompts, [s["response"] for s in samples])
     assert [s["reward"] for s in samples] == pytest.approx(scores, abs=1e-4)
+
+
+def test_the_served_tokenizer_path_sends_what_the_local_backend_reads(pipeline, tmp_path):
+    """With --tokenizer the template is rendered here and token ids go to /v1/completions: the
+    server reads the template's own BOS (no second one), the system turn where the template can
+    take it, and for exact letter scoring each letter's in-context token after the prefill."""
+    from tests.openai_stub import StubOpenAIServer
+
+    tokenizer = load_tokenizer(pipeline.model)
+    letters = [tokenizer.convert_tokens_to_ids(letter) for letter in "AB"]  # as written after "("
+    out = pipeline.root / "served-pairs.jsonl"
+    with StubOpenAIServer(vocabulary=dict(zip(letters, "AB", strict=True))) as stub:
+        served = ["-m", "openai:stub", "--base-url", stub.url, "--tokenizer", pipeline.model]
+        invoke("generate", pipeline.prompts, "-o", out, *served, "--max-new-tokens", 4)
+        generated = sorted(b["prompt"] for b in stub.posted("/v1/completions"))
+        labelled = tmp_path / "served-prefs.jsonl"
+        invoke("label-preferences", pipeline.pairs, "-o", labelled, *served)
+        scored = [b["prompt"] for b in stub.posted("/v1/completions") if "prompt_logprobs" in b]
+
+    conversations = [[Message(**m) for m in r["prompt"]] for r in lines(out)]
+    expected = [encode(tokenizer, render_chat(tokenizer, c)) for c in conversations]
+    assert generated == sorted(expected)
+    bos = tokenizer.bos_token_id
+    for ids, conversation in zip(expected, conversations, strict=True):
+        if bos is not None:
+            assert ids.count(bos) == render_chat(tokenizer, conversation).count(tokenizer.bos_token)
+    assert any(SYSTEM in tokenizer.decode(ids) for ids in generated)  # the system turn reached the server
+    assert len(scored) == 2 * len(PROMPTS)  # both option orders of every pair
+    assert all([p[-1] for p in prompts] == letters for prompts in scored)
+    assert all(prompts[0][:-1] == prompts[1][:-1] for prompts in scored)
+    assert len(lines(labelled)) == len(PROMPTS)

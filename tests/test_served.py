@@ -73,6 +73,45 @@ def test_generate_sends_sampling_options_and_records_the_server(stub, tmp_path):
     assert f"model policy: openai:stub served at {stub.url}" in shown
 
 
+NEUTRAL = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "presence_penalty": 0.0}
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_generation_switches_off_the_sampling_settings_the_server_would_fill_in(stub, tmp_path, greedy):
+    """vLLM fills every field a request leaves out from the model's generation_config.json
+    (Qwen2.5: top_k 20, repetition_penalty 1.05, applied even to greedy decoding)."""
+    prompts = write_prompts(tmp_path / "p.jsonl", 2)
+    out = tmp_path / "g.jsonl"
+    temperature = "0" if greedy else "0.9"
+    result = runner.invoke(
+        app, ["generate", str(prompts), "-o", str(out), *served(stub.url, "--temperature", temperature)]
+    )
+    assert result.exit_code == 0, result.output
+    for body in stub.posted("/v1/chat/completions"):
+        assert {k: body.get(k) for k in NEUTRAL} == NEUTRAL and body["frequency_penalty"] == 0.0
+    policy = json.loads(manifest_path(out).read_text())["models"]["policy"]
+    assert policy["sampling_sent"]["repetition_penalty"] == 1.0 and policy["sampling_left_to_server"] == []
+
+
+def test_a_server_not_known_to_take_the_extensions_gets_the_standard_fields_and_the_manifest_says(tmp_path):
+    prompts = write_prompts(tmp_path / "p.jsonl", 1)
+    out = tmp_path / "g.jsonl"
+    with StubOpenAIServer(owned_by="openai") as stub:
+        result = runner.invoke(app, ["generate", str(prompts), "-o", str(out), *served(stub.url)])
+    assert result.exit_code == 0, result.output
+    (body,) = stub.posted("/v1/chat/completions")
+    assert body["presence_penalty"] == 0.0 and body["frequency_penalty"] == 0.0
+    assert not {"top_k", "min_p", "repetition_penalty"} & set(body)
+    policy = json.loads(manifest_path(out).read_text())["models"]["policy"]
+    assert policy["sampling_left_to_server"] == ["top_k", "min_p", "repetition_penalty"]
+
+
+def test_llama_cpp_gets_its_own_name_for_the_repetition_penalty():
+    fields = served_module.neutral_sampling("llamacpp")
+    assert fields["repeat_penalty"] == 1.0 and "repetition_penalty" not in fields
+    assert fields["top_k"] == 0 and fields["min_p"] == 0.0  # llama.cpp: top_k <= 0 is the whole vocabulary
+
+
 def test_same_seed_same_requests(stub, tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", 2)
     for name in ("a", "b"):
@@ -130,24 +169,69 @@ def test_a_letter_is_only_the_token_written_as_that_exact_text():
     assert (read["A"], read["B"]) == (-0.5, -1.0)
 
 
-def test_letters_are_read_from_the_top_logprobs(stub):
-    backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
-    prefill = [Message(role="user", content="Pick."), Message(role="assistant", content="The answer is (")]
-    assert backend.score_continuations([prefill], ["A", "B"]) == [[-0.5, -1.0]]
-    body = stub.posted("/v1/chat/completions")[0]
+PREFILL = [Message(role="user", content="Pick."), Message(role="assistant", content="The answer is (")]
+
+
+def test_without_prompt_logprobs_letters_are_read_from_the_top_logprobs():
+    with StubOpenAIServer(owned_by="sglang") as stub:
+        backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
+        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.5, -1.0]]
+    (body,) = stub.posted("/v1/chat/completions")
     assert body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20
 
 
-def test_a_letter_missing_from_the_server_answer_is_an_error_not_a_guess(tmp_path):
+def test_on_vllm_letters_are_scored_exactly_even_outside_the_top_20():
+    """The letters are appended to the prefill and read from vLLM's prompt_logprobs; the ids the
+    server rendered show that each is one token of its own after the prefill."""
+    with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}) as stub:  # "B" is in no top-k list
+        backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
+        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
+    bodies = stub.posted("/v1/chat/completions")
+    assert [b["messages"][-1]["content"] for b in bodies] == ["The answer is (", "The answer is (A"] + [
+        "The answer is (B"
+    ]
+    assert all(b["continue_final_message"] and b["return_token_ids"] for b in bodies)
+    assert ["prompt_logprobs" in b for b in bodies] == [False, True, True]
+    assert all("top_logprobs" not in b for b in bodies)
+
+
+def test_on_vllm_a_letter_that_is_not_one_token_after_the_prefill_is_refused():
+    with StubOpenAIServer(glued="(A") as stub:  # the server's tokenizer merges "(A" into one token
+        backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
+        with pytest.raises(CaitoolError, match="'A' written after 'The answer is \\(' is not one token"):
+            backend.score_continuations([PREFILL], ["A", "B"])
+
+
+def test_a_letter_missing_from_the_top_logprobs_fails_that_record_and_keeps_the_others(tmp_path):
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(json.dumps({"id": "x", "prompt": "q", "responses": ["a", "b"]}) + "\n")
-    with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}) as stub:
-        result = runner.invoke(
-            app, ["label-preferences", str(pairs), "-o", str(tmp_path / "o.jsonl"), *served(stub.url)]
-        )
-    assert result.exit_code == 2
+    pairs.write_text(
+        json.dumps({"id": "x", "prompt": "q", "responses": ["fine", "also fine"]})
+        + "\n"
+        + json.dumps({"id": "y", "prompt": "q", "responses": ["weird", "stranger"]})
+        + "\n"
+    )
+
+    def letters(body):
+        asked = body["messages"][-2]["content"]
+        return {"A": -0.1, "C": -3.0} if "stranger" in asked else {"A": -0.5, "B": -1.0}
+
+    out = tmp_path / "o.jsonl"
+    with StubOpenAIServer(owned_by="sglang", letters=letters) as stub:
+        result = runner.invoke(app, ["label-preferences", str(pairs), "-o", str(out), *served(stub.url)])
+    assert result.exit_code == 0, result.output
+    assert [r["id"] for r in lines(out)] == ["x"]
+    assert "warning: record 'y' left unlabelled:" in result.output
     assert "'B' are not among the 2 most likely next tokens" in result.output
-    assert not (tmp_path / "o.jsonl").exists()
+    assert "unlabelled pairs: 1" in result.output
+    assert json.loads(manifest_path(out).read_text())["counts"]["unlabelled"] == 1
+
+
+def test_top_logprob_failures_name_each_conversation_and_score_none_for_it():
+    with StubOpenAIServer(owned_by="sglang", letters={"A": -0.1}) as stub:
+        backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
+        with pytest.raises(served_module.ContinuationsNotScored, match="'B' are not among") as raised:
+            backend.score_continuations([PREFILL, PREFILL], ["A", "B"])
+    assert raised.value.scores == [None, None] and set(raised.value.reasons) == {0, 1}
 
 
 def test_label_preferences_through_a_served_judge(stub, tmp_path):
@@ -245,6 +329,65 @@ def test_the_api_key_is_sent_but_never_written(stub, tmp_path, monkeypatch):
     assert secret not in written
 
 
+def test_a_hosted_apis_key_is_not_sent_unless_asked_for(stub, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-hosted-api-key")
+    monkeypatch.delenv("CAITOOL_API_KEY", raising=False)
+    prompts = write_prompts(tmp_path / "p.jsonl", 1)
+    result = runner.invoke(
+        app, ["generate", str(prompts), "-o", str(tmp_path / "g.jsonl"), *served(stub.url)]
+    )
+    assert result.exit_code == 0, result.output
+    assert all("authorization" not in {k.lower() for k in h} for h in stub.headers)
+
+    monkeypatch.setenv("CAITOOL_API_KEY", "sk-for-this-server")
+    result = runner.invoke(
+        app, ["generate", str(prompts), "-o", str(tmp_path / "h.jsonl"), *served(stub.url)]
+    )
+    assert result.exit_code == 0, result.output
+    assert stub.headers[-1]["Authorization"] == "Bearer sk-for-this-server"
+
+    result = runner.invoke(
+        app,
+        ["generate", str(prompts), "-o", str(tmp_path / "i.jsonl"), *served(stub.url)]
+        + ["--api-key-env", "OPENAI_API_KEY"],
+    )
+    assert result.exit_code == 0, result.output
+    assert stub.headers[-1]["Authorization"] == "Bearer sk-hosted-api-key"  # named: sent
+
+
+def test_a_named_key_variable_that_is_not_set_is_an_error(stub, tmp_path, monkeypatch):
+    monkeypatch.delenv("CAITOOL_UNSET_KEY", raising=False)
+    prompts = write_prompts(tmp_path / "p.jsonl", 1)
+    result = runner.invoke(
+        app,
+        ["generate", str(prompts), "-o", str(tmp_path / "g.jsonl"), *served(stub.url)]
+        + ["--api-key-env", "CAITOOL_UNSET_KEY"],
+    )
+    assert result.exit_code == 2
+    assert (
+        result.output.strip()
+        == "error: --api-key-env CAITOOL_UNSET_KEY: that environment variable is not set or empty"
+    )
+
+
+def test_a_key_over_plain_http_to_another_machine_is_warned_about_once(monkeypatch):
+    warnings = []
+    monkeypatch.setattr("caitool.progress.print_summary", warnings.append)
+    monkeypatch.setattr(served_module, "_warned_hosts", set())
+    monkeypatch.setenv("CAITOOL_API_KEY", "sk-secret")
+    remote = ("http://10.0.0.7:8000/v1", "http://10.0.0.7:8001/v1")
+    for urls in [
+        remote,
+        remote,
+        ("http://127.0.0.1:8000/v1", "http://localhost:1/v1", "https://gpu.example/v1"),
+    ]:
+        served_module.ServerClient(urls, BackendOptions()).close()
+    assert len(warnings) == 1 and "plain http to 10.0.0.7" in warnings[0] and "sk-secret" not in warnings[0]
+    monkeypatch.delenv("CAITOOL_API_KEY")
+    served_module.ServerClient(("http://10.0.0.8:8000/v1",), BackendOptions()).close()  # no key: no warning
+    assert len(warnings) == 1
+
+
 def test_replicas_share_the_requests_round_robin(tmp_path):
     with StubOpenAIServer() as first, StubOpenAIServer() as second:
         prompts = write_prompts(tmp_path / "p.jsonl", 6)
@@ -262,15 +405,65 @@ def test_replicas_share_the_requests_round_robin(tmp_path):
         assert len(first.posted("/v1/chat/completions")) == len(second.posted("/v1/chat/completions")) == 3
 
 
-def test_a_local_tokenizer_renders_prompts_for_the_completions_endpoint(stub, tiny_model_dir):
+@pytest.fixture(scope="module")
+def bos_tokenizer_dir(tmp_path_factory):
+    """A tiny Llama-style tokenizer whose chat template starts with BOS, as Llama, Gemma, Mistral's do."""
+    from tests.tiny_model import FAMILIES, _family_tokenizer, with_bos_added
+
+    directory = tmp_path_factory.mktemp("llama-tokenizer")
+    with_bos_added(_family_tokenizer(FAMILIES["llama"])).save_pretrained(directory)
+    return directory
+
+
+def test_a_local_tokenizer_sends_token_ids_with_the_templates_one_bos(stub, bos_tokenizer_dir):
+    from caitool.models import load_tokenizer
+    from caitool.tokens import render_chat
+
+    tokenizer = load_tokenizer(bos_tokenizer_dir)
+    conversation = [Message(role="user", content="How do I bake bread?")]
+    text = render_chat(tokenizer, conversation)
+    bos = tokenizer.bos_token_id
+    # The premise: this text, tokenized the way a completions endpoint does by default, has two.
+    assert tokenizer(text)["input_ids"][:2] == [bos, bos]
+
     backend = load_backend(
-        "openai:stub", BackendOptions(base_urls=(stub.url,), tokenizer=str(tiny_model_dir))
+        "openai:stub", BackendOptions(base_urls=(stub.url,), tokenizer=str(bos_tokenizer_dir))
     )
-    prefill = [Message(role="user", content="Pick."), Message(role="assistant", content="The answer is (")]
-    assert backend.score_continuations([prefill], ["A", "B"]) == [[-0.5, -1.0]]
+    backend.generate([conversation], SamplingParams(max_new_tokens=4), seed=0)
     (body,) = stub.posted("/v1/completions")
-    assert body["prompt"].endswith("<|im_start|>assistant\nThe answer is (") and body["logprobs"] == 20
+    assert body["prompt"] == tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert body["prompt"].count(bos) == 1 and body["prompt"][0] == bos
     assert "messages" not in body
+    assert "token ids" in backend.describe()["prefill"]
+
+
+def test_with_a_local_tokenizer_vllm_scores_the_letters_exactly(bos_tokenizer_dir):
+    from caitool.models import load_tokenizer
+    from caitool.tokens import encode, next_token_id, render_chat
+
+    tokenizer = load_tokenizer(bos_tokenizer_dir)
+    text = render_chat(tokenizer, PREFILL)
+    ids = encode(tokenizer, text)
+    letter_ids = [next_token_id(tokenizer, text, ids, letter) for letter in "AB"]
+    vocabulary = dict(zip(letter_ids, "AB", strict=True))
+    with StubOpenAIServer(letters={"A": -0.25, "C": -3.0}, vocabulary=vocabulary) as stub:
+        backend = load_backend(
+            "openai:stub", BackendOptions(base_urls=(stub.url,), tokenizer=str(bos_tokenizer_dir))
+        )
+        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.25, -20.0]]
+    (body,) = stub.posted("/v1/completions")
+    assert body["prompt"] == [[*ids, letter_ids[0]], [*ids, letter_ids[1]]]
+    assert body["prompt_logprobs"] == 0 and body["max_tokens"] == 1
+
+
+def test_with_a_local_tokenizer_a_letter_merging_with_the_prefill_is_refused(stub, bos_tokenizer_dir):
+    backend = load_backend(
+        "openai:stub", BackendOptions(base_urls=(stub.url,), tokenizer=str(bos_tokenizer_dir))
+    )
+    ending = [Message(role="user", content="Pick."), Message(role="assistant", content="The answer")]
+    with pytest.raises(CaitoolError, match="is not one token of its own"):
+        backend.score_continuations([ending], ["s is", "B"])
+    assert not stub.posted("/v1/completions")
 
 
 def test_a_server_refusing_the_prefill_fields_is_told_to_use_a_tokenizer(tmp_path):

@@ -191,3 +191,102 @@ def test_a_killed_server_stops_the_run_cleanly_and_the_rerun_completes(server, t
     subprocess.run(command, check=True, capture_output=True, text=True)
     ids = [r["id"] for r in lines(out)]
     assert sorted(ids) == sorted(r["id"] for r in lines(prompts)) and len(ids) == len(set(ids))
+
+
+# ---------------------------------------------------------------------------
+# Tiny family models (tests/tiny_model.py) served by vLLM: what the served path must send so that
+# the server computes what the local backend computes, on the records the family matrix uses
+# (one with a system turn).
+
+
+def serve_family(name: str, root: Path, **build: bool) -> VLLMServer:
+    from tests.tiny_model import FAMILIES, SERVABLE_MAX_LENGTH, build_family_model
+
+    model = build_family_model(root / name, FAMILIES[name], servable=True, **build)
+    return VLLMServer(vllm_python(), model, root, max_model_len=SERVABLE_MAX_LENGTH).start()
+
+
+def family_prompts(target: Path) -> Path:
+    from tests.test_families import PROMPTS
+
+    target.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return target
+
+
+def texts(path: Path) -> list[list[str]]:
+    """The responses, less a trailing U+FFFD: a random byte-level model can stop in the middle of
+    a UTF-8 character, which transformers decodes as U+FFFD and vLLM's detokenizer holds back."""
+    return [[text.rstrip("\ufffd") for text in r["responses"]] for r in lines(path)]
+
+
+def test_greedy_served_equals_greedy_local_on_a_model_shipping_sampling_settings(tmp_path):
+    """The Qwen2 tiny model's generation config sets repetition_penalty 1.05 and top_k 20, which
+    vLLM applies unless the request says otherwise (the penalty even under greedy decoding)."""
+    server = serve_family("qwen2", tmp_path)
+    try:
+        prompts = family_prompts(tmp_path / "p.jsonl")
+        greedy = ["--temperature", "0", "--max-new-tokens", "24"]
+        local_model = ["-m", str(server.model_dir)]
+        invoke(["generate", str(prompts), "-o", str(tmp_path / "local.jsonl"), *local_model, *greedy])
+        invoke(["generate", str(prompts), "-o", str(tmp_path / "chat.jsonl"), *served(server.url, *greedy)])
+        invoke(
+            ["generate", str(prompts), "-o", str(tmp_path / "ids.jsonl"), *served(server.url, *greedy)]
+            + ["--tokenizer", str(server.model_dir)]
+        )
+    finally:
+        server.kill()
+    local = texts(tmp_path / "local.jsonl")
+    assert texts(tmp_path / "chat.jsonl") == local
+    assert texts(tmp_path / "ids.jsonl") == local
+    sent = json.loads(manifest_path(tmp_path / "chat.jsonl").read_text())["models"]["policy"]["sampling_sent"]
+    assert sent["repetition_penalty"] == 1.0 and sent["top_k"] == -1
+
+
+def test_a_bos_template_model_is_served_and_scored_as_locally(tmp_path):
+    """Llama's template starts with BOS and its tokenizer adds one to text: the --tokenizer path
+    must send ids, or the model sees two. Letters are scored exactly (prompt_logprobs) on both
+    served paths, so their log-probabilities are the local ones."""
+    from caitool.backends import BackendOptions, load_backend
+    from caitool.backends.local import TransformersBackend
+    from caitool.records import Message
+    from tests.test_families import PROMPTS
+
+    server = serve_family("llama", tmp_path, bos_added=True)
+    model = str(server.model_dir)
+    prefilled = [
+        [Message(**m) for m in p.get("messages", [{"role": "user", "content": p.get("prompt")}])]
+        + [Message(role="assistant", content="The answer is (")]
+        for p in PROMPTS
+    ]
+    try:
+        prompts = family_prompts(tmp_path / "p.jsonl")
+        local = TransformersBackend.load(model, device="cpu").score_continuations(prefilled, ["A", "B"])
+        served_scores = {
+            name: load_backend(
+                f"openai:{SERVED_NAME}", BackendOptions(base_urls=(server.url,), **options)
+            ).score_continuations(prefilled, ["A", "B"])
+            for name, options in (("ids", {"tokenizer": model}), ("chat", {}))
+        }
+        pairs = tmp_path / "pairs.jsonl"
+        invoke(["generate", str(prompts), "-o", str(pairs), "-m", model, "-n", "2", "--max-new-tokens", "8"])
+        labelled = tmp_path / "ids.jsonl"
+        invoke(
+            ["label-preferences", str(pairs), "-o", str(labelled), *served(server.url, "--tokenizer", model)]
+        )
+        greedy = ["--temperature", "0", "--max-new-tokens", "16"]
+        invoke(["generate", str(prompts), "-o", str(tmp_path / "g-local.jsonl"), "-m", model, *greedy])
+        invoke(
+            ["generate", str(prompts), "-o", str(tmp_path / "g-ids.jsonl")]
+            + served(server.url, *greedy, "--tokenizer", model)
+        )
+    finally:
+        server.kill()
+    for name, scores in served_scores.items():
+        gaps = [
+            abs(a - b)
+            for row, other in zip(local, scores, strict=True)
+            for a, b in zip(row, other, strict=True)
+        ]
+        assert max(gaps) < 1e-3, (name, local, scores)
+    assert len(lines(labelled)) == len(PROMPTS)
+    assert texts(tmp_path / "g-ids.jsonl") == texts(tmp_path / "g-local.jsonl")

@@ -211,6 +211,8 @@ FAMILIES = {
     ),
 }
 
+SERVABLE_MAX_LENGTH = 8192
+
 FAMILY_CORPUS = (
     CORPUS
     + [
@@ -256,7 +258,7 @@ def _family_tokenizer(family: Family) -> Any:
     return tokenizer
 
 
-def _family_config(family: Family, tokenizer: Any) -> Any:
+def _family_config(family: Family, tokenizer: Any, shape_changes: dict[str, Any] | None = None) -> Any:
     import transformers
 
     def token_id(role: str) -> int | None:
@@ -279,25 +281,60 @@ def _family_config(family: Family, tokenizer: Any) -> Any:
         shape["head_dim"] = 16
     if family.architecture == "Phi3Config":
         shape["original_max_position_embeddings"] = 2048
+    shape.update(shape_changes or {})
     return getattr(transformers, family.architecture)(**shape)
 
 
-def build_family_model(directory: Path, family: Family, *, seed: int = 0) -> Path:
-    """A tiny random causal LM of ``family`` in ``directory``, built offline."""
+def build_family_model(
+    directory: Path,
+    family: Family,
+    *,
+    seed: int = 0,
+    servable: bool = False,
+    bos_added: bool = False,
+) -> Path:
+    """A tiny random causal LM of ``family`` in ``directory``, built offline.
+
+    ``servable``: a shape vLLM's CPU attention takes (head size 32, not 16) and logits spread
+    wide enough (a scaled output layer) that near-ties between tokens are rare, so that greedy
+    outputs of two engines can be compared. ``bos_added``: the tokenizer adds BOS when it
+    encodes text, as Llama's does (add_bos_token), so that a server tokenizing a rendered
+    template that already starts with BOS writes two.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = _family_tokenizer(family)
+    if bos_added:
+        with_bos_added(tokenizer)
     tokenizer.save_pretrained(directory)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_family_config(family, tokenizer))
+    shape = None
+    if servable:  # and long enough for the labeller's few-shot prompts in this small vocabulary
+        shape = {"num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}
+        shape["max_position_embeddings"] = SERVABLE_MAX_LENGTH
+    model = AutoModelForCausalLM.from_config(_family_config(family, tokenizer, shape))
+    if servable:
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(40.0)
     model.generation_config.update(**family.generation_config)
     model.save_pretrained(directory)
     (directory / "README.txt").write_text(
         json.dumps({"built_by": "tests/tiny_model.py", "family": family.name})
     )
     return directory
+
+
+def with_bos_added(tokenizer: Any) -> Any:
+    """The tokenizer, changed to add BOS whenever it encodes text with special tokens."""
+    from tokenizers.processors import TemplateProcessing
+
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, tokenizer.bos_token_id)]
+    )
+    return tokenizer
 
 
 def save_reward_model(model_dir, directory, *, seed: int = 1):

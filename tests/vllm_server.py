@@ -42,9 +42,12 @@ def free_port() -> int:
 class VLLMServer:
     """One server process serving ``model_dir`` as ``smol``; it can be killed and started again."""
 
-    def __init__(self, python: Path, model_dir: Path, log_dir: Path, *, eager: bool = True):
+    def __init__(
+        self, python: Path, model_dir: Path, log_dir: Path, *, eager: bool = True, max_model_len: int = 4096
+    ):
         self.python = python
         self.eager = eager
+        self.max_model_len = max_model_len
         self.model_dir = model_dir
         self.log_dir = log_dir
         self.port = free_port()
@@ -72,7 +75,7 @@ class VLLMServer:
                 "float32",
                 *(["--enforce-eager"] if self.eager else []),
                 "--max-model-len",
-                "4096",
+                str(self.max_model_len),
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -248,14 +248,16 @@ BACKEND_OPTIONS: dict[str, tuple[Any, Any]] = {
     ),
     "api_key_env": (
         Annotated[
-            str,
+            str | None,
             typer.Option(
                 "--api-key-env",
                 rich_help_panel=SERVED,
-                help="Environment variable holding the API key (the key is never written anywhere).",
+                help="Environment variable holding the server's API key, e.g. OPENAI_API_KEY. Without "
+                "it the key is CAITOOL_API_KEY when set, else none is sent (the key is never written "
+                "anywhere).",
             ),
         ],
-        "OPENAI_API_KEY",
+        None,
     ),
     "tokenizer": (
         Annotated[

@@ -23,7 +23,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from caitool.backends import Completion, GenerationBackend, SamplingParams, TokenLogprobs, derive_seed
+from caitool.backends import (
+    Completion,
+    ContinuationsNotScored,
+    GenerationBackend,
+    SamplingParams,
+    TokenLogprobs,
+    derive_seed,
+)
 from caitool.records import Conversation
 from caitool.tokens import as_dicts
 
@@ -119,10 +126,11 @@ class JudgeCalls:
 
     def score_continuations(
         self, conversations: Sequence[Conversation], continuations: Sequence[str]
-    ) -> tuple[list[list[float]], list[bool]]:
+    ) -> tuple[list[list[float] | str], list[bool]]:
+        """Each conversation's continuation log-probs, or why they could not be read for it (a
+        served model's top log-probs left one out): one such conversation does not lose the others."""
         if self.cache is None:
-            scores = self.backend.score_continuations(conversations, continuations)
-            return scores, [False] * len(conversations)
+            return self._score(conversations, continuations), [False] * len(conversations)
         keys = [
             self.cache.key(
                 self.backend.model_id,
@@ -133,8 +141,20 @@ class JudgeCalls:
         found = [self.cache.get(k) for k in keys]
         missing = [i for i, value in enumerate(found) if value is None]
         if missing:
-            scores = self.backend.score_continuations([conversations[i] for i in missing], continuations)
+            scores = self._score([conversations[i] for i in missing], continuations)
             for index, value in zip(missing, scores, strict=True):
-                found[index] = list(value)
-                self.cache.put(keys[index], found[index])
-        return [list(v) for v in found], [i not in missing for i in range(len(conversations))]  # type: ignore[arg-type]
+                found[index] = value
+                if not isinstance(value, str):  # a failure is not an answer: ask again next time
+                    self.cache.put(keys[index], value)
+        return list(found), [i not in missing for i in range(len(conversations))]  # type: ignore[arg-type]
+
+    def _score(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[float] | str]:
+        try:
+            return [list(row) for row in self.backend.score_continuations(conversations, continuations)]
+        except ContinuationsNotScored as partial:
+            return [
+                partial.reasons[index] if row is None else list(row)
+                for index, row in enumerate(partial.scores)
+            ]

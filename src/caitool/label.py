@@ -112,6 +112,7 @@ class Verdict:
     votes: int | None = None  # readable sampled answers behind p (verdict modes with --samples)
     from_cache: bool = False
     unparseable: bool = False  # an answer named no option: no label (p is a placeholder)
+    not_scored: str = ""  # why the answer tokens could not be scored (unparseable is then True)
 
     @property
     def orders_disagree(self) -> bool:
@@ -313,7 +314,10 @@ class Labeller:
         ]
         prefilled = [[*q, Message(role="assistant", content=SCORE_PREFILL)] for q in questions]
         scores, _ = self._calls().score_continuations(prefilled, list(VERDICT_WORDS))
-        return [(yes - no, answer_mass(yes, no)) for yes, no in scores]
+        failed = [row for row in scores if isinstance(row, str)]
+        if failed:
+            raise CaitoolError(failed[0])
+        return [(yes - no, answer_mass(yes, no)) for yes, no in scores]  # type: ignore[misc]
 
     @property
     def score_shots(self) -> list[Message]:
@@ -332,10 +336,7 @@ class Labeller:
         else:
             prefilled = [[*q, Message(role="assistant", content=SCORE_PREFILL)] for q in questions]
             scores, cached = self._calls().score_continuations(prefilled, list(VERDICT_WORDS))
-            readings = [
-                Reading(p=letter_probability(yes, no), mass=answer_mass(yes, no), text="", cached=hit)
-                for (yes, no), hit in zip(scores, cached, strict=True)
-            ]
+            readings = [_prefill_reading(row, "", hit) for row, hit in zip(scores, cached, strict=True)]
         count = len(comparisons)
         verdicts = []
         for index in range(count):
@@ -404,8 +405,8 @@ class Labeller:
             ]
         scores, cached = calls.score_continuations(prefilled, list(LETTERS))
         return [
-            Reading(p=letter_probability(a, b), mass=answer_mass(a, b), text=text, cached=hit and thought)
-            for (a, b), text, hit, thought in zip(scores, reasoning, cached, thought_cached, strict=True)
+            _prefill_reading(row, text, hit and thought)
+            for row, text, hit, thought in zip(scores, reasoning, cached, thought_cached, strict=True)
         ]
 
     def _read_own_turn(
@@ -457,7 +458,7 @@ class Labeller:
     def unparseable_counts(self) -> dict[str, int]:
         """This run's counts of answers read and unparseable, for summaries and manifests (verdict modes)."""
         if not self.own_turn:
-            return {}
+            return {"unlabelled": self.unlabelled}
         return {
             "answers": self.answers,
             "unparseable_answers": self.unparseable,
@@ -487,6 +488,17 @@ def _total_votes(readings: Sequence[Reading]) -> int | None:
     return None if any(v is None for v in votes) else sum(votes)  # type: ignore[misc]
 
 
+def _prefill_reading(row: list[float] | str, text: str, cached: bool) -> Reading:
+    """The two answer tokens' log-probs after a prefill as a reading; a row the backend could not
+    score (a served model's top log-probs left a letter out) is a reading without a label."""
+    if isinstance(row, str):
+        return Reading(p=None, mass=None, text=text, not_scored=row)
+    first, second = row
+    return Reading(
+        p=letter_probability(first, second), mass=answer_mass(first, second), text=text, cached=cached
+    )
+
+
 def _unparseable_verdict(readings: Sequence[Reading], texts: list[str]) -> Verdict:
     return Verdict(
         p=0.5,
@@ -494,6 +506,7 @@ def _unparseable_verdict(readings: Sequence[Reading], texts: list[str]) -> Verdi
         p_swapped=None,
         reasoning=texts,
         unparseable=True,
+        not_scored=next((r.not_scored for r in readings if r.not_scored), ""),
         from_cache=all(r.cached for r in readings),
     )
 
@@ -627,6 +640,9 @@ def run_label_preferences(
             pairs, chosen_principles, comparisons = _comparisons_of(records, candidates, seed)
             before = labeller.unparseable_counts()
             verdicts = labeller.judge(comparisons, seed=derive_seed(seed, chunk_index))
+            for record, verdict in zip(records, verdicts, strict=True):
+                if verdict.not_scored:
+                    print_summary(f"warning: record {record.id!r} left unlabelled: {verdict.not_scored}")
             masses.extend(v.letter_mass for v in verdicts if v.letter_mass is not None)
             out = [
                 preference_record(
@@ -757,7 +773,8 @@ def _summary_counts(result: PhaseResult, both_orders: bool) -> dict[str, object]
         )
     if "answers" in result.counts:
         shown["unparseable_answers"] = f"{result.counts['unparseable_answers']}/{result.counts['answers']}"
-        shown["unlabelled_pairs"] = result.counts["unlabelled"]
+    if "answers" in result.counts or result.counts.get("unlabelled"):
+        shown["unlabelled_pairs"] = result.counts.get("unlabelled", 0)
     if "labels_from_cache" in result.counts:
         shown["labels_from_cache"] = result.counts["labels_from_cache"]
     return shown

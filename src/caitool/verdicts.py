@@ -130,6 +130,7 @@ class Reading:
     votes: int | None = None
     unreadable: int = 0
     cached: bool = False
+    not_scored: str = ""  # why the backend could not score the answer tokens (no label; not guessed)
 
 
 def read_by_logprobs(completion: Completion, options: Sequence[str]) -> Reading:

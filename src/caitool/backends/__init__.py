@@ -21,6 +21,7 @@ from caitool.backends.base import (
     SERVED_PREFIX,
     BackendOptions,
     Completion,
+    ContinuationsNotScored,
     GenerationBackend,
     SamplingParams,
     ServedSpec,
@@ -32,6 +33,7 @@ from caitool.errors import CaitoolError
 __all__ = [
     "BackendOptions",
     "Completion",
+    "ContinuationsNotScored",
     "GenerationBackend",
     "SamplingParams",
     "ServedSpec",

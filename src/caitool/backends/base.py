@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from caitool.errors import CaitoolError
 from caitool.records import Conversation
 
 
@@ -78,6 +79,19 @@ class GenerationBackend(Protocol):
     ) -> list[list[float]]: ...
 
 
+class ContinuationsNotScored(CaitoolError):
+    """Some conversations' continuations could not be scored (a served model's top log-probs
+    left a letter out); ``scores`` holds the others' rows and None for those, ``reasons`` says why
+    for each of those. A caller that can go on without them (label-preferences) catches this."""
+
+    def __init__(self, scores: list[list[float] | None], reasons: dict[int, str]):
+        first = reasons[min(reasons)]
+        more = f" (and {len(reasons) - 1} more conversations)" if len(reasons) > 1 else ""
+        super().__init__(first + more)
+        self.scores = scores
+        self.reasons = reasons
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """How to run or reach a model, for every phase that generates or scores.
@@ -86,7 +100,7 @@ class BackendOptions:
     (``engine="vllm"`` runs them with vLLM in this process, ``concurrency`` sequences at once);
     ``base_urls`` (several replicas are used round-robin), ``concurrency``, ``request_timeout``,
     ``max_retries`` and ``api_key_env`` (the *name* of the variable holding the key, never
-    the key) to served ones.
+    the key; None: ``CAITOOL_API_KEY`` when set, else no key) to served ones.
     """
 
     batch_size: int = 8
@@ -96,7 +110,7 @@ class BackendOptions:
     concurrency: int = 64
     request_timeout: float = 600.0
     max_retries: int = 5
-    api_key_env: str = "OPENAI_API_KEY"
+    api_key_env: str | None = None
     tokenizer: str | None = None  # a local tokenizer: render chat templates here, use /v1/completions
     # Client-side limits for hosted APIs (0: none): requests are paced to stay under them.
     max_requests_per_minute: float = 0.0

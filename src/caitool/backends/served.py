@@ -1,14 +1,20 @@
 """The served backend: a model behind an OpenAI-compatible HTTP API (vLLM, SGLang, llama.cpp...).
 
 Generation goes through ``/v1/chat/completions`` (``n``, ``temperature``, ``top_p``,
-``max_tokens``, ``seed``); ``finished`` comes from ``finish_reason`` and token counts from
-the response (vLLM's ``token_ids``) or ``usage``. Letter scoring asks for one token with
-``logprobs``/``top_logprobs`` and reads each candidate letter's log-probability from the
-returned top tokens; a letter the server did not return is an error, never a guess. A letter
-is the token whose text is exactly the letter, which is what a model writes right after "(";
-vLLM 0.32 reports a SentencePiece "▁A" (the letter after a space) as " A", another answer that
-is not counted. (A server that stripped that space would report it as "A", and the two would
-be added: see :func:`_top_logprobs`.)
+``max_tokens``, ``seed``, and neutral values for every other sampling field the server would
+otherwise fill from the model's generation config); ``finished`` comes from ``finish_reason``
+and token counts from the response (vLLM's ``token_ids``) or ``usage``.
+
+Letter scoring on vLLM is exact, as the local backend's: each letter is appended to the
+prefilled prompt and vLLM's ``prompt_logprobs`` give its log-probability there, after checking
+that it is one token of its own after the prefill (with ``--tokenizer`` by the local tokenizer,
+otherwise by the prompt ids the server returns). Other servers are asked for the top
+``logprobs``/``top_logprobs`` of one generated token; a letter is the token whose text is
+exactly the letter, which is what a model writes right after "("; vLLM 0.32 reports a
+SentencePiece "▁A" (the letter after a space) as " A", another answer that is not counted. (A
+server that stripped that space would report it as "A", and the two would be added: see
+:func:`_top_logprobs`.) A letter missing from those fails that conversation alone
+(:class:`~caitool.backends.base.ContinuationsNotScored`), never a guess.
 
 A conversation ending in an assistant turn is a *prefill* (the labeller's "The answer is (").
 Servers continue it in one of two ways:
@@ -16,8 +22,9 @@ Servers continue it in one of two ways:
 * ``continue_final_message: true`` with ``add_generation_prompt: false`` in the chat request:
   vLLM and SGLang honour these (llama.cpp's server continues a final assistant turn by itself);
 * with ``--tokenizer DIR`` the chat template is rendered here, with the model's own
-  tokenizer, and the text goes to ``/v1/completions``: any server with a completions
-  endpoint, whatever it does with chat requests.
+  tokenizer, and its token ids go to ``/v1/completions``: any server with a completions
+  endpoint, whatever it does with chat requests. Ids, not text, so that the server adds no
+  second BOS to a template that starts with one.
 
 A server that refuses the chat fields (OpenAI's own API answers 400) is reported with a hint
 to pass ``--tokenizer``. Requests run ``concurrency`` at a time, spread round-robin over the
@@ -26,8 +33,10 @@ connection errors, after at least the wait a ``Retry-After`` header asks for. Ho
 client-side pacing (``--max-requests-per-minute``, ``--max-tokens-per-minute``), token usage
 summed from ``usage`` into the run's stats, ``max_completion_tokens`` where ``max_tokens`` is
 refused, and generated tokens' log-probabilities when asked for (:mod:`caitool.backends.hosted`).
-The API key is read from the environment variable named by
-``api_key_env`` and is never written to records, manifests, logs or error messages.
+The API key is read from the environment variable the user named (``--api-key-env``), else from
+``CAITOOL_API_KEY``; ``OPENAI_API_KEY`` is never read unasked, so a hosted API's key does not
+reach another server. It is never written to records, manifests, logs or error messages, and a
+warning says when it would go over plain http to another machine.
 """
 
 from __future__ import annotations
@@ -45,7 +54,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from caitool.backends.base import BackendOptions, Completion, SamplingParams, ServedSpec, derive_seed
+from caitool.backends.base import (
+    BackendOptions,
+    Completion,
+    ContinuationsNotScored,
+    SamplingParams,
+    ServedSpec,
+    derive_seed,
+)
 from caitool.backends.hosted import (
     RateLimiter,
     Usage,
@@ -56,14 +72,31 @@ from caitool.backends.hosted import (
     with_max_completion_tokens,
 )
 from caitool.errors import CaitoolError
-from caitool.records import Conversation
-from caitool.tokens import as_dicts, render_chat
+from caitool.records import Conversation, Message
+from caitool.tokens import as_dicts, encode, next_token_id, render_chat
 
 RETRIED_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 BACKOFF_BASE_SECONDS = 0.5
 BACKOFF_CAP_SECONDS = 30.0
 # How many top tokens a scoring request asks for: vLLM's default --max-logprobs is 20.
 TOP_LOGPROBS = 20
+CAITOOL_API_KEY_ENV = "CAITOOL_API_KEY"
+
+# A server fills every sampling field a request leaves out from its own defaults, and vLLM's
+# come from the model's generation_config.json (Qwen2.5: top_k 20, repetition_penalty 1.05;
+# vLLM applies a repetition penalty even to greedy decoding). Sent explicitly, these make the
+# served distribution softmax(logits / T) within top_p, as the record says and as locally.
+# The OpenAI API itself refuses unknown fields, so only the standard penalties go to a server
+# not known to take the extensions (its own defaults then apply; the manifest says which).
+STANDARD_NEUTRAL_SAMPLING: dict[str, Any] = {"presence_penalty": 0.0, "frequency_penalty": 0.0}
+EXTENDED_NEUTRAL_SAMPLING: dict[str, dict[str, Any]] = {
+    # vLLM and SGLang both read -1 as "no top-k" (vLLM also takes 0).
+    "vllm": {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0},
+    "sglang": {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0},
+    # llama.cpp's server: top_k <= 0 is the whole vocabulary; its penalty is "repeat_penalty".
+    "llamacpp": {"top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0, "typical_p": 1.0},
+}
+UNSENT_SAMPLING = ("top_k", "min_p", "repetition_penalty")
 
 
 class RequestFailed(Exception):
@@ -83,6 +116,50 @@ def public_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+def api_key(variable: str | None) -> str | None:
+    """The key from the variable the user named, else from ``CAITOOL_API_KEY``, else none.
+
+    Never ``OPENAI_API_KEY`` unasked: a hosted API's key must not reach whatever server
+    ``--base-url`` names.
+    """
+    if variable:
+        secret = os.environ.get(variable)
+        if not secret:
+            raise CaitoolError(f"--api-key-env {variable}: that environment variable is not set or empty")
+        return secret
+    return os.environ.get(CAITOOL_API_KEY_ENV) or None
+
+
+_warned_hosts: set[str] = set()
+
+
+def warn_plain_http(base_urls: Sequence[str]) -> None:
+    """One warning per host (per process) when the key would cross a network unencrypted."""
+    for url in base_urls:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if parts.scheme != "http" or _is_loopback(host) or host in _warned_hosts:
+            continue
+        _warned_hosts.add(host)
+        from caitool.progress import print_summary
+
+        print_summary(
+            f"warning: the API key is sent unencrypted over plain http to {host}; "
+            "use https (or an SSH tunnel to 127.0.0.1) unless this network is trusted"
+        )
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def backoff_seconds(attempt: int, rng: random.Random) -> float:
     """Full-jitter exponential backoff: uniform in [0.5, 1.5) times base * 2^attempt, capped."""
     return min(BACKOFF_CAP_SECONDS, BACKOFF_BASE_SECONDS * 2**attempt) * (0.5 + rng.random())
@@ -96,7 +173,9 @@ class ServerClient:
 
         self.base_urls = list(base_urls)
         self.max_retries = options.max_retries
-        self._secret = os.environ.get(options.api_key_env) or None
+        self._secret = api_key(options.api_key_env)
+        if self._secret:
+            warn_plain_http(self.base_urls)
         headers = {"Authorization": f"Bearer {self._secret}"} if self._secret else {}
         self._http = httpx.Client(
             headers=headers,
@@ -215,6 +294,7 @@ class OpenAIBackend:
         self.tokenizer_dir = tokenizer_dir
         self.vllm = server.get("owned_by") == "vllm"
         self.max_completion_tokens = False  # set once the API refuses max_tokens
+        self.neutral_sampling = neutral_sampling(server.get("owned_by"))
         self.weights_sha256 = _local_weights_hash(server.get("root"))
         root_name = Path(str(server.get("root") or "")).name
         self.model_id = (
@@ -253,10 +333,14 @@ class OpenAIBackend:
             "max_model_len": self.server.get("max_model_len"),
             "sha256": self.weights_sha256,
             "prefill": (
-                f"chat template rendered here ({self.tokenizer_dir}), /v1/completions"
+                f"chat template rendered here ({self.tokenizer_dir}), token ids to /v1/completions"
                 if self.tokenizer is not None
                 else "continue_final_message"
             ),
+            "sampling_sent": self.neutral_sampling,
+            "sampling_left_to_server": [
+                name for name in UNSENT_SAMPLING if not _sends(self.neutral_sampling, name)
+            ],
         }
 
     def stats(self) -> dict[str, int]:
@@ -286,10 +370,131 @@ class OpenAIBackend:
     def score_continuations(
         self, conversations: Sequence[Conversation], continuations: Sequence[str]
     ) -> list[list[float]]:
-        """Log-probability of each one-token continuation, read from the server's top log-probs."""
+        """Log-probability of each one-token continuation after each conversation.
+
+        On vLLM exactly, as the local backend does: each continuation is appended to the prompt
+        and the server's ``prompt_logprobs`` give its log-probability there, after checking that
+        it is one token of its own there. Elsewhere from the server's top log-probs for the next
+        token: a continuation not among them fails that conversation (:class:`ContinuationsNotScored`,
+        the others' scores kept), never a guess.
+        """
+        if self.vllm and self.tokenizer is not None:
+            return self._exact_scores_from_ids(conversations, continuations)
+        if self.vllm:
+            return self._exact_scores_from_chat(conversations, continuations)
+        return self._top_scores(conversations, continuations)
+
+    def _exact_scores_from_ids(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[float]]:
+        """One request per conversation: the prompt's ids with each continuation's id appended
+        (found and checked here, as locally), the prompts batched, ``prompt_logprobs`` read."""
+        requests, appended = [], []
+        for conversation in conversations:
+            text = render_chat(self.tokenizer, conversation)
+            ids = encode(self.tokenizer, text)
+            letters = [next_token_id(self.tokenizer, text, ids, c) for c in continuations]
+            appended.append(letters)
+            prompts = [[*ids, letter] for letter in letters]
+            requests.append(("/completions", {**self._exact_body(), "prompt": prompts}))
+        answers = self._run_all(requests)
+        scores = []
+        for answer, letters in zip(answers, appended, strict=True):
+            choices = sorted(answer.get("choices", []), key=lambda c: c.get("index", 0))
+            if len(choices) != len(letters):
+                raise CaitoolError(
+                    f"{self._where()} answered {len(choices)} choices for {len(letters)} prompts"
+                )
+            scores.append(
+                [
+                    self._last_prompt_logprob(c.get("prompt_logprobs"), letter)
+                    for c, letter in zip(choices, letters, strict=True)
+                ]
+            )
+        return scores
+
+    def _exact_scores_from_chat(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[float]]:
+        """Per conversation, the prompt alone and the prompt with each continuation appended to
+        its assistant turn: the ids the server rendered show whether the continuation is one
+        token of its own there, and ``prompt_logprobs`` give its log-probability."""
+        requests = []
+        for conversation in conversations:
+            requests.append(self._with_conversation(self._exact_body(ids_only=True), conversation))
+            requests += [
+                self._with_conversation(self._exact_body(), _continued(conversation, c))
+                for c in continuations
+            ]
+        answers = iter(self._run_all(requests))
+        scores = []
+        for conversation in conversations:
+            base = self._prompt_token_ids(next(answers))
+            row = []
+            for continuation in continuations:
+                answer = next(answers)
+                ids = self._prompt_token_ids(answer)
+                if len(ids) != len(base) + 1 or ids[: len(base)] != base:
+                    raise CaitoolError(
+                        f"{continuation!r} written after {_ending(conversation)!r} is not one token of its "
+                        f"own for {self.served.spec}'s tokenizer (the prompt went from {len(base)} to "
+                        f"{len(ids)} tokens, and its start changed: {ids[: len(base)] != base}); caitool "
+                        "reads an option letter as the one next token, so it cannot score with this model"
+                    )
+                row.append(self._last_prompt_logprob(answer.get("prompt_logprobs"), ids[-1]))
+            scores.append(row)
+        return scores
+
+    def _top_scores(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[float]]:
+        """From the top log-probs of the next token: a server without ``prompt_logprobs``."""
+        if self.tokenizer is not None:  # the one-token check, where the tokenizer is at hand
+            for conversation in conversations:
+                text = render_chat(self.tokenizer, conversation)
+                ids = encode(self.tokenizer, text)
+                for continuation in continuations:
+                    next_token_id(self.tokenizer, text, ids, continuation)
         requests = [self._scoring_request(c) for c in conversations]
         answers = self._run_all(requests)
-        return [self._letter_logprobs(answer, continuations) for answer in answers]
+        scores: list[list[float] | None] = []
+        reasons: dict[int, str] = {}
+        for index, answer in enumerate(answers):
+            try:
+                scores.append(self._letter_logprobs(answer, continuations))
+            except CaitoolError as missing:
+                scores.append(None)
+                reasons[index] = str(missing)
+        if reasons:
+            raise ContinuationsNotScored(scores, reasons)
+        return [row for row in scores if row is not None]
+
+    def _exact_body(self, *, ids_only: bool = False) -> dict[str, Any]:
+        """A request reading the prompt (its ids and its tokens' log-probs); it generates one token."""
+        body: dict[str, Any] = {"model": self.served.name, "max_tokens": 1, "temperature": 0.0}
+        body["return_token_ids"] = True
+        if not ids_only:
+            body["prompt_logprobs"] = 0  # the prompt's own tokens only
+        return body
+
+    def _prompt_token_ids(self, answer: dict[str, Any]) -> list[int]:
+        ids = answer.get("prompt_token_ids")
+        if ids is None:  # completions put them on the choice
+            ids = ((answer.get("choices") or [{}])[0] or {}).get("prompt_token_ids")
+        if not isinstance(ids, list):
+            raise CaitoolError(f"{self._where()} returned no prompt_token_ids (return_token_ids: true)")
+        return ids
+
+    def _last_prompt_logprob(self, prompt_logprobs: Any, token_id: int) -> float:
+        """The log-probability vLLM gives the prompt's last token, which is ``token_id``."""
+        last = prompt_logprobs[-1] if isinstance(prompt_logprobs, list) and prompt_logprobs else None
+        entry = (last or {}).get(str(token_id))
+        if not isinstance(entry, dict) or "logprob" not in entry:
+            raise CaitoolError(
+                f"{self._where()} returned no prompt log-probability for token {token_id} "
+                "(the request asked for prompt_logprobs, which vLLM answers)"
+            )
+        return float(entry["logprob"])
 
     # -- requests -----------------------------------------------------------------
     def _generation_request(
@@ -302,6 +507,7 @@ class OpenAIBackend:
             "temperature": 0.0 if params.greedy else params.temperature,
             "top_p": 1.0 if params.greedy else params.top_p,
             "seed": seed,
+            **self.neutral_sampling,
         }
         if params.ignore_eos:
             body["ignore_eos"] = True  # a vLLM extension; benchmarks only
@@ -326,11 +532,20 @@ class OpenAIBackend:
     ) -> tuple[str, dict[str, Any]]:
         """The endpoint and body carrying the conversation: rendered here, or sent as chat messages."""
         if self.tokenizer is not None:
-            return "/completions", {**body, "prompt": render_chat(self.tokenizer, conversation)}
+            return "/completions", {**body, "prompt": self._prompt_ids(conversation)}
         body = {**body, "messages": as_dicts(conversation)}
         if conversation and conversation[-1].role == "assistant":
             body.update(continue_final_message=True, add_generation_prompt=False)
         return "/chat/completions", body
+
+    def _prompt_ids(self, conversation: Conversation) -> list[int]:
+        """The rendered conversation as token ids, exactly as the local backend encodes it.
+
+        Ids, not text: a completions endpoint tokenizes text with special tokens added (vLLM's
+        ``add_special_tokens`` defaults to true there, llama.cpp adds BOS), so a template that
+        already starts with BOS (Llama, Gemma, Mistral) would reach the model with two.
+        """
+        return encode(self.tokenizer, render_chat(self.tokenizer, conversation))
 
     def _run_all(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
         """Every request; sent again with ``max_completion_tokens`` if the API refuses ``max_tokens``."""
@@ -410,6 +625,27 @@ class OpenAIBackend:
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+
+
+def neutral_sampling(owned_by: Any) -> dict[str, Any]:
+    """The sampling fields that switch off what the server would otherwise fill in."""
+    return {**STANDARD_NEUTRAL_SAMPLING, **EXTENDED_NEUTRAL_SAMPLING.get(str(owned_by), {})}
+
+
+def _sends(fields: dict[str, Any], name: str) -> bool:
+    return name in fields or (name == "repetition_penalty" and "repeat_penalty" in fields)
+
+
+def _continued(conversation: Conversation, continuation: str) -> Conversation:
+    """The conversation with ``continuation`` written at the start of (or on into) the assistant turn."""
+    if conversation and conversation[-1].role == "assistant":
+        last = conversation[-1]
+        return [*conversation[:-1], Message(role="assistant", content=last.content + continuation)]
+    return [*conversation, Message(role="assistant", content=continuation)]
+
+
+def _ending(conversation: Conversation) -> str:
+    return conversation[-1].content[-24:] if conversation else ""
 
 
 def _refused_request(message: str) -> bool:
