@@ -186,7 +186,8 @@ def test_on_vllm_letters_are_scored_exactly_even_outside_the_top_20():
     with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}) as stub:  # "B" is in no top-k list
         backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
         assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
-    bodies = stub.posted("/v1/chat/completions")
+    # the two letter requests are in flight together: their order of arrival is not fixed
+    bodies = sorted(stub.posted("/v1/chat/completions"), key=lambda b: b["messages"][-1]["content"])
     assert [b["messages"][-1]["content"] for b in bodies] == ["The answer is (", "The answer is (A"] + [
         "The answer is (B"
     ]

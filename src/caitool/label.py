@@ -259,6 +259,9 @@ class Labeller:
         self.unparseable = 0  # ... and those that named no option
         self.unlabelled = 0  # comparisons left without a label because an answer was unparseable
         self._unreadable_example = ""
+        # label-preferences leaves a pair whose answer tokens a server could not score unlabelled
+        # and goes on; eval and judge-check, whose figures would silently lose it, stop.
+        self.skip_not_scored = False
         self._score_shots: list[Message] | None = None
 
     def judge(self, comparisons: Sequence[Comparison], seed: int = 0) -> list[Verdict]:
@@ -269,6 +272,9 @@ class Labeller:
             verdicts = self._judge_by_letters(comparisons, seed)
         self.unlabelled += sum(v.unparseable for v in verdicts)
         self._stop_if_mostly_unparseable()
+        not_scored = [v.not_scored for v in verdicts if v.not_scored]
+        if not_scored and not self.skip_not_scored:
+            raise CaitoolError(not_scored[0])
         return verdicts
 
     def _judge_by_letters(self, comparisons: Sequence[Comparison], seed: int) -> list[Verdict]:
@@ -458,7 +464,7 @@ class Labeller:
     def unparseable_counts(self) -> dict[str, int]:
         """This run's counts of answers read and unparseable, for summaries and manifests (verdict modes)."""
         if not self.own_turn:
-            return {"unlabelled": self.unlabelled}
+            return {}
         return {
             "answers": self.answers,
             "unparseable_answers": self.unparseable,
@@ -635,6 +641,7 @@ def run_label_preferences(
             cache=answer_cache,
             max_unparseable=max_unparseable,
         )
+        labeller.skip_not_scored = True
 
         def process(records: list[ResponsesInput], chunk_index: int) -> ChunkResult:
             pairs, chosen_principles, comparisons = _comparisons_of(records, candidates, seed)
@@ -661,6 +668,9 @@ def run_label_preferences(
             ]
             counts = {"disagree": sum(v.orders_disagree for v in verdicts)}
             counts.update(_grown(before, labeller.unparseable_counts()))
+            not_scored = sum(bool(v.not_scored) for v in verdicts)
+            if not_scored:
+                counts["unlabelled"] = counts.get("unlabelled", 0) + not_scored
             if answer_cache is not None:
                 counts["labels_from_cache"] = sum(v.from_cache and not v.unparseable for v in verdicts)
             return ChunkResult(out, counts=counts)
