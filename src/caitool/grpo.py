@@ -27,7 +27,6 @@ On a GPU, ``--use-vllm`` hands rollout generation to vLLM (TRL's ``use_vllm``, i
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records
 from caitool.models import is_adapter_dir, model_info
 from caitool.pipeline import Runtime, validate_input
-from caitool.processes import Processes, launched_world_size
+from caitool.processes import launched_world_size
 from caitool.progress import print_summary
 from caitool.provenance import build_manifest, now_iso
 from caitool.records import parse_prompt_input
@@ -50,8 +49,8 @@ from caitool.rloo import (
     log_entry,
     prompt_dataset,
     reference_source,
-    rloo_run_key,
     sample_writer,
+    train_and_save,
 )
 
 
@@ -305,17 +304,8 @@ def run_grpo(
             runtime=runtime,
             staging=staging,
         )
-        run_key = rloo_run_key(input_path, infos, config, runtime.seed, rewards)
-        checkpoint = training.resume_checkpoint(staging, run_key, runtime.resume)
-        done = training.checkpoint_step(checkpoint) if checkpoint else 0
-        training.keep_log_until(staging / training.TRAINING_LOG, done)
-        training.keep_log_until(staging / SAMPLES_FILE, done)
-        if checkpoint:
-            print_summary(f"grpo: resuming after step {done} from {checkpoint}")
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        history = [json.loads(line) for line in (staging / training.TRAINING_LOG).read_text().splitlines()]
-        saved_dtype = trainers.save_trained(
-            trainer, staging, infos["policy"].path, Processes(), lora=config.lora, merge=config.merge
+        checkpoint, result, history, saved_dtype = train_and_save(
+            "grpo", trainer, staging, input_path, infos, config, runtime, rewards
         )
         trainer.processing_class.save_pretrained(staging)
         training.write_model_manifest(

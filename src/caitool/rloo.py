@@ -366,6 +366,33 @@ def rloo_run_key(
     return training.training_run_key(input_path, infos, settings, seed)
 
 
+def train_and_save(
+    phase: str,
+    trainer: Any,
+    staging: Path,
+    input_path: str | Path,
+    infos: dict[str, Any],
+    config: Any,
+    runtime: Runtime,
+    rewards: RewardSpec,
+) -> tuple[str | None, Any, list[dict[str, Any]], Any]:
+    """Train from the last checkpoint of the same run (if any) and save the policy; shared by rloo
+    and grpo. Returns the checkpoint resumed from, TRL's result, the logged steps and the saved dtype."""
+    run_key = rloo_run_key(input_path, infos, config, runtime.seed, rewards)
+    checkpoint = training.resume_checkpoint(staging, run_key, runtime.resume)
+    done = training.checkpoint_step(checkpoint) if checkpoint else 0
+    training.keep_log_until(staging / training.TRAINING_LOG, done)
+    training.keep_log_until(staging / SAMPLES_FILE, done)
+    if checkpoint:
+        print_summary(f"{phase}: resuming after step {done} from {checkpoint}")
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    history = [json.loads(line) for line in (staging / training.TRAINING_LOG).read_text().splitlines()]
+    saved_dtype = trainers.save_trained(
+        trainer, staging, infos["policy"].path, Processes(), lora=config.lora, merge=config.merge
+    )
+    return checkpoint, result, history, saved_dtype
+
+
 def run_rloo(
     input_path: str | Path,
     output: str | Path,
@@ -409,17 +436,8 @@ def run_rloo(
             runtime=runtime,
             staging=staging,
         )
-        run_key = rloo_run_key(input_path, infos, config, runtime.seed, rewards)
-        checkpoint = training.resume_checkpoint(staging, run_key, runtime.resume)
-        done = training.checkpoint_step(checkpoint) if checkpoint else 0
-        training.keep_log_until(staging / training.TRAINING_LOG, done)
-        training.keep_log_until(staging / SAMPLES_FILE, done)
-        if checkpoint:
-            print_summary(f"rloo: resuming after step {done} from {checkpoint}")
-        result = trainer.train(resume_from_checkpoint=checkpoint)
-        history = [json.loads(line) for line in (staging / training.TRAINING_LOG).read_text().splitlines()]
-        saved_dtype = trainers.save_trained(
-            trainer, staging, infos["policy"].path, Processes(), lora=config.lora, merge=config.merge
+        checkpoint, result, history, saved_dtype = train_and_save(
+            "rloo", trainer, staging, input_path, infos, config, runtime, rewards
         )
         trainer.processing_class.save_pretrained(staging)
         training.write_model_manifest(
