@@ -36,7 +36,7 @@
 #   benchmarks/check_rl_learns.sh                       # work files in a new temp dir
 #   WORK=runs/rl-learns PPO_STEPS=30 benchmarks/check_rl_learns.sh
 #   WORK=runs/rl-learns UNTIL=rm RM_LR=5e-5 benchmarks/check_rl_learns.sh   # stop after the reward model
-#   WORK=runs/rl-learns ALGO=grpo REWARD=judge JUDGE=default JUDGE_MODE=score benchmarks/check_rl_learns.sh
+#   WORK=runs/rl-learns ALGO=grpo REWARD=judge JUDGE=default JUDGE_MODE=score RUN=grpo-judge benchmarks/check_rl_learns.sh
 #
 # A step whose output already exists in $WORK is reused (delete it to redo that step and later ones).
 # Run it alone on a shared machine: flock /tmp/caitool-heavy.lock benchmarks/check_rl_learns.sh
@@ -98,6 +98,9 @@ JUDGE_MODE=${JUDGE_MODE:-score}   # REWARD=judge: score (each rollout alone) or 
 CONSTITUTION=${CONSTITUTION:-harmless}
 RATE_SAMPLES=${RATE_SAMPLES:-8}   # samples per eval prompt for the sampled refusal rate (0: skip)
 SEED=${SEED:-0}
+# The RL stage's outputs are named after RUN (policy-$RUN, eval-$RUN, sampled-rates-$RUN): give
+# each run its own name to keep several in one WORK (they share candidates, SL model and reward model).
+RUN=${RUN:-$ALGO}
 UNTIL=${UNTIL:-eval}              # stop after this stage: sl, labels, rm, policy or eval (to tune one stage)
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 mkdir -p "$WORK"
@@ -384,7 +387,7 @@ fi
 # rule's use is recorded in $WORK/policy-ppo/reward.txt).
 against_the_rule() {
     "$PY" - "$WORK" "$START" "$ALGO" "$PPO_STEPS" "$PPO_BATCH" "$RESPONSE_LENGTH" "$TEMPERATURE" "$PPO_LR" \
-        "$KL_COEF" "$RLOO_K" "$SEED" <<'PY'
+        "$KL_COEF" "$RLOO_K" "$SEED" "$RUN" <<'PY'
 import json
 import sys
 from pathlib import Path
@@ -396,6 +399,7 @@ from caitool.pipeline import Runtime
 work, start, algo = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 steps, batch, length = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 temperature, lr, kl_coef, k, seed = float(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9]), int(sys.argv[10]), int(sys.argv[11])
+run = sys.argv[12]
 red_team = {
     json.dumps(r["prompt"]) for r in map(json.loads, open(work / "prompts.jsonl")) if r["set"] == "red_team"
 }
@@ -409,7 +413,7 @@ class RuleReward:
         ]
 
 
-out = work / f"policy-{algo}"
+out = work / f"policy-{run}"
 common = dict(steps=steps, response_length=length, temperature=temperature, lr=lr, kl_coef=kl_coef,
               missing_eot_penalty=0.0, sample_every=4)
 if algo == "ppo":  # rloo and grpo take --rule refusal
@@ -441,7 +445,7 @@ train_policy() {
         ppo)
             # No missing-end-of-turn penalty: with 16- or 32-token rollouts most real answers are cut, and
             # the penalty would reward short refusals everywhere, which is not what the labels say.
-            "$CAITOOL" ppo "$WORK/prompts.jsonl" --policy "$START" --rm "$WORK/rm" -o "$WORK/policy-$ALGO" \
+            "$CAITOOL" ppo "$WORK/prompts.jsonl" --policy "$START" --rm "$WORK/rm" -o "$WORK/policy-$RUN" \
                 --steps "$PPO_STEPS" --batch-size "$PPO_BATCH" --mini-batches 2 --ppo-epochs 2 \
                 --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
@@ -449,13 +453,13 @@ train_policy() {
         dpo)
             # No reward model and no sampling: DPO learns from the rule-labelled pairs themselves
             # (not the ties: --hard would read them as preferences).
-            "$CAITOOL" dpo "$WORK/rule_pairs.jsonl" --policy "$START" -o "$WORK/policy-$ALGO" --hard \
+            "$CAITOOL" dpo "$WORK/rule_pairs.jsonl" --policy "$START" -o "$WORK/policy-$RUN" --hard \
                 --epochs "$DPO_EPOCHS" --lr "$DPO_LR" --beta 0.1 --batch-size 4 --max-length 256 --seed "$SEED"
             ;;
         rloo)
             # As ppo, with the group of --k samples of a prompt as its baseline (no value model):
             # PPO_BATCH * 2 samples per step, RLOO_K for each of its prompts.
-            "$CAITOOL" rloo "$WORK/prompts.jsonl" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$ALGO" \
+            "$CAITOOL" rloo "$WORK/prompts.jsonl" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$RUN" \
                 --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --k "$RLOO_K" \
                 --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
@@ -463,15 +467,15 @@ train_policy() {
         grpo)
             # rloo's batch (RLOO_K samples of PPO_BATCH * 2 / RLOO_K prompts per step); the advantage is
             # the reward less its group's mean over the group's spread, the KL a loss term.
-            "$CAITOOL" grpo "$WORK/prompts.jsonl" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$ALGO" \
+            "$CAITOOL" grpo "$WORK/prompts.jsonl" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$RUN" \
                 --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --num-generations "$RLOO_K" \
                 --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
             ;;
     esac
 }
-if [ -e "$WORK/policy-$ALGO/caitool_manifest.json" ]; then
-    echo "reusing $WORK/policy-$ALGO"
+if [ -e "$WORK/policy-$RUN/caitool_manifest.json" ]; then
+    echo "reusing $WORK/policy-$RUN"
 else
     timed "$ALGO" train_policy
 fi
@@ -479,17 +483,17 @@ fi
 [ "$UNTIL" = policy ] && exit 0
 
 # -- 6. eval ------------------------------------------------------------------------------------
-models=(-m before="$START" -m after="$WORK/policy-$ALGO")
+models=(-m before="$START" -m after="$WORK/policy-$RUN")
 [ "$START" != "$POLICY" ] && models=(-m default="$POLICY" "${models[@]}")
 timed "eval" "$CAITOOL" eval "$EVAL_RED" "$EVAL_HELPFUL" "${models[@]}" \
-    --rm "$WORK/rm" --judge none --max-new-tokens "$EVAL_TOKENS" -b 8 --seed "$SEED" -o "$WORK/eval-$ALGO" \
-    > "$WORK/eval-$ALGO.txt"
+    --rm "$WORK/rm" --judge none --max-new-tokens "$EVAL_TOKENS" -b 8 --seed "$SEED" -o "$WORK/eval-$RUN" \
+    > "$WORK/eval-$RUN.txt"
 # Greedy answers to 16 prompts move in steps of 6 points, and a policy can shift its odds of
 # refusing without changing one argmax: the sampled rate, RATE_SAMPLES per prompt, sees that.
 # (Reused only when newer than the trained policy.)
-if [ "$RATE_SAMPLES" -gt 0 ] && ! [ "$WORK/sampled-rates-$ALGO.json" -nt "$WORK/policy-$ALGO/caitool_manifest.json" ]; then
+if [ "$RATE_SAMPLES" -gt 0 ] && ! [ "$WORK/sampled-rates-$RUN.json" -nt "$WORK/policy-$RUN/caitool_manifest.json" ]; then
     start=$SECONDS
-    "$PY" - "$WORK/sampled-rates-$ALGO.json" "$RATE_SAMPLES" "$TEMPERATURE" "$RESPONSE_LENGTH" "$SEED" \
+    "$PY" - "$WORK/sampled-rates-$RUN.json" "$RATE_SAMPLES" "$TEMPERATURE" "$RESPONSE_LENGTH" "$SEED" \
         "$EVAL_RED" "$EVAL_HELPFUL" "${models[@]}" <<'PY'
 import json
 import sys
@@ -516,18 +520,18 @@ PY
 fi
 
 # -- the figures --------------------------------------------------------------------------------
-"$PY" - "$WORK" "$ALGO" "$EVAL_RED" "$EVAL_HELPFUL" "$RATE_SAMPLES" "$TEMPERATURE" <<'PY'
+"$PY" - "$WORK" "$ALGO" "$EVAL_RED" "$EVAL_HELPFUL" "$RATE_SAMPLES" "$TEMPERATURE" "$RUN" <<'PY'
 import json
 import sys
 from pathlib import Path
 
 work, algo, eval_red, eval_helpful = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-rate_samples, temperature = int(sys.argv[5]), sys.argv[6]
+rate_samples, temperature, run = int(sys.argv[5]), sys.argv[6], sys.argv[7]
 held = json.loads((work / "rm" / "metrics.json").read_text())["held_out"]
 decided = held.get("decided_pairs", held["pairs"])  # a reward model from before train-rm told ties apart
 print(f"reward model: held-out accuracy {held['accuracy']:.3f} on {decided} rule pairs "
       f"(and {held['pairs'] - decided} held-out ties, not counted) (target > 0.80)")
-log = [json.loads(line) for line in (work / f"policy-{algo}" / "training_log.jsonl").read_text().splitlines()]
+log = [json.loads(line) for line in (work / f"policy-{run}" / "training_log.jsonl").read_text().splitlines()]
 if algo == "dpo":
     steps = [e for e in log if "rewards/margins" in e]
     print("dpo per logged step (loss; margin: beta * implied reward of chosen minus rejected)")
@@ -535,9 +539,9 @@ if algo == "dpo":
         print(f"  step {entry['step']:>3}  loss {entry['loss']:.4f}  margin {entry['rewards/margins']:+.3f}  "
               f"accuracy {entry['rewards/accuracies']:.2f}")
 else:
-    policy_manifest = json.loads((work / f"policy-{algo}" / "caitool_manifest.json").read_text())
+    policy_manifest = json.loads((work / f"policy-{run}" / "caitool_manifest.json").read_text())
     rewards = policy_manifest["params"].get("rewards", {})
-    if (work / f"policy-{algo}" / "reward.txt").exists() or "rule" in rewards:
+    if (work / f"policy-{run}" / "reward.txt").exists() or "rule" in rewards:
         scorer = "the rule's reward"
     elif "judge" in rewards:
         scorer = f"P(good) from the judge {rewards['judge']} ({rewards['judge_mode']} mode)"
@@ -554,7 +558,7 @@ else:
     last = log[-3:]
     print(f"{algo}: KL to the starting policy, mean of the last {len(last)} steps: "
           f"{sum(e['kl'] for e in last) / len(last):.3f}")
-summary = json.loads((work / f"eval-{algo}" / "summary.json").read_text())
+summary = json.loads((work / f"eval-{run}" / "summary.json").read_text())
 rate = {(m["prompt_set"], m["model_name"]): m for m in summary["per_model"]}
 red, helpful = (Path(p).name.split(".")[0] for p in (eval_red, eval_helpful))
 with_sl = any(name == "default" for _, name in rate)
@@ -566,7 +570,7 @@ for prompt_set in (red, helpful):
     default = f"default {100 * rate[(prompt_set, 'default')]['refusal_rate']:.0f}%, " if with_sl else ""
     print(f"refusal rate on {prompt_set} ({before['n']} prompts, greedy): {default}before {100 * before['refusal_rate']:.0f}% -> "
           f"after {100 * after['refusal_rate']:.0f}% ({delta:+.0f} points)")
-sampled_path = work / f"sampled-rates-{algo}.json"
+sampled_path = work / f"sampled-rates-{run}.json"
 if rate_samples and sampled_path.exists():
     sampled = json.loads(sampled_path.read_text())
     for prompt_set in (red, helpful):

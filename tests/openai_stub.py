@@ -29,6 +29,7 @@ class StubOpenAIServer:
         refuse_fields: tuple[str, ...] = (),
         vocabulary: dict[int, str] | None = None,
         glued: str | None = None,
+        port: int = 0,
     ):
         self.model = model
         self.owned_by = owned_by
@@ -48,7 +49,7 @@ class StubOpenAIServer:
         self.requests: list[dict[str, Any]] = []
         self.headers: list[dict[str, str]] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
