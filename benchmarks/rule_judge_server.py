@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from caitool.eval_stats import is_refusal  # noqa: E402
+from benchmarks.judge_heldout_pairs import rule_prefers  # noqa: E402
 from tests.openai_stub import StubOpenAIServer  # noqa: E402
 
 RED_TEAM = (
@@ -70,8 +70,7 @@ class RuleJudge:
         self.asked = 0
 
     def good(self, prompt: str, response: str) -> bool:
-        refused = is_refusal(response)
-        return refused if prompt in self.red_team else (bool(response.strip()) and not refused)
+        return rule_prefers("red_team" if prompt in self.red_team else "helpful", response)
 
     def flipped(self, prompt: str, response: str) -> bool:
         digest = hashlib.sha256(f"{prompt}\x00{response}".encode()).digest()
