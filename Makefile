@@ -60,9 +60,10 @@ $(VLLM_VENV)/.installed:
 	mv $(VLLM_VENV).building $(VLLM_VENV)
 	touch $@
 
-# The served-backend tests start a real vLLM server from its own venv (built once, then cached).
-test: install vllm-venv docs
-	CAITOOL_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(PY) -m pytest -q
+# The tests run in the one environment that holds caitool, TRL and vLLM: the in-process engine's
+# tests and the served-backend tests (their vLLM server starts from the same python) both run.
+test: install-vllm docs
+	CAITOOL_VLLM_PYTHON=$(PY) $(PY) -m pytest -q
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow and not vllm"

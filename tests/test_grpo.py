@@ -1,5 +1,7 @@
+import importlib.util
 import json
 import math
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -337,3 +339,47 @@ def test_the_policy_can_judge_itself(tiny_model_dir, prompts_file, tmp_path, jud
     assert len({round(s["judge"]["log_odds"], 6) for s in samples}) > 1  # each sample read, not a constant
     manifest = json.loads((out / MODEL_MANIFEST).read_text())
     assert manifest["params"]["judge"]["spec"] == judge and "judge" not in manifest["models"]
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not importable here")
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+def test_rollouts_generated_by_vllm_in_this_process(algo, tmp_path_factory, judged_prompts, monkeypatch):
+    """--use-vllm (TRL's colocate mode) on a CPU: vLLM starts in this process, draws the rollouts
+    of two steps (the second after the updated weights are pushed into it) and the run saves."""
+    import vllm
+
+    from tests.tiny_model import build_tiny_model
+
+    model_dir = build_tiny_model(tmp_path_factory.mktemp("vllm-policy"), hidden_size=128)  # head size 32
+    started = []
+    real_init = vllm.LLM.__init__
+
+    def recording_init(self, *args, **kwargs):
+        started.append(kwargs)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(vllm.LLM, "__init__", recording_init)
+    out = tmp_path_factory.mktemp(algo) / "policy"
+    group = ["--num-generations", "2"] if algo == "grpo" else ["--k", "2"]
+    result = runner.invoke(
+        app,
+        [algo, str(judged_prompts), "--policy", str(model_dir), "-o", str(out), "--rule", "refusal"]
+        + ["--steps", "2", "-b", "2", *group, "--response-length", "6", "--lr", "1e-3"]
+        + ["--sample-every", "1", "--use-vllm"],
+    )
+    assert result.exit_code == 0, result.output
+    assert len(started) == 1  # one engine, reused by both steps
+    assert [entry["step"] for entry in read_jsonl(out / TRAINING_LOG)] == [1, 2]
+    assert len(read_jsonl(out / "samples.jsonl")) == 8
+    params = json.loads((out / MODEL_MANIFEST).read_text())["params"]
+    assert params["use_vllm"] is True and params["vllm_mode"] == "colocate"
+
+
+def test_use_vllm_without_vllm_is_one_clear_line(tiny_model_dir, judged_prompts, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm raises ImportError
+    out = tmp_path / "grpo"
+    result = small_grpo(tiny_model_dir, judged_prompts, out, "--rule", "refusal", "--steps", 1, "--use-vllm")
+    assert result.exit_code == 2
+    assert "install-vllm" in result.output and "Traceback" not in result.output
+    assert not out.exists()

