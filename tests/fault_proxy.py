@@ -3,7 +3,10 @@
 Every ``every``-th POST is answered by the proxy itself, cycling through ``faults``: an HTTP
 status (429, 500, 503...) or ``"stall"`` (holds the connection for ``stall_seconds`` and
 closes it without an answer, as an overloaded server behind a load balancer does). All other
-requests are forwarded unchanged. It only ever talks to loopback addresses.
+requests are forwarded unchanged. A request whose body has already drawn ``max_faults_per_body``
+faults is forwarded whatever its place in the count, so a client's retries always get through
+in the end, however the requests of a busy machine interleave. It only ever talks to loopback
+addresses.
 """
 
 from __future__ import annotations
@@ -20,7 +23,13 @@ from typing import Any
 
 class FaultProxy:
     def __init__(
-        self, upstream: str, *, every: int = 3, faults=(429, 500, "stall"), stall_seconds: float = 4.0
+        self,
+        upstream: str,
+        *,
+        every: int = 3,
+        faults=(429, 500, "stall"),
+        stall_seconds: float = 4.0,
+        max_faults_per_body: int = 2,
     ):
         if not upstream.startswith(("http://127.", "http://localhost")):
             raise ValueError("the fault proxy forwards to loopback only")
@@ -30,6 +39,8 @@ class FaultProxy:
         self._faults = itertools.cycle(faults)
         self._lock = threading.Lock()
         self.posts = 0
+        self.max_faults_per_body = max_faults_per_body
+        self._faults_by_body: dict[int, int] = {}
         self.injected: list[int | str] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
@@ -47,11 +58,13 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
 
-    def _next_fault(self) -> int | str | None:
+    def _next_fault(self, body: bytes) -> int | str | None:
         with self._lock:
             self.posts += 1
-            if self.posts % self.every:
+            key = hash(body)
+            if self.posts % self.every or self._faults_by_body.get(key, 0) >= self.max_faults_per_body:
                 return None
+            self._faults_by_body[key] = self._faults_by_body.get(key, 0) + 1
             fault = next(self._faults)
             self.injected.append(fault)
             return fault
@@ -78,7 +91,7 @@ class FaultProxy:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
-                fault = proxy._next_fault()
+                fault = proxy._next_fault(body)
                 if fault == "stall":
                     time.sleep(proxy.stall_seconds)
                     self.close_connection = True

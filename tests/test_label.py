@@ -286,6 +286,7 @@ def test_output_trains_trl_reward_trainer_as_it_is(tiny_model_dir, tmp_path):
     from trl import RewardConfig, RewardTrainer
 
     from caitool.models import load_tokenizer
+    from caitool.trainers import checkpointing_argument
 
     pairs = write_pairs(tmp_path / "pairs.jsonl", [generation(f"q{i}", [GOOD, BAD]) for i in range(4)])
     out = tmp_path / "prefs.jsonl"
@@ -306,7 +307,7 @@ def test_output_trains_trl_reward_trainer_as_it_is(tiny_model_dir, tmp_path):
         report_to=[],
         use_cpu=True,
         bf16=False,
-        activation_checkpointing=False,
+        **{checkpointing_argument(): False},
         save_strategy="no",
         disable_tqdm=True,
     )

@@ -298,6 +298,13 @@ def test_rollouts_are_drawn_from_softmax_over_temperature_whatever_the_generatio
         assert result.exit_code == 0, result.output
         first[name] = [(s["id"], s["response"]) for s in read_jsonl(out / "samples.jsonl")]
     assert first["penalised"] == first["plain"]
+    # The policy is saved with its own generation config unchanged (transformers 5.19 refuses to
+    # save this one as it is: min_p without do_sample).
+    saved = json.loads((tmp_path / "penalised" / "generation_config.json").read_text())
+    given = json.loads((penalised_model_dir / "generation_config.json").read_text())
+    assert {k: saved.get(k) for k in given if k != "transformers_version"} == {
+        k: v for k, v in given.items() if k != "transformers_version"
+    }
 
 
 def test_texts_over_the_reward_models_training_length_are_cut_and_counted(

@@ -139,11 +139,12 @@ def test_retries_carry_a_run_through_a_misbehaving_proxy(server, tmp_path, examp
     prompts = take(examples_dir / "red_team.jsonl", 12, tmp_path / "p.jsonl")
     out = tmp_path / "c.jsonl"
     # The timeout must sit well above a real answer's latency on a loaded 2-core CI machine
-    # (2 s timed out honest requests there and used up all retries) and below the stall.
-    with FaultProxy(server.url, every=3, faults=(429, 500, "stall"), stall_seconds=25) as proxy:
+    # (2 s, then 20 s with two training runs beside the suite, timed out honest requests and
+    # used up a request's retries) and below the stall.
+    with FaultProxy(server.url, every=3, faults=(429, 500, "stall"), stall_seconds=50) as proxy:
         output = invoke(
             ["critique", str(prompts), "-o", str(out), "--max-new-tokens", "16"]
-            + served(proxy.url, "--request-timeout", "20", "--concurrency", "4")
+            + served(proxy.url, "--request-timeout", "40", "--concurrency", "4")
         )
     assert len(proxy.injected) >= 3 and {429, 500, "stall"} <= set(proxy.injected)
     assert sorted(r["id"] for r in lines(out)) == sorted(r["id"] for r in lines(prompts))

@@ -182,8 +182,36 @@ def save_like_base(
     dtype = getattr(torch, base) if base in HALF_PRECISION else (floating[0] if floating else model.dtype)
     state = {k: t.to(dtype) if t.is_floating_point() else t for k, t in state.items()}
     model.to(dtype)  # save_pretrained writes the model's own dtype into config.json
-    model.save_pretrained(directory, state_dict=state)
+    save_keeping_generation_config(model, directory, state)
     return str(dtype).removeprefix("torch.")
+
+
+def save_keeping_generation_config(model: Any, directory: Path, state: dict[str, Any]) -> None:
+    """``model.save_pretrained``, with the base's generation config written back as it was.
+
+    transformers before 5.2x refuses to save a generation config that its strict validation
+    flags (``min_p`` without ``do_sample``, as some checkpoints ship), though it loads one; the
+    trained model would then not be saved at all. It is the user's config: keep it unchanged."""
+    generation = getattr(model, "generation_config", None)
+    if generation is None or _saves_as_is(generation):
+        model.save_pretrained(directory, state_dict=state)
+        return
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig()
+    try:
+        model.save_pretrained(directory, state_dict=state)
+    finally:
+        model.generation_config = generation
+    generation.to_json_file(Path(directory) / "generation_config.json", use_diff=True)
+
+
+def _saves_as_is(generation: Any) -> bool:
+    try:
+        generation.validate(strict=True)
+    except ValueError:
+        return False
+    return True
 
 
 def gathered_state_dict(accelerator: Any, prepared: Any) -> dict[str, Any]:
