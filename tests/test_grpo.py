@@ -383,3 +383,29 @@ def test_use_vllm_without_vllm_is_one_clear_line(tiny_model_dir, judged_prompts,
     assert result.exit_code == 2
     assert "install-vllm" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("algo", ["grpo", "rloo"])
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--use-vllm", "--vllm-mode", "server"], "--vllm-mode server needs --vllm-server-base-url"),
+        (["--vllm-server-base-url", "http://127.0.0.1:8000"], "only applies with --use-vllm"),
+    ],
+)
+def test_rollout_options_that_disagree_fail_before_anything_loads(
+    algo, options, message, tiny_model_dir, judged_prompts, tmp_path, monkeypatch
+):
+    # With vLLM unimportable, a check made only when the trainer is configured would report the
+    # missing install instead: this message proves the options are checked first.
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    out = tmp_path / algo
+    group = ["--num-generations", "2"] if algo == "grpo" else ["--k", "2"]
+    result = runner.invoke(
+        app,
+        [algo, str(judged_prompts), "--policy", str(tiny_model_dir), "-o", str(out), "--rule", "refusal"]
+        + ["--steps", "1", "-b", "2", *group, *options],
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "install-vllm" not in result.output
+    assert "Traceback" not in result.output and not out.exists()

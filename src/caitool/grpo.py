@@ -85,7 +85,7 @@ class GrpoConfig:
             raise CaitoolError("--no-merge only applies to --lora (a full fine-tune has no adapter to keep)")
         check_choice("--loss", self.loss, GrpoLoss)
         check_choice("--scale-rewards", self.scale_rewards, ScaleRewards)
-        check_choice("--vllm-mode", self.vllm_mode, VllmMode)
+        trainers.check_vllm_rollout_options(self)
 
     @property
     def k(self) -> int:  # the group size, as rloo names it

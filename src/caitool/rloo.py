@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from caitool import trainers, training
-from caitool.choices import VllmMode, check_choice
+from caitool.choices import VllmMode
 from caitool.errors import CaitoolError
 from caitool.jsonl_io import read_records
 from caitool.models import is_adapter_dir, model_info, require_full_model
@@ -76,7 +76,7 @@ class RlooConfig:
     vllm_gpu_memory_utilization: float = 0.3
 
     def __post_init__(self) -> None:
-        check_choice("--vllm-mode", self.vllm_mode, VllmMode)
+        trainers.check_vllm_rollout_options(self)
         if self.k < 2:
             raise CaitoolError("--k must be at least 2: each response's baseline is the mean of the others")
         if not self.merge and not self.lora:

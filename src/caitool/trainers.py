@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from caitool.choices import VllmMode, check_choice
 from caitool.errors import CaitoolError
 from caitool.models import model_info, require_full_model
 from caitool.processes import Processes, launch_sharding
@@ -48,6 +49,16 @@ def trainer_arguments(runtime: Runtime, device: str) -> dict[str, Any]:
     }
 
 
+def check_vllm_rollout_options(config: Any) -> None:
+    """The rollout options of an rloo or grpo config agree with each other; called when the config
+    is made, so a wrong combination fails before any model is loaded."""
+    check_choice("--vllm-mode", config.vllm_mode, VllmMode)
+    if config.vllm_server_base_url and not config.use_vllm:
+        raise CaitoolError("--vllm-server-base-url only applies with --use-vllm")
+    if config.use_vllm and config.vllm_mode == "server" and not config.vllm_server_base_url:
+        raise CaitoolError("--vllm-mode server needs --vllm-server-base-url (a 'trl vllm-serve' server)")
+
+
 def vllm_rollout_arguments(config: Any, device: str) -> dict[str, Any]:
     """TRL's use_vllm arguments from an rloo or grpo config (``use_vllm``, ``vllm_mode``,
     ``vllm_server_base_url``, ``vllm_gpu_memory_utilization``); none when it does not ask for vLLM.
@@ -63,8 +74,6 @@ def vllm_rollout_arguments(config: Any, device: str) -> dict[str, Any]:
     import_vllm()
     if device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
-    if config.vllm_mode == "server" and not config.vllm_server_base_url:
-        raise CaitoolError("--vllm-mode server needs --vllm-server-base-url (a 'trl vllm-serve' server)")
     arguments: dict[str, Any] = {
         "use_vllm": True,
         "vllm_mode": config.vllm_mode,
