@@ -17,6 +17,10 @@ once), in the order transformers, in-process vLLM, server. Needs vLLM importable
 (``make install-vllm``); the server starts from $CAITOOL_VLLM_PYTHON or the vllm-venv, or give
 --base-url of one already serving the default model as ``smol``.
 
+Both vLLM engines start with caitool's CPU settings (``set_cpu_defaults``: on a machine of a few
+cores, no core held back for vLLM's scheduler), the server too, since it inherits this process's
+environment; set VLLM_CPU_NUM_OF_RESERVED_CPU=1 to measure vLLM's own reservation instead.
+
     python benchmarks/bench_engines.py [--new-tokens 64] [--prompts 64] [--pairs 32] [--repeats 2]
 """
 
@@ -36,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_labeller import synthetic_comparisons  # noqa: E402
 from caitool.backends import BackendOptions, SamplingParams, load_backend  # noqa: E402
+from caitool.backends.vllm_engine import set_cpu_defaults  # noqa: E402
 from caitool.constitution import load_constitution  # noqa: E402
 from caitool.generate import run_generate  # noqa: E402
 from caitool.label import Labeller  # noqa: E402
@@ -174,6 +179,7 @@ def main() -> None:
         f"{args.prompts} prompts x {args.new_tokens} new tokens, {len(comparisons)} comparisons, fp32, "
         f"{os.cpu_count()} CPUs; {load_line('at the start')}"
     )
+    print(f"vLLM CPU settings (both vLLM engines): {set_cpu_defaults()}")
     results = Results()
     with tempfile.TemporaryDirectory() as tmp:
         prompts = write_prompts(Path(tmp) / "prompts.jsonl", args.prompts)

@@ -42,6 +42,31 @@ CONVERSATIONS = [
 # -- everywhere --------------------------------------------------------------------
 
 
+
+@pytest.mark.parametrize(
+    ("cpus", "user_setting", "reserved"),
+    [
+        (2, {}, "0"),  # a small machine: the model's threads on every core
+        (4, {}, "0"),
+        (16, {}, None),  # vLLM's own reservation, one core of sixteen
+        (2, {"VLLM_CPU_NUM_OF_RESERVED_CPU": "1"}, "1"),  # the user's choice stands
+        (2, {"VLLM_CPU_OMP_THREADS_BIND": "0"}, None),
+    ],
+)
+def test_cpu_defaults_reserve_no_core_on_a_small_machine(cpus, user_setting, reserved, monkeypatch):
+    from caitool.backends import vllm_engine
+
+    for name in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in user_setting.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(vllm_engine, "usable_cpu_count", lambda: cpus)
+    recorded = vllm_engine.set_cpu_defaults()
+    assert recorded.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == reserved
+    assert recorded["VLLM_CPU_KVCACHE_SPACE"] == vllm_engine.DEFAULT_CPU_KV_CACHE_GIB
+    assert {name: value for name, value in recorded.items() if name in user_setting} == user_setting
+
+
 def test_requests_send_the_neutral_value_of_every_field_vllm_would_fill_from_the_model():
     fields = request_sampling(SamplingParams(temperature=0.8, top_p=0.9, n=3), seed=7, stop_ids=[5, 9])
     assert {k: fields[k] for k in NEUTRAL_SAMPLING} == {

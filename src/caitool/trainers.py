@@ -64,16 +64,14 @@ def vllm_rollout_arguments(config: Any, device: str) -> dict[str, Any]:
     ``vllm_server_base_url``, ``vllm_gpu_memory_utilization``); none when it does not ask for vLLM.
 
     vLLM must import here (checked now, one line if not, rather than deep inside TRL); on a CPU
-    its KV cache gets caitool's default size unless VLLM_CPU_KVCACHE_SPACE says otherwise."""
+    it gets caitool's CPU defaults (:func:`caitool.backends.vllm_engine.set_cpu_defaults`)."""
     if not config.use_vllm:
         return {}
-    import os
-
-    from caitool.backends.vllm_engine import DEFAULT_CPU_KV_CACHE_GIB, import_vllm
+    from caitool.backends.vllm_engine import import_vllm, set_cpu_defaults
 
     import_vllm()
     if device == "cpu":
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+        set_cpu_defaults()
     arguments: dict[str, Any] = {
         "use_vllm": True,
         "vllm_mode": config.vllm_mode,

@@ -52,6 +52,29 @@ NEUTRAL_SAMPLING: dict[str, float | int] = {
 # KV cache for vLLM's CPU build, in GiB, when the user has not set VLLM_CPU_KVCACHE_SPACE:
 # enough for dozens of sequences of a small model without claiming a shared machine's memory.
 DEFAULT_CPU_KV_CACHE_GIB = "2"
+# vLLM's CPU build keeps one core per worker for its scheduler process and binds the model's
+# threads to the rest: half of a two-core machine, while the scheduler mostly waits on the
+# model. Up to this many cores caitool reserves none (measured: docs/results.md, Engines).
+FEW_CPUS = 4
+_CPU_BINDING_VARIABLES = ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU")
+
+
+def usable_cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def set_cpu_defaults() -> dict[str, str]:
+    """Set what vLLM's CPU build reads at start-up where the user has not: a KV cache of
+    caitool's size and, on a machine of at most :data:`FEW_CPUS` cores, no core reserved for the
+    scheduler. Returns the settings in force, for the manifest."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+    user_chose_binding = any(name in os.environ for name in _CPU_BINDING_VARIABLES)
+    if not user_chose_binding and usable_cpu_count() <= FEW_CPUS:
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    names = ("VLLM_CPU_KVCACHE_SPACE", *_CPU_BINDING_VARIABLES)
+    return {name: os.environ[name] for name in names if name in os.environ}
 
 
 def import_vllm() -> Any:
@@ -155,8 +178,7 @@ class VLLMBackend:
         quiet_transformers()
         tokenizer = load_tokenizer(info.path, trust_remote_code=options.trust_remote_code)
         model_dir = plain_model_dir(Path(info.path), info.sha256, trust_remote_code=options.trust_remote_code)
-        if device == "cpu":
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", DEFAULT_CPU_KV_CACHE_GIB)
+        cpu_environment = set_cpu_defaults() if device == "cpu" else {}
         settings: dict[str, Any] = {
             "dtype": dtype,
             "seed": 0,
@@ -171,7 +193,12 @@ class VLLMBackend:
         }
         llm = vllm.LLM(model=str(model_dir), tokenizer=str(model_dir), **settings)
         stop_ids = end_of_turn_ids(tokenizer, _GenerationConfigHolder(model_dir))
-        return cls(llm, tokenizer, info=info, stop_ids=stop_ids, settings={**settings, "device": device})
+        settings = {
+            **settings,
+            "device": device,
+            **({"cpu_environment": cpu_environment} if cpu_environment else {}),
+        }
+        return cls(llm, tokenizer, info=info, stop_ids=stop_ids, settings=settings)
 
     def describe(self) -> dict[str, Any]:
         import vllm
