@@ -133,9 +133,18 @@ def default_model_server(base_url: str | None, log_dir: Path, *, eager: bool) ->
     if python is None:
         raise SystemExit("no vLLM venv: run make vllm-venv, or pass --base-url")
     started = time.perf_counter()
-    server = VLLMServer(python, ensure_default_model(), log_dir, eager=eager).start()
-    print(f"vLLM CPU server up in {time.perf_counter() - started:.0f}s (eager: {eager}) at {server.url}")
+    # The server runs in its own session, so a benchmark stopped with SIGTERM (kill, pkill) would
+    # leave it running and holding cores: while it is up, SIGTERM unwinds through the finally.
+    previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    server = VLLMServer(python, ensure_default_model(), log_dir, eager=eager)
     try:
+        server.start()
+        print(f"vLLM CPU server up in {time.perf_counter() - started:.0f}s (eager: {eager}) at {server.url}")
         yield server.url
     finally:
         server.kill()
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
