@@ -42,7 +42,6 @@ CONVERSATIONS = [
 # -- everywhere --------------------------------------------------------------------
 
 
-
 @pytest.mark.parametrize(
     ("cpus", "user_setting", "reserved"),
     [
