@@ -2,9 +2,11 @@
 
 It answers ``/v1/models``, ``/v1/chat/completions`` and ``/v1/completions`` from a script:
 ``reply(request_body) -> text`` decides generated text, ``letters`` the top log-probs of a
-one-token scoring request (and, for vLLM's ``prompt_logprobs``, the log-prob of a prompt that
-ends in that letter), and ``failures`` a queue of status codes (or ``"stall"``) served
-before normal answers. Every request body and its headers are recorded for assertions.
+one-token scoring request (for vLLM's ``logprob_token_ids``, the log-prob of each requested
+token id, unless ``letter_ids=False`` plays a vLLM that ignores that field; for
+``prompt_logprobs``, the log-prob of a prompt that ends in that letter), and ``failures`` a
+queue of status codes (or ``"stall"``) served before normal answers. Every request body and
+its headers are recorded for assertions.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class StubOpenAIServer:
         refuse_fields: tuple[str, ...] = (),
         vocabulary: dict[int, str] | None = None,
         glued: str | None = None,
+        letter_ids: bool = True,
         port: int = 0,
     ):
         self.model = model
@@ -42,6 +45,7 @@ class StubOpenAIServer:
         # tokenized here one character a token, except that ``glued`` at the end is one token.
         self.vocabulary = vocabulary or {}
         self.glued = glued
+        self.letter_ids = letter_ids
         self.failures: list[int | str] = []
         self.retry_after: str | None = None  # sent as Retry-After with every failure answer
         self.fail_from: int | None = None  # every POST from this one on answers 500 (a dying server)
@@ -77,6 +81,8 @@ class StubOpenAIServer:
             return 200, {"data": [{"id": self.model, "owned_by": self.owned_by, "root": self.root}]}
         if body.get("model") != self.model:
             return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}}
+        if body.get("logprob_token_ids") and self.letter_ids:
+            return 200, self._letter_ids_answer(path, body)
         if "prompt_logprobs" in body or (body.get("return_token_ids") and body.get("max_tokens") == 1):
             return 200, self._exact_answer(path, body)
         if body.get("max_tokens") == 1 and (body.get("logprobs") or body.get("top_logprobs")):
@@ -138,6 +144,29 @@ class StubOpenAIServer:
                 body, ids, lambda t: chr(t) if t < 10**6 else ""
             )
         return answer
+
+    def _letter_ids_answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """vLLM's answer to ``logprob_token_ids`` with ``return_tokens_as_token_ids``."""
+        letters = self._letters(body)
+        if path == "/v1/completions":
+            ids = body["prompt"]
+            text_of: Callable[[int], str] = lambda t: self.vocabulary.get(t, "")  # noqa: E731
+        else:
+            ids = self.chat_token_ids(body)
+            text_of = lambda t: chr(t) if t < 10**6 else ""  # noqa: E731
+        requested = {f"token_id:{t}": letters.get(text_of(t), -20.0) for t in body["logprob_token_ids"]}
+        if path == "/v1/completions":
+            choice = {
+                "index": 0,
+                "text": "x",
+                "prompt_token_ids": ids,
+                "logprobs": {"top_logprobs": [requested]},
+            }
+            return {"choices": [choice]}
+        top = [{"token": token, "logprob": logprob} for token, logprob in requested.items()]
+        content = [{"token": top[0]["token"], "logprob": top[0]["logprob"], "top_logprobs": top}]
+        choice = {"index": 0, "message": {"content": "x"}, "logprobs": {"content": content}}
+        return {"choices": [choice], "prompt_token_ids": ids}
 
     def _scoring_answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         letters = self._letters(body)

@@ -307,7 +307,7 @@ def test_the_served_tokenizer_path_sends_what_the_local_backend_reads(pipeline, 
         generated = sorted(b["prompt"] for b in stub.posted("/v1/completions"))
         labelled = tmp_path / "served-prefs.jsonl"
         invoke("label-preferences", pipeline.pairs, "-o", labelled, *served)
-        scored = [b["prompt"] for b in stub.posted("/v1/completions") if "prompt_logprobs" in b]
+        scored = [b for b in stub.posted("/v1/completions") if "logprob_token_ids" in b]
 
     conversations = [[Message(**m) for m in r["prompt"]] for r in lines(out)]
     expected = [encode(tokenizer, render_chat(tokenizer, c)) for c in conversations]
@@ -318,6 +318,6 @@ def test_the_served_tokenizer_path_sends_what_the_local_backend_reads(pipeline, 
             assert ids.count(bos) == render_chat(tokenizer, conversation).count(tokenizer.bos_token)
     assert any(SYSTEM in tokenizer.decode(ids) for ids in generated)  # the system turn reached the server
     assert len(scored) == 2 * len(PROMPTS)  # both option orders of every pair
-    assert all([p[-1] for p in prompts] == letters for prompts in scored)
-    assert all(prompts[0][:-1] == prompts[1][:-1] for prompts in scored)
+    assert all(body["logprob_token_ids"] == letters for body in scored)
+    assert all(tokenizer.decode(body["prompt"]).endswith("(") for body in scored)  # the prefill's end
     assert len(lines(labelled)) == len(PROMPTS)

@@ -7,6 +7,7 @@ import json
 import math
 import random
 import socket
+from dataclasses import replace
 
 import pytest
 from typer.testing import CliRunner
@@ -181,8 +182,9 @@ def test_without_prompt_logprobs_letters_are_read_from_the_top_logprobs():
 
 
 def test_on_vllm_letters_are_scored_exactly_even_outside_the_top_20():
-    """The letters are appended to the prefill and read from vLLM's prompt_logprobs; the ids the
-    server rendered show that each is one token of its own after the prefill."""
+    """The ids the server renders for the prefill with each letter appended show that each is one
+    token of its own; one request then asks for exactly those ids' log-probabilities as the next
+    token (logprob_token_ids), so the prefill stays in vLLM's prefix cache."""
     with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}) as stub:  # "B" is in no top-k list
         backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
         assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
@@ -192,8 +194,27 @@ def test_on_vllm_letters_are_scored_exactly_even_outside_the_top_20():
         "The answer is (B"
     ]
     assert all(b["continue_final_message"] and b["return_token_ids"] for b in bodies)
-    assert ["prompt_logprobs" in b for b in bodies] == [False, True, True]
-    assert all("top_logprobs" not in b for b in bodies)
+    assert not any("prompt_logprobs" in b or "top_logprobs" in b for b in bodies)
+    scoring = bodies[0]
+    assert scoring["logprob_token_ids"] == [ord("A"), ord("B")] and scoring["logprobs"] is True
+    assert scoring["return_tokens_as_token_ids"] and scoring["max_tokens"] == 1
+    assert backend.describe()["letter_scoring"].startswith("logprob_token_ids")
+
+
+def test_a_vllm_ignoring_letter_ids_is_scored_through_prompt_logprobs_and_told_once(capsys):
+    """An older vLLM drops logprob_token_ids unread: its answer lacks the letters, so caitool
+    appends each letter to the prompt and reads prompt_logprobs, says so once, and does not ask
+    again."""
+    with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}, letter_ids=False) as stub:
+        backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
+        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
+        first = len(stub.posted("/v1/chat/completions"))
+        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
+        again = stub.posted("/v1/chat/completions")[first:]
+    assert not any("logprob_token_ids" in b for b in again)
+    assert sorted("prompt_logprobs" in b for b in again) == [False, True, True]
+    assert capsys.readouterr().err.count("ignores logprob_token_ids") == 1
+    assert backend.describe()["letter_scoring"] == "prompt_logprobs"
 
 
 def test_on_vllm_a_letter_that_is_not_one_token_after_the_prefill_is_refused():
@@ -447,14 +468,20 @@ def test_with_a_local_tokenizer_vllm_scores_the_letters_exactly(bos_tokenizer_di
     ids = encode(tokenizer, text)
     letter_ids = [next_token_id(tokenizer, text, ids, letter) for letter in "AB"]
     vocabulary = dict(zip(letter_ids, "AB", strict=True))
-    with StubOpenAIServer(letters={"A": -0.25, "C": -3.0}, vocabulary=vocabulary) as stub:
-        backend = load_backend(
-            "openai:stub", BackendOptions(base_urls=(stub.url,), tokenizer=str(bos_tokenizer_dir))
-        )
-        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.25, -20.0]]
-    (body,) = stub.posted("/v1/completions")
-    assert body["prompt"] == [[*ids, letter_ids[0]], [*ids, letter_ids[1]]]
-    assert body["prompt_logprobs"] == 0 and body["max_tokens"] == 1
+    options = BackendOptions(tokenizer=str(bos_tokenizer_dir))
+    for honoured in (True, False):
+        with StubOpenAIServer(
+            letters={"A": -0.25, "C": -3.0}, vocabulary=vocabulary, letter_ids=honoured
+        ) as stub:
+            backend = load_backend("openai:stub", replace(options, base_urls=(stub.url,)))
+            assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.25, -20.0]]
+        bodies = stub.posted("/v1/completions")
+        assert bodies[0]["prompt"] == ids and bodies[0]["logprob_token_ids"] == letter_ids
+        assert bodies[0]["logprobs"] == 1 and bodies[0]["max_tokens"] == 1
+        if not honoured:  # then the letters appended to the prompt, their prompt_logprobs read
+            assert bodies[1]["prompt"] == [[*ids, letter_ids[0]], [*ids, letter_ids[1]]]
+            assert bodies[1]["prompt_logprobs"] == 0 and bodies[1]["max_tokens"] == 1
+        assert len(bodies) == (1 if honoured else 2)
 
 
 def test_with_a_local_tokenizer_a_letter_merging_with_the_prefill_is_refused(stub, bos_tokenizer_dir):

@@ -245,8 +245,9 @@ def test_greedy_served_equals_greedy_local_on_a_model_shipping_sampling_settings
 
 def test_a_bos_template_model_is_served_and_scored_as_locally(tmp_path):
     """Llama's template starts with BOS and its tokenizer adds one to text: the --tokenizer path
-    must send ids, or the model sees two. Letters are scored exactly (prompt_logprobs) on both
-    served paths, so their log-probabilities are the local ones."""
+    must send ids, or the model sees two. Letters are scored exactly on both served paths, by
+    logprob_token_ids and by the prompt_logprobs kept for a vLLM that ignores those, so their
+    log-probabilities are the local ones."""
     from caitool.backends import BackendOptions, load_backend
     from caitool.backends.local import TransformersBackend
     from caitool.records import Message
@@ -262,12 +263,14 @@ def test_a_bos_template_model_is_served_and_scored_as_locally(tmp_path):
     try:
         prompts = family_prompts(tmp_path / "p.jsonl")
         local = TransformersBackend.load(model, device="cpu").score_continuations(prefilled, ["A", "B"])
-        served_scores = {
-            name: load_backend(
+        served_scores = {}
+        for name, options in (("ids", {"tokenizer": model}), ("chat", {})):
+            backend = load_backend(
                 f"openai:{SERVED_NAME}", BackendOptions(base_urls=(server.url,), **options)
-            ).score_continuations(prefilled, ["A", "B"])
-            for name, options in (("ids", {"tokenizer": model}), ("chat", {}))
-        }
+            )
+            served_scores[name] = backend.score_continuations(prefilled, ["A", "B"])
+            backend.letter_ids_honoured = False  # as on a vLLM that ignores logprob_token_ids
+            served_scores[f"{name}, prompt_logprobs"] = backend.score_continuations(prefilled, ["A", "B"])
         pairs = tmp_path / "pairs.jsonl"
         invoke(["generate", str(prompts), "-o", str(pairs), "-m", model, "-n", "2", "--max-new-tokens", "8"])
         labelled = tmp_path / "ids.jsonl"

@@ -5,10 +5,14 @@ Generation goes through ``/v1/chat/completions`` (``n``, ``temperature``, ``top_
 otherwise fill from the model's generation config); ``finished`` comes from ``finish_reason``
 and token counts from the response (vLLM's ``token_ids``) or ``usage``.
 
-Letter scoring on vLLM is exact, as the local backend's: each letter is appended to the
-prefilled prompt and vLLM's ``prompt_logprobs`` give its log-probability there, after checking
-that it is one token of its own after the prefill (with ``--tokenizer`` by the local tokenizer,
-otherwise by the prompt ids the server returns). Other servers are asked for the top
+Letter scoring on vLLM is exact, as the local backend's: one request per conversation asks
+for the log-probabilities of exactly the letters' token ids as the next token
+(``logprob_token_ids``, vLLM's OpenAI routes since mid-2026), after checking that each letter
+is one token of its own after the prefill (with ``--tokenizer`` by the local tokenizer,
+otherwise by the prompt ids the server returns). The prefill's prefix stays in vLLM's prefix
+cache. An older vLLM ignores that field; caitool then appends each letter to the prompt and
+reads its ``prompt_logprobs``, as exact but recomputing every prompt in full (measured about
+20x slower labelling on the CPU server), and says so once. Other servers are asked for the top
 ``logprobs``/``top_logprobs`` of one generated token; a letter is the token whose text is
 exactly the letter, which is what a model writes right after "("; vLLM 0.32 reports a
 SentencePiece "▁A" (the letter after a space) as " A", another answer that is not counted. (A
@@ -293,6 +297,8 @@ class OpenAIBackend:
         self.tokenizer = tokenizer
         self.tokenizer_dir = tokenizer_dir
         self.vllm = server.get("owned_by") == "vllm"
+        # Whether this vLLM answers logprob_token_ids; None until a scoring request shows it.
+        self.letter_ids_honoured: bool | None = None
         self.max_completion_tokens = False  # set once the API refuses max_tokens
         self.neutral_sampling = neutral_sampling(server.get("owned_by"))
         self.weights_sha256 = _local_weights_hash(server.get("root"))
@@ -337,11 +343,19 @@ class OpenAIBackend:
                 if self.tokenizer is not None
                 else "continue_final_message"
             ),
+            "letter_scoring": self._letter_scoring(),
             "sampling_sent": self.neutral_sampling,
             "sampling_left_to_server": [
                 name for name in UNSENT_SAMPLING if not _sends(self.neutral_sampling, name)
             ],
         }
+
+    def _letter_scoring(self) -> str:
+        if not self.vllm:
+            return "top_logprobs"
+        if self.letter_ids_honoured is False:
+            return "prompt_logprobs"
+        return "logprob_token_ids (prompt_logprobs if this vLLM ignores them)"
 
     def stats(self) -> dict[str, int]:
         return {
@@ -372,17 +386,110 @@ class OpenAIBackend:
     ) -> list[list[float]]:
         """Log-probability of each one-token continuation after each conversation.
 
-        On vLLM exactly, as the local backend does: each continuation is appended to the prompt
-        and the server's ``prompt_logprobs`` give its log-probability there, after checking that
-        it is one token of its own there. Elsewhere from the server's top log-probs for the next
+        On vLLM exactly, as the local backend does: the log-probabilities of the continuations'
+        token ids as the next token (``logprob_token_ids``), after checking that each is one token
+        of its own there; on a vLLM that ignores that field, each continuation is appended to the
+        prompt and read from ``prompt_logprobs``. Elsewhere from the server's top log-probs for the next
         token: a continuation not among them fails that conversation (:class:`ContinuationsNotScored`,
         the others' scores kept), never a guess.
         """
+        if self.vllm and self.letter_ids_honoured is not False:
+            scores = self._scores_of_letter_ids(conversations, continuations)
+            if scores is not None:
+                return scores
         if self.vllm and self.tokenizer is not None:
             return self._exact_scores_from_ids(conversations, continuations)
         if self.vllm:
             return self._exact_scores_from_chat(conversations, continuations)
         return self._top_scores(conversations, continuations)
+
+    def _scores_of_letter_ids(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[float]] | None:
+        """One request per conversation for exactly its letters' log-probabilities as the next
+        token; ``None`` when the server ignored ``logprob_token_ids`` (an older vLLM)."""
+        if self.tokenizer is not None:
+            letter_ids = [self._letter_ids_here(c, continuations) for c in conversations]
+            continued: list[list[list[int]]] = []
+        else:
+            continued = self._continued_prompt_ids(conversations, continuations)
+            letter_ids = [[ids[-1] for ids in row] for row in continued]
+        answers = self._run_all(
+            [self._letter_request(c, ids) for c, ids in zip(conversations, letter_ids, strict=True)]
+        )
+        rows = [_requested_logprobs(a, ids) for a, ids in zip(answers, letter_ids, strict=True)]
+        if any(row is None for row in rows):
+            if self.letter_ids_honoured:
+                raise CaitoolError(
+                    f"{self._where()} returned no log-probability for a requested option letter"
+                )
+            self._fall_back_to_prompt_logprobs()
+            return None
+        self.letter_ids_honoured = True
+        if self.tokenizer is None:  # the local tokenizer checked the letters when it found their ids
+            for conversation, answer, row in zip(conversations, answers, continued, strict=True):
+                self._check_one_token(conversation, continuations, self._prompt_token_ids(answer), row)
+        return [row for row in rows if row is not None]
+
+    def _letter_ids_here(self, conversation: Conversation, continuations: Sequence[str]) -> list[int]:
+        text = render_chat(self.tokenizer, conversation)
+        ids = encode(self.tokenizer, text)
+        return [next_token_id(self.tokenizer, text, ids, c) for c in continuations]
+
+    def _continued_prompt_ids(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[list[int]]]:
+        """The ids the server renders for each conversation with each continuation appended
+        (prefix-cached requests that read no log-probabilities)."""
+        requests = [
+            self._with_conversation(self._exact_body(ids_only=True), _continued(conversation, c))
+            for conversation in conversations
+            for c in continuations
+        ]
+        answers = iter(self._run_all(requests))
+        return [[self._prompt_token_ids(next(answers)) for _ in continuations] for _ in conversations]
+
+    def _letter_request(
+        self, conversation: Conversation, letter_ids: list[int]
+    ) -> tuple[str, dict[str, Any]]:
+        body: dict[str, Any] = {
+            "model": self.served.name,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprob_token_ids": letter_ids,
+            "return_tokens_as_token_ids": True,  # keys "token_id:N": ids, not ambiguous texts
+            "return_token_ids": True,
+        }
+        path, body = self._with_conversation(body, conversation)
+        body["logprobs"] = 1 if path == "/completions" else True
+        return path, body
+
+    def _check_one_token(
+        self,
+        conversation: Conversation,
+        continuations: Sequence[str],
+        base: list[int],
+        continued: list[list[int]],
+    ) -> None:
+        """Each continuation, rendered after the prompt by the server, is the prompt plus one token."""
+        for continuation, ids in zip(continuations, continued, strict=True):
+            if len(ids) != len(base) + 1 or ids[: len(base)] != base:
+                raise CaitoolError(
+                    f"{continuation!r} written after {_ending(conversation)!r} is not one token of its "
+                    f"own for {self.served.spec}'s tokenizer (the prompt went from {len(base)} to "
+                    f"{len(ids)} tokens, and its start changed: {ids[: len(base)] != base}); caitool "
+                    "reads an option letter as the one next token, so it cannot score with this model"
+                )
+
+    def _fall_back_to_prompt_logprobs(self) -> None:
+        from caitool.progress import print_summary
+
+        self.letter_ids_honoured = False
+        print_summary(
+            f"note: {self._where()} ignores logprob_token_ids (a vLLM from before mid-2026): option "
+            "letters are scored through prompt_logprobs instead, as exact but without the prefix "
+            "cache, so labelling is much slower; a newer vLLM server is faster"
+        )
 
     def _exact_scores_from_ids(
         self, conversations: Sequence[Conversation], continuations: Sequence[str]
@@ -431,16 +538,10 @@ class OpenAIBackend:
         for conversation in conversations:
             base = self._prompt_token_ids(next(answers))
             row = []
-            for continuation in continuations:
-                answer = next(answers)
-                ids = self._prompt_token_ids(answer)
-                if len(ids) != len(base) + 1 or ids[: len(base)] != base:
-                    raise CaitoolError(
-                        f"{continuation!r} written after {_ending(conversation)!r} is not one token of its "
-                        f"own for {self.served.spec}'s tokenizer (the prompt went from {len(base)} to "
-                        f"{len(ids)} tokens, and its start changed: {ids[: len(base)] != base}); caitool "
-                        "reads an option letter as the one next token, so it cannot score with this model"
-                    )
+            answered = [next(answers) for _ in continuations]
+            continued = [self._prompt_token_ids(answer) for answer in answered]
+            self._check_one_token(conversation, continuations, base, continued)
+            for answer, ids in zip(answered, continued, strict=True):
                 row.append(self._last_prompt_logprob(answer.get("prompt_logprobs"), ids[-1]))
             scores.append(row)
         return scores
@@ -650,6 +751,16 @@ def _ending(conversation: Conversation) -> str:
 
 def _refused_request(message: str) -> bool:
     return any(f"answered {status}:" in message for status in (400, 422))
+
+
+def _requested_logprobs(answer: dict[str, Any], token_ids: Sequence[int]) -> list[float] | None:
+    """The next-token log-probability of each of ``token_ids`` (keys ``token_id:N``), or None
+    if the answer lacks one: the server did not honour ``logprob_token_ids``."""
+    top = _top_logprobs(answer)
+    keys = [f"token_id:{t}" for t in token_ids]
+    if any(key not in top for key in keys):
+        return None
+    return [top[key] for key in keys]
 
 
 def _top_logprobs(answer: dict[str, Any]) -> dict[str, float]:
