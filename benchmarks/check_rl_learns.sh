@@ -81,6 +81,7 @@ PPO_BATCH=${PPO_BATCH:-8}
 PPO_LR=${PPO_LR:-1e-5}
 KL_COEF=${KL_COEF:-0.05}
 RLOO_K=${RLOO_K:-4}               # rloo and grpo: samples per prompt (PPO_BATCH * 2 / RLOO_K prompts per step)
+SCALE_REWARDS=${SCALE_REWARDS:-group}  # grpo: divide the advantages by the group's spread, the batch's, or none
 DPO_EPOCHS=${DPO_EPOCHS:-1}
 DPO_LR=${DPO_LR:-5e-6}
 # The SL stage (0: none, the RL stage starts from the default model). Without it the default
@@ -470,7 +471,7 @@ train_policy() {
             "$CAITOOL" grpo "$WORK/prompts.jsonl" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$RUN" \
                 --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --num-generations "$RLOO_K" \
                 --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
-                --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
+                --scale-rewards "$SCALE_REWARDS" --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
             ;;
     esac
 }
