@@ -11,9 +11,9 @@ for the log-probabilities of exactly the letters' token ids as the next token
 is one token of its own after the prefill (with ``--tokenizer`` by the local tokenizer,
 otherwise by the prompt ids the server returns). The prefill's prefix stays in vLLM's prefix
 cache. An older vLLM ignores that field; caitool then appends each letter to the prompt and
-reads its ``prompt_logprobs``, as exact but recomputing every prompt in full (measured about
-20x slower labelling on the CPU server), and says so once. Other servers are asked for the top
-``logprobs``/``top_logprobs`` of one generated token; a letter is the token whose text is
+reads its ``prompt_logprobs``, as exact but recomputing every prompt in full (labelling 7x
+slower on the CPU server in benchmarks/bench_engines.py), and says so once. Other servers are
+asked for the top ``logprobs``/``top_logprobs`` of one generated token; a letter is the token whose text is
 exactly the letter, which is what a model writes right after "("; vLLM 0.32 reports a
 SentencePiece "▁A" (the letter after a space) as " A", another answer that is not counted. (A
 server that stripped that space would report it as "A", and the two would be added: see
@@ -409,7 +409,7 @@ class OpenAIBackend:
         """One request per conversation for exactly its letters' log-probabilities as the next
         token; ``None`` when the server ignored ``logprob_token_ids`` (an older vLLM)."""
         if self.tokenizer is not None:
-            letter_ids = [self._letter_ids_here(c, continuations) for c in conversations]
+            letter_ids = [self._prompt_and_letter_ids(c, continuations)[1] for c in conversations]
             continued: list[list[list[int]]] = []
         else:
             continued = self._continued_prompt_ids(conversations, continuations)
@@ -431,10 +431,13 @@ class OpenAIBackend:
                 self._check_one_token(conversation, continuations, self._prompt_token_ids(answer), row)
         return [row for row in rows if row is not None]
 
-    def _letter_ids_here(self, conversation: Conversation, continuations: Sequence[str]) -> list[int]:
+    def _prompt_and_letter_ids(
+        self, conversation: Conversation, continuations: Sequence[str]
+    ) -> tuple[list[int], list[int]]:
+        """The prompt's ids, rendered here, and each continuation's id after it (checked one token)."""
         text = render_chat(self.tokenizer, conversation)
         ids = encode(self.tokenizer, text)
-        return [next_token_id(self.tokenizer, text, ids, c) for c in continuations]
+        return ids, [next_token_id(self.tokenizer, text, ids, c) for c in continuations]
 
     def _continued_prompt_ids(
         self, conversations: Sequence[Conversation], continuations: Sequence[str]
@@ -498,9 +501,7 @@ class OpenAIBackend:
         (found and checked here, as locally), the prompts batched, ``prompt_logprobs`` read."""
         requests, appended = [], []
         for conversation in conversations:
-            text = render_chat(self.tokenizer, conversation)
-            ids = encode(self.tokenizer, text)
-            letters = [next_token_id(self.tokenizer, text, ids, c) for c in continuations]
+            ids, letters = self._prompt_and_letter_ids(conversation, continuations)
             appended.append(letters)
             prompts = [[*ids, letter] for letter in letters]
             requests.append(("/completions", {**self._exact_body(), "prompt": prompts}))
