@@ -127,7 +127,7 @@ class StubOpenAIServer:
                     "index": i,
                     "text": "x",
                     "prompt_token_ids": ids,
-                    "prompt_logprobs": self._prompt_logprobs(body, ids, lambda t: self.vocabulary.get(t, ""))
+                    "prompt_logprobs": self._prompt_logprobs(body, ids, self._token_text(path))
                     if asked
                     else None,
                 }
@@ -140,20 +140,20 @@ class StubOpenAIServer:
             "prompt_token_ids": ids,
         }
         if asked:
-            answer["prompt_logprobs"] = self._prompt_logprobs(
-                body, ids, lambda t: chr(t) if t < 10**6 else ""
-            )
+            answer["prompt_logprobs"] = self._prompt_logprobs(body, ids, self._token_text(path))
         return answer
+
+    def _token_text(self, path: str) -> Callable[[int], str]:
+        """A token id's text: through ``vocabulary`` for id prompts, one character a token in chat."""
+        if path == "/v1/completions":
+            return lambda t: self.vocabulary.get(t, "")
+        return lambda t: chr(t) if t < 10**6 else ""
 
     def _letter_ids_answer(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """vLLM's answer to ``logprob_token_ids`` with ``return_tokens_as_token_ids``."""
         letters = self._letters(body)
-        if path == "/v1/completions":
-            ids = body["prompt"]
-            text_of: Callable[[int], str] = lambda t: self.vocabulary.get(t, "")  # noqa: E731
-        else:
-            ids = self.chat_token_ids(body)
-            text_of = lambda t: chr(t) if t < 10**6 else ""  # noqa: E731
+        ids = body["prompt"] if path == "/v1/completions" else self.chat_token_ids(body)
+        text_of = self._token_text(path)
         requested = {f"token_id:{t}": letters.get(text_of(t), -20.0) for t in body["logprob_token_ids"]}
         if path == "/v1/completions":
             choice = {
