@@ -53,6 +53,10 @@ RED=${RED:-examples/red_team.jsonl benchmarks/data/rl_learns_red_team.jsonl}
 HELPFUL=${HELPFUL:-examples/helpful.jsonl benchmarks/data/rl_learns_helpful.jsonl}
 EVAL_RED=${EVAL_RED:-examples/eval_red_team.jsonl}
 EVAL_HELPFUL=${EVAL_HELPFUL:-examples/eval_helpful.jsonl}
+# More helpful prompts for the policy stage only (space-separated files; the candidates, the SL
+# model and the reward model stay those of $WORK), e.g. benchmarks/data/rl_learns_borderline.jsonl:
+# helpful prompts worded like harmful ones, whose refusals the reward then punishes.
+RL_EXTRA_HELPFUL=${RL_EXTRA_HELPFUL:-}
 # Tokens per PPO rollout, and per candidate (the RM sees what PPO will). At 16 the whole check
 # took 17 minutes on 2 cores (docs/results.md, rl-learns17); at 32, with candidates sampled 8 prompts at a
 # time and 2 reward-model epochs, 43.
@@ -380,6 +384,25 @@ fi
 [ "$UNTIL" = rm ] && exit 0
 
 # -- 5. policy ----------------------------------------------------------------------------------
+RL_PROMPTS=$WORK/prompts.jsonl
+if [ -n "$RL_EXTRA_HELPFUL" ]; then
+    RL_PROMPTS=$WORK/rl_prompts-$RUN.jsonl
+    "$PY" - "$WORK/prompts.jsonl" "$RL_EXTRA_HELPFUL" "$RL_PROMPTS" <<'PY'
+import json
+import sys
+
+from caitool.jsonl_io import read_records
+from caitool.records import parse_prompt_input
+
+training, extra, out = sys.argv[1:4]
+lines = open(training).readlines()
+for record in (r for path in extra.split() for r in read_records(path, parse_prompt_input)):
+    lines.append(json.dumps({"id": record.id, "prompt": [m.model_dump() for m in record.prompt], "set": "helpful"}) + "\n")
+with open(out, "w") as rl_prompts:
+    rl_prompts.writelines(lines)
+print(f"policy stage: {len(lines)} prompts ({extra} added as helpful)")
+PY
+fi
 # REWARD=rule: the rule itself as the reward (1 when the response does what the rule prefers, else
 # 0), not the reward model. Not the check the issue asks for: a diagnostic that tells a policy stage
 # unable to learn refusals from a reward model that does not reward them. rloo and grpo take it as
@@ -388,7 +411,7 @@ fi
 # rule's use is recorded in $WORK/policy-ppo/reward.txt).
 against_the_rule() {
     "$PY" - "$WORK" "$START" "$ALGO" "$PPO_STEPS" "$PPO_BATCH" "$RESPONSE_LENGTH" "$TEMPERATURE" "$PPO_LR" \
-        "$KL_COEF" "$RLOO_K" "$SEED" "$RUN" <<'PY'
+        "$KL_COEF" "$RLOO_K" "$SEED" "$RUN" "$RL_PROMPTS" <<'PY'
 import json
 import sys
 from pathlib import Path
@@ -400,9 +423,9 @@ from caitool.pipeline import Runtime
 work, start, algo = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 steps, batch, length = int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 temperature, lr, kl_coef, k, seed = float(sys.argv[7]), float(sys.argv[8]), float(sys.argv[9]), int(sys.argv[10]), int(sys.argv[11])
-run = sys.argv[12]
+run, rl_prompts = sys.argv[12], sys.argv[13]
 red_team = {
-    json.dumps(r["prompt"]) for r in map(json.loads, open(work / "prompts.jsonl")) if r["set"] == "red_team"
+    json.dumps(r["prompt"]) for r in map(json.loads, open(rl_prompts)) if r["set"] == "red_team"
 }
 
 
@@ -428,7 +451,7 @@ if algo == "ppo":  # rloo and grpo take --rule refusal
     # ppo's value model starts from the reward model's backbone, so only the scorer is swapped.
     ppo.build_trainer = with_the_rule
     config = ppo.PPOConfig(batch_size=batch, mini_batches=2, ppo_epochs=2, **common)
-    ppo.run_ppo(work / "prompts.jsonl", out, policy=start, reward_model=str(work / "rm"), config=config,
+    ppo.run_ppo(rl_prompts, out, policy=start, reward_model=str(work / "rm"), config=config,
                 runtime=Runtime(seed=seed))
 (out / "reward.txt").write_text("the rule: 1 for a refusal to a red-team prompt or an answer to a helpful one, else 0\n")
 PY
@@ -446,7 +469,7 @@ train_policy() {
         ppo)
             # No missing-end-of-turn penalty: with 16- or 32-token rollouts most real answers are cut, and
             # the penalty would reward short refusals everywhere, which is not what the labels say.
-            "$CAITOOL" ppo "$WORK/prompts.jsonl" --policy "$START" --rm "$WORK/rm" -o "$WORK/policy-$RUN" \
+            "$CAITOOL" ppo "$RL_PROMPTS" --policy "$START" --rm "$WORK/rm" -o "$WORK/policy-$RUN" \
                 --steps "$PPO_STEPS" --batch-size "$PPO_BATCH" --mini-batches 2 --ppo-epochs 2 \
                 --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
@@ -460,7 +483,7 @@ train_policy() {
         rloo)
             # As ppo, with the group of --k samples of a prompt as its baseline (no value model):
             # PPO_BATCH * 2 samples per step, RLOO_K for each of its prompts.
-            "$CAITOOL" rloo "$WORK/prompts.jsonl" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$RUN" \
+            "$CAITOOL" rloo "$RL_PROMPTS" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$RUN" \
                 --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --k "$RLOO_K" \
                 --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
@@ -468,7 +491,7 @@ train_policy() {
         grpo)
             # rloo's batch (RLOO_K samples of PPO_BATCH * 2 / RLOO_K prompts per step); the advantage is
             # the reward less its group's mean over the group's spread, the KL a loss term.
-            "$CAITOOL" grpo "$WORK/prompts.jsonl" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$RUN" \
+            "$CAITOOL" grpo "$RL_PROMPTS" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$RUN" \
                 --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --num-generations "$RLOO_K" \
                 --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
                 --scale-rewards "$SCALE_REWARDS" --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"

@@ -38,6 +38,10 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     # with the SL stage, the reward model ranks the SL model's answers (RM_CANDIDATES=start).
     settings |= {"SL_LR": "1e-3" if algo == "ppo" else "0", "RATE_SAMPLES": "2", "RM_CANDIDATES": "start"}
     settings |= {"START_SAMPLES": "3", "GEN_BATCH": "4"}
+    if reward == "rule":
+        # Helpful prompts for the policy stage only (the candidates and models stay the WORK's).
+        extra = first_lines(ROOT / "benchmarks" / "data" / "rl_learns_borderline.jsonl", 2, tmp_path / "extra.jsonl")
+        settings["RL_EXTRA_HELPFUL"] = str(extra)
     work = tmp_path / "work"
     env = {
         **os.environ,
@@ -115,9 +119,17 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     assert "step   2  reward" in out and "KL to the starting policy" in out
     samples = [json.loads(line) for line in (work / f"policy-{algo}" / "samples.jsonl").open()]
     if reward == "rule":
+        # The policy stage trained on the WORK's prompts and the extra helpful ones.
+        rl_prompts = work / f"rl_prompts-{algo}.jsonl"
+        rows = [json.loads(line) for line in rl_prompts.read_text().splitlines()]
+        assert rows[:10] == [json.loads(line) for line in (work / "prompts.jsonl").read_text().splitlines()]
+        assert [(r["id"], r["set"]) for r in rows[10:]] == [("xbp-001", "helpful"), ("xbp-002", "helpful")]
+        manifest = json.loads((work / f"policy-{algo}" / "caitool_manifest.json").read_text())
+        assert [Path(i["path"]) for i in manifest["inputs"]] == [rl_prompts]
+        assert not (work / "answers.jsonl").read_text().count('"xbp-')
         # The diagnostic: the rule scores each rollout, 1 when it refuses a red-team prompt or
         # answers a helpful one, else 0 (the reward model only starts ppo's value model).
-        sets = {r["id"]: r["set"] for r in map(json.loads, (work / "prompts.jsonl").read_text().splitlines())}
+        sets = {r["id"]: r["set"] for r in rows}
         assert samples and all(
             s["reward"] == float(is_refusal(s["response"]) == (sets[s["id"]] == "red_team")) for s in samples
         )
