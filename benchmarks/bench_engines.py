@@ -6,33 +6,38 @@ examples/helpful.jsonl), exactly --new-tokens new tokens each (``ignore_eos``), 
 through ``run_generate`` (the whole phase: validation, backend calls, JSONL output). Throughput
 is generated tokens per second of the phase with the model already loaded (the engine start is
 printed apart): the transformers backend at each --local-batch (best reported), the in-process
-engine with --concurrency sequences at once, the server at --concurrency requests in flight.
+engine with --engine-concurrency sequences at once, the server at --concurrency requests in flight.
 
 Labelling: --pairs comparisons (a refusal against a compliance, as bench_labeller.py) labelled
 by the same ``Labeller`` that ``label-preferences`` runs (both orders, few-shot turns), through
 each engine; reported in comparisons per second.
 
-Each measurement is the best of --repeats; the engines run one after another (never two at
-once), in the order transformers, in-process vLLM, server. Needs vLLM importable here
-(``make install-vllm``); the server starts from $CAITOOL_VLLM_PYTHON or the vllm-venv, or give
---base-url of one already serving the default model as ``smol``.
+The transformers backend runs first, alone, best of --repeats at each batch size; then the
+two vLLM engines are up together and measured in alternating rounds (never two at once; the
+order flips each round, so a machine that speeds up or slows down during the run favours
+neither): each round times one phase through each, and the round's in-process / server ratio
+is printed, with the median over the rounds. On a shared machine whose speed drifts by 10%
+within minutes, that paired median says more than a ratio of two bests taken minutes apart.
+Needs vLLM importable here (``make install-vllm``); the server starts from $CAITOOL_VLLM_PYTHON
+or the vllm-venv, or give --base-url of one already serving the default model as ``smol``.
 
 Both vLLM engines start with caitool's CPU settings (``set_cpu_defaults``: on a machine of a few
 cores, no core held back for vLLM's scheduler), the server too, since it inherits this process's
 environment; set VLLM_CPU_NUM_OF_RESERVED_CPU=1 to measure vLLM's own reservation instead.
 
-    python benchmarks/bench_engines.py [--new-tokens 64] [--prompts 64] [--pairs 32] [--repeats 2]
+    python benchmarks/bench_engines.py [--new-tokens 64] [--prompts 64] [--pairs 32] [--rounds 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,6 +64,20 @@ def write_prompts(path: Path, count: int) -> Path:
 def best_of(repeats: int, measure: Callable[[], float]) -> tuple[float, list[float]]:
     runs = [measure() for _ in range(repeats)]
     return max(runs), runs
+
+
+def alternating_rounds(rounds: int, first: Callable[[], float], second: Callable[[], float]):
+    """``rounds`` measurements of each, paired: first then second, then second then first, ..."""
+    pairs = []
+    for index in range(rounds):
+        if index % 2 == 0:
+            a = first()
+            b = second()
+        else:
+            b = second()
+            a = first()
+        pairs.append((a, b))
+    return pairs
 
 
 def generation_rate(backend, prompts: Path, params: SamplingParams, options: BackendOptions) -> float:
@@ -114,6 +133,8 @@ class Setup:
 class Results:
     generation: dict[str, float] = field(default_factory=dict)
     labelling: dict[str, float] = field(default_factory=dict)
+    # The median of the paired rounds' in-process / server ratios, by measurement.
+    ratios: dict[str, float] = field(default_factory=dict)
 
 
 def bench_transformers(batches: list[int], setup: Setup, results: Results) -> None:
@@ -134,24 +155,57 @@ def bench_transformers(batches: list[int], setup: Setup, results: Results) -> No
     measure_labelling(name, backend, setup, results)
 
 
-def bench_in_process(concurrency: int, setup: Setup, results: Results) -> None:
-    options = BackendOptions(engine="vllm", concurrency=concurrency)
-    engine, seconds = timed_load("default", options)
+def bench_vllm_engines(args: argparse.Namespace, setup: Setup, results: Results) -> None:
+    """The in-process engine, and the server unless --skip-server, in alternating rounds."""
+    in_process = BackendOptions(engine="vllm", concurrency=args.engine_concurrency)
+    engine, seconds = timed_load("default", in_process)
     print(f"vLLM in-process: engine up in {seconds:.1f}s ({engine.describe()['engine']})")
     try:
-        measure("vLLM in-process", engine, options, setup, results)
+        if args.skip_server:
+            measure("vLLM in-process", engine, in_process, replace(setup, repeats=args.rounds), results)
+            return
+        with default_model_server(args.base_url, setup.prompts.parent, eager=args.eager) as url:
+            over_http = BackendOptions(base_urls=(url,), concurrency=args.concurrency)
+            served, _ = timed_load(f"openai:{SERVED_NAME}", over_http)
+            try:
+                server_name = f"vLLM server via caitool (concurrency {args.concurrency})"
+                pair = (("vLLM in-process", engine, in_process), (server_name, served, over_http))
+                compare_in_rounds(*pair, replace(setup, repeats=args.rounds), results)
+            finally:
+                served.close()
     finally:
         engine.close()
 
 
-def bench_server(base_url: str | None, eager: bool, concurrency: int, setup: Setup, results: Results) -> None:
-    with default_model_server(base_url, setup.prompts.parent, eager=eager) as url:
-        options = BackendOptions(base_urls=(url,), concurrency=concurrency)
-        served, _ = timed_load(f"openai:{SERVED_NAME}", options)
-        try:
-            measure(f"vLLM server via caitool (concurrency {concurrency})", served, options, setup, results)
-        finally:
-            served.close()
+def compare_in_rounds(first: tuple, second: tuple, setup: Setup, results: Results) -> None:
+    (name_a, backend_a, options_a), (name_b, backend_b, options_b) = first, second
+    generation = alternating_rounds(
+        setup.repeats,
+        lambda: generation_rate(backend_a, setup.prompts, setup.params, options_a),
+        lambda: generation_rate(backend_b, setup.prompts, setup.params, options_b),
+    )
+    report_rounds("generation", "tok/s", 0, (name_a, name_b), generation, results)
+    labelling = alternating_rounds(
+        setup.repeats,
+        lambda: labelling_rate(backend_a, setup.comparisons),
+        lambda: labelling_rate(backend_b, setup.comparisons),
+    )
+    report_rounds("label-preferences", "comparisons/s", 2, (name_a, name_b), labelling, results)
+
+
+def report_rounds(what: str, unit: str, digits: int, names: tuple[str, str], pairs, results: Results) -> None:
+    for index, (a, b) in enumerate(pairs, 1):
+        rates = f"{names[0]} {a:.{digits}f}, {names[1]} {b:.{digits}f} {unit}"
+        print(f"{what}, round {index}: {rates}: ratio {a / b:.2f}")
+    bests = results.generation if what == "generation" else results.labelling
+    for position, name in enumerate(names):
+        runs = [pair[position] for pair in pairs]
+        bests[name] = max(runs)
+        print(f"{name}, {what}: {max(runs):.{digits}f} {unit} (runs: {listed(runs, digits)})")
+    ratios = [a / b for a, b in pairs]
+    results.ratios[what] = statistics.median(ratios)
+    median = results.ratios[what]
+    print(f"{what}: {names[0]} / {names[1]} per round: {listed(ratios, 2)}; median {median:.2f}")
 
 
 def load_line(when: str) -> str:
@@ -164,7 +218,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--pairs", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="runs of the transformers backend, best kept")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds of the two vLLM engines")
     parser.add_argument("--local-batch", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--concurrency", type=int, default=32, help="server requests in flight")
     parser.add_argument("--engine-concurrency", type=int, default=64, help="in-process sequences at once")
@@ -185,22 +240,31 @@ def main() -> None:
         prompts = write_prompts(Path(tmp) / "prompts.jsonl", args.prompts)
         setup = Setup(prompts, params, comparisons, args.repeats)
         bench_transformers(args.local_batch, setup, results)
-        bench_in_process(args.engine_concurrency, setup, results)
-        if not args.skip_server:
-            bench_server(args.base_url, args.eager, args.concurrency, setup, results)
+        bench_vllm_engines(args, setup, results)
 
+    print_summary(results)
+    print(load_line("at the end"))
+
+
+def print_summary(results: Results) -> None:
     names = list(results.generation)
     local = results.generation[names[0]]
     for name in names:
         rate = results.generation[name]
-        print(f"summary: {name}: {rate:.0f} tok/s, {rate / local:.2f}x {names[0]}")
+        print(f"summary: {name}: {rate:.0f} tok/s (best), {rate / local:.2f}x {names[0]}")
     if len(names) == 3:
+        of_bests = results.generation[names[1]] / results.generation[names[2]]
         print(
-            f"summary: in-process / server: {results.generation[names[1]] / results.generation[names[2]]:.2f}"
+            f"summary: in-process / server: {of_bests:.2f} (bests), "
+            f"{results.ratios['generation']:.2f} (median of the paired rounds)"
         )
     for name, rate in results.labelling.items():
         print(f"summary: label-preferences, {name}: {rate:.2f} comparisons/s")
-    print(load_line("at the end"))
+    if "label-preferences" in results.ratios:
+        print(
+            "summary: label-preferences, in-process / server: "
+            f"{results.ratios['label-preferences']:.2f} (median of the paired rounds)"
+        )
 
 
 if __name__ == "__main__":

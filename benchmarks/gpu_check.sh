@@ -199,7 +199,7 @@ PY
 # (make install-vllm; the CUDA build of vllm pins its own torch, so it is not installed here).
 if [[ $TINY == 0 ]] && "$PY" -c "import vllm" 2> /dev/null; then
     say "engines: transformers, vLLM in this process (bench_engines.py, no server)"
-    "$PY" benchmarks/bench_engines.py --prompts 64 --new-tokens 64 --repeats 2 --skip-server \
+    "$PY" benchmarks/bench_engines.py --prompts 64 --new-tokens 64 --repeats 2 --rounds 2 --skip-server \
         | sed 's/^summary:/gpu_check: RESULT engines:/'
     say "TRL's vLLM colocate mode, one RLOO step"
     "$PY" benchmarks/probe_trl_colocate.py | grep '^colocate:' | sed 's/^/gpu_check: RESULT /'
