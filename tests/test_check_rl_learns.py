@@ -40,7 +40,9 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     settings |= {"START_SAMPLES": "3", "GEN_BATCH": "4"}
     if reward == "rule":
         # Helpful prompts for the policy stage only (the candidates and models stay the WORK's).
-        extra = first_lines(ROOT / "benchmarks" / "data" / "rl_learns_borderline.jsonl", 2, tmp_path / "extra.jsonl")
+        extra = first_lines(
+            ROOT / "benchmarks" / "data" / "rl_learns_borderline.jsonl", 2, tmp_path / "extra.jsonl"
+        )
         settings["RL_EXTRA_HELPFUL"] = str(extra)
     work = tmp_path / "work"
     env = {
