@@ -70,12 +70,10 @@ def alternating_rounds(rounds: int, first: Callable[[], float], second: Callable
     """``rounds`` measurements of each, paired: first then second, then second then first, ..."""
     pairs = []
     for index in range(rounds):
-        if index % 2 == 0:
-            a = first()
-            b = second()
+        if index % 2:
+            b, a = second(), first()
         else:
-            b = second()
-            a = first()
+            a, b = first(), second()
         pairs.append((a, b))
     return pairs
 
@@ -184,28 +182,32 @@ def compare_in_rounds(first: tuple, second: tuple, setup: Setup, results: Result
         lambda: generation_rate(backend_a, setup.prompts, setup.params, options_a),
         lambda: generation_rate(backend_b, setup.prompts, setup.params, options_b),
     )
-    report_rounds("generation", "tok/s", 0, (name_a, name_b), generation, results)
+    report_rounds("generation", "tok/s", 0, (name_a, name_b), generation, results.generation, results)
     labelling = alternating_rounds(
         setup.repeats,
         lambda: labelling_rate(backend_a, setup.comparisons),
         lambda: labelling_rate(backend_b, setup.comparisons),
     )
-    report_rounds("label-preferences", "comparisons/s", 2, (name_a, name_b), labelling, results)
+    report_rounds(
+        "label-preferences", "comparisons/s", 2, (name_a, name_b), labelling, results.labelling, results
+    )
 
 
-def report_rounds(what: str, unit: str, digits: int, names: tuple[str, str], pairs, results: Results) -> None:
+def report_rounds(
+    what: str, unit: str, digits: int, names: tuple[str, str], pairs, bests: dict, results: Results
+) -> None:
+    """Print each round and each engine's runs; keep the bests in ``bests``, the median ratio in results."""
     for index, (a, b) in enumerate(pairs, 1):
         rates = f"{names[0]} {a:.{digits}f}, {names[1]} {b:.{digits}f} {unit}"
         print(f"{what}, round {index}: {rates}: ratio {a / b:.2f}")
-    bests = results.generation if what == "generation" else results.labelling
-    for position, name in enumerate(names):
-        runs = [pair[position] for pair in pairs]
+    for name, runs in zip(names, zip(*pairs, strict=True), strict=True):
         bests[name] = max(runs)
-        print(f"{name}, {what}: {max(runs):.{digits}f} {unit} (runs: {listed(runs, digits)})")
+        print(f"{name}, {what}: {max(runs):.{digits}f} {unit} (runs: {listed(list(runs), digits)})")
     ratios = [a / b for a, b in pairs]
     results.ratios[what] = statistics.median(ratios)
-    median = results.ratios[what]
-    print(f"{what}: {names[0]} / {names[1]} per round: {listed(ratios, 2)}; median {median:.2f}")
+    print(
+        f"{what}: {names[0]} / {names[1]} per round: {listed(ratios, 2)}; median {results.ratios[what]:.2f}"
+    )
 
 
 def load_line(when: str) -> str:
