@@ -6,7 +6,9 @@ one-token scoring request (for vLLM's ``logprob_token_ids``, the log-prob of eac
 token id, unless ``letter_ids=False`` plays a vLLM that ignores that field; for
 ``prompt_logprobs``, the log-prob of a prompt that ends in that letter), and ``failures`` a
 queue of status codes (or ``"stall"``) served before normal answers. Every request body and
-its headers are recorded for assertions.
+its headers are recorded for assertions. Like vLLM, it answers ``/tokenize`` at the server's
+root with the ids its chat route renders, unless ``tokenize=False`` plays a server without that
+route; ``tokenize_differs`` makes that rendering start with one extra token.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class StubOpenAIServer:
         vocabulary: dict[int, str] | None = None,
         glued: str | None = None,
         letter_ids: bool = True,
+        tokenize: bool = True,
+        tokenize_differs: bool = False,
         port: int = 0,
     ):
         self.model = model
@@ -46,6 +50,8 @@ class StubOpenAIServer:
         self.vocabulary = vocabulary or {}
         self.glued = glued
         self.letter_ids = letter_ids
+        self.tokenize = tokenize
+        self.tokenize_differs = tokenize_differs
         self.failures: list[int | str] = []
         self.retry_after: str | None = None  # sent as Retry-After with every failure answer
         self.fail_from: int | None = None  # every POST from this one on answers 500 (a dying server)
@@ -79,6 +85,8 @@ class StubOpenAIServer:
             return 400, {"error": {"message": f"unknown field {refused[0]}", "code": 400}}
         if path == "/v1/models":
             return 200, {"data": [{"id": self.model, "owned_by": self.owned_by, "root": self.root}]}
+        if path == "/tokenize":
+            return self._tokenize_answer(body)
         if body.get("model") != self.model:
             return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist."}}
         if body.get("logprob_token_ids") and self.letter_ids:
@@ -100,8 +108,15 @@ class StubOpenAIServer:
         tokens = len(text.split()) + (finish == "stop")
         return 200, {"choices": choices, "usage": {"completion_tokens": tokens * n}}
 
+    def _tokenize_answer(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if not self.tokenize:
+            return 404, {"detail": "Not Found"}
+        ids = [0] * self.tokenize_differs + self.chat_token_ids(body)
+        return 200, {"count": len(ids), "max_model_len": 2048, "tokens": ids}
+
     def chat_token_ids(self, body: dict[str, Any]) -> list[int]:
-        text = "".join(m["content"] for m in body["messages"])
+        # "\n" plays the assistant turn's header, which the generation prompt adds on its own.
+        text = "".join("\n" * (m["role"] == "assistant") + m["content"] for m in body["messages"])
         if body.get("add_generation_prompt", True):
             text += "\n"
         ids = [ord(c) for c in text]

@@ -182,46 +182,78 @@ def test_without_prompt_logprobs_letters_are_read_from_the_top_logprobs():
 
 
 def test_on_vllm_letters_are_scored_exactly_even_outside_the_top_20():
-    """The ids the server renders for the prefill with each letter appended show that each is one
-    token of its own; one request then asks for exactly those ids' log-probabilities as the next
-    token (logprob_token_ids), so the prefill stays in vLLM's prefix cache."""
+    """vLLM's /tokenize renders the prefill with and without each letter, which shows that each
+    is one token of its own without running the model; one request then asks for exactly those
+    ids' log-probabilities as the next token (logprob_token_ids), so the prefill stays in vLLM's
+    prefix cache."""
     with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}) as stub:  # "B" is in no top-k list
         backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
         assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
-    # the two letter requests are in flight together: their order of arrival is not fixed
-    bodies = sorted(stub.posted("/v1/chat/completions"), key=lambda b: b["messages"][-1]["content"])
-    assert [b["messages"][-1]["content"] for b in bodies] == ["The answer is (", "The answer is (A"] + [
-        "The answer is (B"
+    tokenized = sorted(stub.posted("/tokenize"), key=lambda b: b["messages"][-1]["content"])
+    assert [b["messages"][-1]["content"] for b in tokenized] == ["The answer is ("] + [
+        "The answer is (A",
+        "The answer is (B",
     ]
-    assert all(b["continue_final_message"] and b["return_token_ids"] for b in bodies)
-    assert not any("prompt_logprobs" in b or "top_logprobs" in b for b in bodies)
-    scoring = bodies[0]
+    assert all(b["continue_final_message"] and not b["add_generation_prompt"] for b in tokenized)
+    [scoring] = stub.posted("/v1/chat/completions")
+    assert scoring["messages"][-1]["content"] == "The answer is (" and scoring["continue_final_message"]
+    assert not any(key in scoring for key in ("prompt_logprobs", "top_logprobs"))
     assert scoring["logprob_token_ids"] == [ord("A"), ord("B")] and scoring["logprobs"] is True
     assert scoring["return_tokens_as_token_ids"] and scoring["max_tokens"] == 1
     assert backend.describe()["letter_scoring"].startswith("logprob_token_ids")
+    assert backend.describe()["letter_check"] == "/tokenize"
 
 
-def test_a_vllm_ignoring_letter_ids_is_scored_through_prompt_logprobs_and_told_once(capsys):
-    """An older vLLM drops logprob_token_ids unread: its answer lacks the letters, so caitool
-    appends each letter to the prompt and reads prompt_logprobs, says so once, and does not ask
-    again."""
-    with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}, letter_ids=False) as stub:
+def test_a_question_without_a_prefill_is_tokenized_with_the_generation_prompt():
+    with StubOpenAIServer(letters={"A": -0.1, "B": -2.0}) as stub:
+        backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
+        question = [Message(role="user", content="Pick.")]
+        assert backend.score_continuations([question], ["A", "B"]) == [[-0.1, -2.0]]
+    bodies = stub.posted("/tokenize")
+    alone = [b for b in bodies if len(b["messages"]) == 1]
+    assert len(alone) == 1 and alone[0]["add_generation_prompt"] and not alone[0]["continue_final_message"]
+    assert sorted(b["messages"][-1]["content"] for b in bodies if len(b["messages"]) == 2) == ["A", "B"]
+
+
+def test_without_tokenize_the_letters_are_checked_through_one_token_requests():
+    """A server with no /tokenize (an older vLLM, a router): the prefill with each letter appended
+    goes through the chat route, generating one token, and its rendered ids are read instead."""
+    with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}, tokenize=False) as stub:
         backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
         assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
-        first = len(stub.posted("/v1/chat/completions"))
         assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
-        again = stub.posted("/v1/chat/completions")[first:]
-    assert not any("logprob_token_ids" in b for b in again)
-    assert sorted("prompt_logprobs" in b for b in again) == [False, True, True]
-    assert capsys.readouterr().err.count("ignores logprob_token_ids") == 1
-    assert backend.describe()["letter_scoring"] == "prompt_logprobs"
+    assert len(stub.posted("/tokenize")) <= 3  # the first question's (in flight together), no more
+    bodies = sorted(stub.posted("/v1/chat/completions"), key=lambda b: b["messages"][-1]["content"])
+    assert [b["messages"][-1]["content"] for b in bodies] == ["The answer is ("] * 2 + [
+        "The answer is (A"
+    ] * 2 + ["The answer is (B"] * 2
+    assert all(b["continue_final_message"] and b["return_token_ids"] for b in bodies)
+    assert backend.describe()["letter_check"].startswith("the prompt with each letter appended")
 
 
-def test_on_vllm_a_letter_that_is_not_one_token_after_the_prefill_is_refused():
-    with StubOpenAIServer(glued="(A") as stub:  # the server's tokenizer merges "(A" into one token
+def test_a_tokenize_route_rendering_unlike_the_chat_route_is_dropped_with_a_note(capsys):
+    """/tokenize checks the letters against its own rendering; if the chat route then renders the
+    prompt otherwise (a server-side template setting), its ids are not trusted and the letters are
+    checked through the chat route itself, for this question and every later one."""
+    with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}, tokenize_differs=True) as stub:
         backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,)))
-        with pytest.raises(CaitoolError, match="'A' written after 'The answer is \\(' is not one token"):
-            backend.score_continuations([PREFILL], ["A", "B"])
+        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
+        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
+    assert len(stub.posted("/tokenize")) == 3  # the first question only
+    assert capsys.readouterr().err.count("/tokenize renders a prompt unlike its chat route") == 1
+    assert backend.describe()["letter_check"].startswith("the prompt with each letter appended")
+
+
+def test_tokenize_is_posted_at_the_server_root_and_only_beside_a_v1_base_url():
+    assert served_module.server_root("http://h:8000/v1/") == "http://h:8000"
+    assert served_module.server_root("https://h/serve/v1") == "https://h/serve"
+    elsewhere = BackendOptions(base_urls=("http://h:8000/openai",))
+    client = served_module.ServerClient(elsewhere.base_urls, elsewhere)
+    backend = served_module.OpenAIBackend(
+        parse_served_spec("openai:m", elsewhere), client, concurrency=1, server={"owned_by": "vllm"}
+    )
+    assert backend.describe()["letter_check"].startswith("the prompt with each letter appended")
+    client.close()
 
 
 def test_a_letter_missing_from_the_top_logprobs_fails_that_record_and_keeps_the_others(tmp_path):

@@ -246,8 +246,9 @@ def test_greedy_served_equals_greedy_local_on_a_model_shipping_sampling_settings
 def test_a_bos_template_model_is_served_and_scored_as_locally(tmp_path):
     """Llama's template starts with BOS and its tokenizer adds one to text: the --tokenizer path
     must send ids, or the model sees two. Letters are scored exactly on both served paths, by
-    logprob_token_ids and by the prompt_logprobs kept for a vLLM that ignores those, so their
-    log-probabilities are the local ones."""
+    logprob_token_ids (the letters checked through /tokenize, and without it) and by the
+    prompt_logprobs kept for a vLLM that ignores those, so their log-probabilities are the local
+    ones."""
     from caitool.backends import BackendOptions, load_backend
     from caitool.backends.local import TransformersBackend
     from caitool.records import Message
@@ -269,6 +270,13 @@ def test_a_bos_template_model_is_served_and_scored_as_locally(tmp_path):
                 f"openai:{SERVED_NAME}", BackendOptions(base_urls=(server.url,), **options)
             )
             served_scores[name] = backend.score_continuations(prefilled, ["A", "B"])
+            if name == "chat":
+                # the letters were found and checked by /tokenize, with no generating request
+                requests = backend.client.requests
+                assert backend.describe()["letter_check"] == "/tokenize"
+                assert requests == len(prefilled) * 4, requests  # 3 to /tokenize, 1 scoring
+                backend.tokenize_route = False  # as on a server without /tokenize
+                served_scores["chat, no /tokenize"] = backend.score_continuations(prefilled, ["A", "B"])
             backend.letter_ids_honoured = False  # as on a vLLM that ignores logprob_token_ids
             served_scores[f"{name}, prompt_logprobs"] = backend.score_continuations(prefilled, ["A", "B"])
         pairs = tmp_path / "pairs.jsonl"

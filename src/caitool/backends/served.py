@@ -5,20 +5,21 @@ Generation goes through ``/v1/chat/completions`` (``n``, ``temperature``, ``top_
 otherwise fill from the model's generation config); ``finished`` comes from ``finish_reason``
 and token counts from the response (vLLM's ``token_ids``) or ``usage``.
 
-Letter scoring on vLLM is exact, as the local backend's: one request per conversation asks
-for the log-probabilities of exactly the letters' token ids as the next token
-(``logprob_token_ids``, vLLM's OpenAI routes since mid-2026), after checking that each letter
-is one token of its own after the prefill (with ``--tokenizer`` by the local tokenizer,
-otherwise by the prompt ids the server returns). The prefill's prefix stays in vLLM's prefix
-cache. An older vLLM ignores that field; caitool then appends each letter to the prompt and
-reads its ``prompt_logprobs``, as exact but recomputing every prompt in full (labelling 7x
-slower on the CPU server in benchmarks/bench_engines.py), and says so once. Other servers are
-asked for the top ``logprobs``/``top_logprobs`` of one generated token; a letter is the token whose text is
-exactly the letter, which is what a model writes right after "("; vLLM 0.32 reports a
-SentencePiece "▁A" (the letter after a space) as " A", another answer that is not counted. (A
-server that stripped that space would report it as "A", and the two would be added: see
-:func:`_top_logprobs`.) A letter missing from those fails that conversation alone
-(:class:`~caitool.backends.base.ContinuationsNotScored`), never a guess.
+Letter scoring on vLLM is exact, as the local backend's: one request per conversation asks for
+the log-probabilities of exactly the letters' token ids as the next token
+(``logprob_token_ids``, vLLM's OpenAI routes since mid-2026), after checking that each letter is
+one token of its own after the prefill (with ``--tokenizer`` by the local tokenizer, otherwise
+by vLLM's ``/tokenize``, which renders the prefill with and without each letter and runs no
+model, or, on a server without that route, by requests that generate one token each). The
+prefill's prefix stays in vLLM's prefix cache. An older vLLM ignores that field; caitool then
+appends each letter to the prompt and reads its ``prompt_logprobs``, as exact but recomputing
+every prompt in full (labelling 7x slower on the CPU server in benchmarks/bench_engines.py), and
+says so once. Other servers are asked for the top ``logprobs``/``top_logprobs`` of one generated
+token; a letter is the token whose text is exactly the letter, which is what a model writes
+right after "("; vLLM 0.32 reports a SentencePiece "▁A" (the letter after a space) as " A",
+another answer that is not counted. (A server that stripped that space would report it as "A",
+and the two would be added: see :func:`_top_logprobs`.) A letter missing from those fails that
+conversation alone (:class:`~caitool.backends.base.ContinuationsNotScored`), never a guess.
 
 A conversation ending in an assistant turn is a *prefill* (the labeller's "The answer is (").
 Servers continue it in one of two ways:
@@ -208,14 +209,22 @@ class ServerClient:
         """One GET to one replica, no retries (start-up checks)."""
         return self._attempt("GET", base_url, path, None)
 
-    def post(self, path: str, body: dict[str, Any]) -> Any:
-        """POST to the next replica; retried (on the next replicas) while the failure is transient."""
+    def post(self, path: str, body: dict[str, Any], *, at_server_root: bool = False) -> Any:
+        """POST to the next replica; retried (on the next replicas) while the failure is transient.
+
+        ``at_server_root`` posts beside the API rather than under it (vLLM's ``/tokenize`` is at
+        ``http://host:port/tokenize`` for a base URL ``http://host:port/v1``); such a request runs
+        no model, so the rate limits do not count it.
+        """
         with self._lock:
             self.requests += 1
         attempt = 0
         while True:
             base_url = self._replica()
-            self.limiter.acquire(_request_tokens(body))
+            if at_server_root:
+                base_url = server_root(base_url)
+            else:
+                self.limiter.acquire(_request_tokens(body))
             try:
                 answer = self._attempt("POST", base_url, path, body)
                 self.usage.add(answer)
@@ -259,6 +268,11 @@ class ServerClient:
         self._http.close()
 
 
+def server_root(base_url: str) -> str:
+    """The server's own address for an OpenAI base URL ending in ``/v1``."""
+    return base_url.rstrip("/").removesuffix("/v1")
+
+
 def _request_tokens(body: dict[str, Any]) -> int:
     """What a request may cost before it is sent: its text, and the most it may generate."""
     most = body.get("max_tokens") or body.get("max_completion_tokens") or 0
@@ -299,6 +313,10 @@ class OpenAIBackend:
         self.vllm = server.get("owned_by") == "vllm"
         # Whether this vLLM answers logprob_token_ids; None until a scoring request shows it.
         self.letter_ids_honoured: bool | None = None
+        # Whether this vLLM's /tokenize finds the letters' ids (no model run, where otherwise two
+        # requests a question generate a token each); None until tried, False where it is missing
+        # or renders a conversation unlike the chat route.
+        self.tokenize_route: bool | None = None if all(_ends_in_v1(u) for u in served.base_urls) else False
         self.max_completion_tokens = False  # set once the API refuses max_tokens
         self.neutral_sampling = neutral_sampling(server.get("owned_by"))
         self.weights_sha256 = _local_weights_hash(server.get("root"))
@@ -344,6 +362,7 @@ class OpenAIBackend:
                 else "continue_final_message"
             ),
             "letter_scoring": self._letter_scoring(),
+            "letter_check": self._letter_check(),
             "sampling_sent": self.neutral_sampling,
             "sampling_left_to_server": [
                 name for name in UNSENT_SAMPLING if not _sends(self.neutral_sampling, name)
@@ -356,6 +375,15 @@ class OpenAIBackend:
         if self.letter_ids_honoured is False:
             return "prompt_logprobs"
         return "logprob_token_ids (prompt_logprobs if this vLLM ignores them)"
+
+    def _letter_check(self) -> str:
+        """How each letter is found to be one token of its own after the prompt."""
+        if self.tokenizer is not None:
+            return f"local tokenizer ({self.tokenizer_dir})"
+        requests = "the prompt with each letter appended, one generated token each"
+        if self.tokenize_route is None:
+            return f"/tokenize (else {requests})"
+        return "/tokenize" if self.tokenize_route else requests
 
     def stats(self) -> dict[str, int]:
         return {
@@ -428,7 +456,11 @@ class OpenAIBackend:
         self.letter_ids_honoured = True
         if self.tokenizer is None:  # the local tokenizer checked the letters when it found their ids
             for conversation, answer, row in zip(conversations, answers, continued, strict=True):
-                self._check_one_token(conversation, continuations, self._prompt_token_ids(answer), row)
+                served_ids = self._prompt_token_ids(answer)
+                if self.tokenize_route and not _one_token_each(served_ids, row):
+                    self._stop_using_tokenize()
+                    return self._scores_of_letter_ids(conversations, continuations)
+                self._check_one_token(conversation, continuations, served_ids, row)
         return [row for row in rows if row is not None]
 
     def _prompt_and_letter_ids(
@@ -442,8 +474,13 @@ class OpenAIBackend:
     def _continued_prompt_ids(
         self, conversations: Sequence[Conversation], continuations: Sequence[str]
     ) -> list[list[list[int]]]:
-        """The ids the server renders for each conversation with each continuation appended
-        (prefix-cached requests that read no log-probabilities)."""
+        """The ids the server renders for each conversation with each continuation appended: from
+        vLLM's ``/tokenize`` where the server has it, else from prefix-cached requests that
+        generate one token each and read no log-probabilities."""
+        if self.tokenize_route is not False:
+            tokenized = self._tokenized_continuations(conversations, continuations)
+            if tokenized is not None:
+                return tokenized
         requests = [
             self._with_conversation(self._exact_body(ids_only=True), _continued(conversation, c))
             for conversation in conversations
@@ -451,6 +488,53 @@ class OpenAIBackend:
         ]
         answers = iter(self._run_all(requests))
         return [[self._prompt_token_ids(next(answers)) for _ in continuations] for _ in conversations]
+
+    def _tokenized_continuations(
+        self, conversations: Sequence[Conversation], continuations: Sequence[str]
+    ) -> list[list[list[int]]] | None:
+        """Through ``/tokenize``: each conversation alone and with each continuation appended,
+        each continuation checked to be one token of its own in that rendering; ``None`` where
+        the server has no such route."""
+        requests = [
+            ("/tokenize", self._tokenize_body(variant))
+            for conversation in conversations
+            for variant in (conversation, *(_continued(conversation, c) for c in continuations))
+        ]
+        try:
+            answers = self._run_all_once(requests, at_server_root=True)
+        except CaitoolError as error:
+            if self.tokenize_route or not _missing_route(str(error)):
+                raise
+            self.tokenize_route = False
+            return None
+        self.tokenize_route = True
+        ids = iter(_tokenized_ids(answer, self._where()) for answer in answers)
+        continued = []
+        for conversation in conversations:
+            base = next(ids)
+            row = [next(ids) for _ in continuations]
+            self._check_one_token(conversation, continuations, base, row)
+            continued.append(row)
+        return continued
+
+    def _tokenize_body(self, conversation: Conversation) -> dict[str, Any]:
+        """vLLM's /tokenize request rendering ``conversation`` as the chat route does."""
+        prefilled = bool(conversation) and conversation[-1].role == "assistant"
+        return {
+            "model": self.served.name,
+            "messages": as_dicts(conversation),
+            "add_generation_prompt": not prefilled,
+            "continue_final_message": prefilled,
+        }
+
+    def _stop_using_tokenize(self) -> None:
+        from caitool.progress import print_summary
+
+        self.tokenize_route = False
+        print_summary(
+            f"note: {self._where()}'s /tokenize renders a prompt unlike its chat route: option letters "
+            "are checked with requests through the chat route instead (slower, as exact)"
+        )
 
     def _letter_request(
         self, conversation: Conversation, letter_ids: list[int]
@@ -476,7 +560,7 @@ class OpenAIBackend:
     ) -> None:
         """Each continuation, rendered after the prompt by the server, is the prompt plus one token."""
         for continuation, ids in zip(continuations, continued, strict=True):
-            if len(ids) != len(base) + 1 or ids[: len(base)] != base:
+            if not _one_token_each(base, [ids]):
                 raise CaitoolError(
                     f"{continuation!r} written after {_ending(conversation)!r} is not one token of its "
                     f"own for {self.served.spec}'s tokenizer (the prompt went from {len(base)} to "
@@ -661,9 +745,14 @@ class OpenAIBackend:
             self.max_completion_tokens = True
             return self._run_all(requests)
 
-    def _run_all_once(self, requests: Sequence[tuple[str, dict[str, Any]]]) -> list[Any]:
+    def _run_all_once(
+        self, requests: Sequence[tuple[str, dict[str, Any]]], *, at_server_root: bool = False
+    ) -> list[Any]:
         """Every request, ``parallelism`` in flight; the first failure cancels the rest and is raised."""
-        futures = [self._pool.submit(self.client.post, path, body) for path, body in requests]
+        futures = [
+            self._pool.submit(self.client.post, path, body, at_server_root=at_server_root)
+            for path, body in requests
+        ]
         try:
             return [future.result() for future in futures]
         except BaseException as error:
@@ -744,6 +833,26 @@ def _continued(conversation: Conversation, continuation: str) -> Conversation:
         last = conversation[-1]
         return [*conversation[:-1], Message(role="assistant", content=last.content + continuation)]
     return [*conversation, Message(role="assistant", content=continuation)]
+
+
+def _one_token_each(base: list[int], continued: Sequence[list[int]]) -> bool:
+    """Whether each rendering is ``base`` with one token appended."""
+    return all(len(ids) == len(base) + 1 and ids[: len(base)] == base for ids in continued)
+
+
+def _ends_in_v1(base_url: str) -> bool:
+    return base_url.rstrip("/").endswith("/v1")
+
+
+def _missing_route(message: str) -> bool:
+    return any(f"answered {status}:" in message for status in (404, 405, 501))
+
+
+def _tokenized_ids(answer: Any, where: str) -> list[int]:
+    tokens = answer.get("tokens") if isinstance(answer, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise CaitoolError(f"{where} answered /tokenize without a list of token ids")
+    return tokens
 
 
 def _ending(conversation: Conversation) -> str:
