@@ -231,6 +231,19 @@ def test_without_tokenize_the_letters_are_checked_through_one_token_requests():
     assert backend.describe()["letter_check"].startswith("the prompt with each letter appended")
 
 
+def test_a_gateway_refusing_tokenize_falls_back_to_the_chat_route_with_a_note(capsys):
+    """Behind a gateway that answers /tokenize with something other than "not found" (403 here),
+    the letters are still scored, through the chat route, and the reason is shown once."""
+    with StubOpenAIServer(letters={"A": -0.1, "C": -3.0}) as stub:
+        stub.failures = [403]  # the first POST, the first /tokenize request
+        backend = load_backend("openai:stub", BackendOptions(base_urls=(stub.url,), max_retries=0))
+        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
+        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
+    shown = capsys.readouterr().err
+    assert shown.count("/tokenize failed") == 1 and "answered 403" in shown
+    assert len(stub.posted("/v1/chat/completions")) == 6
+
+
 def test_a_tokenize_route_rendering_unlike_the_chat_route_is_dropped_with_a_note(capsys):
     """/tokenize checks the letters against its own rendering; if the chat route then renders the
     prompt otherwise (a server-side template setting), its ids are not trusted and the letters are
@@ -240,7 +253,7 @@ def test_a_tokenize_route_rendering_unlike_the_chat_route_is_dropped_with_a_note
         assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
         assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -20.0]]
     assert len(stub.posted("/tokenize")) == 3  # the first question only
-    assert capsys.readouterr().err.count("/tokenize renders a prompt unlike its chat route") == 1
+    assert capsys.readouterr().err.count("its /tokenize renders a prompt unlike its chat route") == 1
     assert backend.describe()["letter_check"].startswith("the prompt with each letter appended")
 
 

@@ -503,9 +503,13 @@ class OpenAIBackend:
         try:
             answers = self._run_all_once(requests, at_server_root=True)
         except CaitoolError as error:
-            if self.tokenize_route or not _missing_route(str(error)):
+            if self.tokenize_route:  # it answered before: this is the server failing, not the route
                 raise
+            # A server without the route, or a gateway in front that refuses or mangles it: the
+            # chat route serves the same purpose, and a server that is really down fails there.
             self.tokenize_route = False
+            if not _missing_route(str(error)):
+                self._note_tokenize_dropped(f"/tokenize failed ({error})")
             return None
         self.tokenize_route = True
         ids = iter(_tokenized_ids(answer, self._where()) for answer in answers)
@@ -528,12 +532,15 @@ class OpenAIBackend:
         }
 
     def _stop_using_tokenize(self) -> None:
+        self.tokenize_route = False
+        self._note_tokenize_dropped("its /tokenize renders a prompt unlike its chat route")
+
+    def _note_tokenize_dropped(self, reason: str) -> None:
         from caitool.progress import print_summary
 
-        self.tokenize_route = False
         print_summary(
-            f"note: {self._where()}'s /tokenize renders a prompt unlike its chat route: option letters "
-            "are checked with requests through the chat route instead (slower, as exact)"
+            f"note: {self._where()}: {reason}; option letters are checked with requests through "
+            "the chat route instead (slower, as exact)"
         )
 
     def _letter_request(
