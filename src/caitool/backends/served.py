@@ -494,7 +494,7 @@ class OpenAIBackend:
     ) -> list[list[list[int]]] | None:
         """Through ``/tokenize``: each conversation alone and with each continuation appended,
         each continuation checked to be one token of its own in that rendering; ``None`` where
-        the server has no such route."""
+        the route is missing, or fails the first time it is asked."""
         requests = [
             ("/tokenize", self._tokenize_body(variant))
             for conversation in conversations
@@ -502,6 +502,7 @@ class OpenAIBackend:
         ]
         try:
             answers = self._run_all_once(requests, at_server_root=True)
+            ids = iter([_tokenized_ids(answer, self._where()) for answer in answers])
         except CaitoolError as error:
             if self.tokenize_route:  # it answered before: this is the server failing, not the route
                 raise
@@ -512,7 +513,6 @@ class OpenAIBackend:
                 self._note_tokenize_dropped(f"/tokenize failed ({error})")
             return None
         self.tokenize_route = True
-        ids = iter(_tokenized_ids(answer, self._where()) for answer in answers)
         continued = []
         for conversation in conversations:
             base = next(ids)
