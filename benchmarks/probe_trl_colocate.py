@@ -4,7 +4,11 @@ Two RLOO steps of TRL's own RLOOTrainer on a tiny random chat model (head size 3
 CPU attention takes), rewards from the completion length, generation by vLLM in this process.
 Prints "colocate: works" with the step's loss, or the exception that stopped it. CPU or GPU.
 
-    python benchmarks/probe_trl_colocate.py
+With --keep-weights-loadable the engine first gets the setting caitool's ``--use-vllm`` applies
+on a CPU (:func:`caitool.backends.vllm_engine.keep_cpu_weights_loadable`): on a CPU where vLLM
+packs linear weights at load time (oneDNN, AVX-512 machines), TRL's weight sync fails without it.
+
+    python benchmarks/probe_trl_colocate.py [--keep-weights-loadable]
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ def main() -> None:
     import os
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    if "--keep-weights-loadable" in sys.argv[1:]:
+        from caitool.backends.vllm_engine import keep_cpu_weights_loadable
+
+        keep_cpu_weights_loadable()
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import RLOOConfig, RLOOTrainer

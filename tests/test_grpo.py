@@ -348,9 +348,12 @@ def test_rollouts_generated_by_vllm_in_this_process(algo, tmp_path_factory, judg
     """--use-vllm (TRL's colocate mode) on a CPU: vLLM starts in this process, draws the rollouts
     of two steps (the second after the updated weights are pushed into it) and the run saves."""
     import vllm
+    from vllm.model_executor.layers import utils
 
     from tests.tiny_model import build_tiny_model
 
+    # --use-vllm on a CPU changes how this process's engines compute linear layers: undone after.
+    monkeypatch.setattr(utils, "dispatch_cpu_unquantized_gemm", utils.dispatch_cpu_unquantized_gemm)
     model_dir = build_tiny_model(tmp_path_factory.mktemp("vllm-policy"), hidden_size=128)  # head size 32
     started = []
     real_init = vllm.LLM.__init__

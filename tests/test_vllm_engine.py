@@ -242,3 +242,52 @@ def test_generate_records_have_the_same_form_and_provenance_as_transformers(tmp_
     assert (policy["transformers"]["backend"], policy["vllm"]["backend"]) == ("transformers", "vllm")
     assert policy["vllm"]["sha256"] == policy["transformers"]["sha256"]
     assert policy["vllm"]["sampling_sent"] == NEUTRAL_SAMPLING
+
+
+def _zero_every_weight(worker, model_dir: str) -> None:
+    """Run in vLLM's worker: load an all-zero copy of the checkpoint into the live model."""
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(str(next(__import__("pathlib").Path(model_dir).glob("*.safetensors"))))
+    worker.model_runner.model.load_weights((name, torch.zeros_like(t)) for name, t in state.items())
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(not HAS_VLLM, reason="vLLM is not importable here")
+def test_weights_loaded_into_a_cpu_engine_after_it_started_take_effect(vllm_model_dir, monkeypatch):
+    """TRL's colocate mode pushes the updated policy into the engine after each step. On a CPU
+    that packs linear weights at load time (oneDNN on AVX-512 machines) the push failed, and the
+    LM head was packed from a copy that a push would not reach. With caitool's setting, an
+    all-zero model pushed in makes every logit 0: each token's probability is 1 / vocabulary."""
+    import vllm
+    from vllm.model_executor.layers import utils
+
+    from caitool.backends.vllm_engine import keep_cpu_weights_loadable
+
+    monkeypatch.setattr(utils, "dispatch_cpu_unquantized_gemm", utils.dispatch_cpu_unquantized_gemm)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the worker in this process
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    keep_cpu_weights_loadable()
+    llm = vllm.LLM(
+        model=str(vllm_model_dir),
+        dtype="float32",
+        enforce_eager=True,
+        distributed_executor_backend="uni",
+        max_model_len=256,
+        seed=0,
+    )
+    try:
+        greedy = vllm.SamplingParams(max_tokens=1, temperature=0.0, logprobs=1)
+
+        def first_logprob() -> float:
+            [output] = llm.generate([{"prompt_token_ids": [5, 6, 7]}], greedy, use_tqdm=False)
+            token = output.outputs[0].token_ids[0]
+            return output.outputs[0].logprobs[0][token].logprob
+
+        vocabulary = json.loads((vllm_model_dir / "config.json").read_text())["vocab_size"]
+        assert first_logprob() > -math.log(vocabulary) + 0.01  # a trained model is not uniform
+        llm.collective_rpc(_zero_every_weight, args=(str(vllm_model_dir),))
+        assert first_logprob() == pytest.approx(-math.log(vocabulary), abs=1e-4)
+    finally:
+        llm.llm_engine.engine_core.shutdown()

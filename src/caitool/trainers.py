@@ -64,14 +64,18 @@ def vllm_rollout_arguments(config: Any, device: str) -> dict[str, Any]:
     ``vllm_server_base_url``, ``vllm_gpu_memory_utilization``); none when it does not ask for vLLM.
 
     vLLM must import here (checked now, one line if not, rather than deep inside TRL); on a CPU
-    it gets caitool's CPU defaults (:func:`caitool.backends.vllm_engine.set_cpu_defaults`)."""
+    it gets caitool's CPU defaults (:func:`caitool.backends.vllm_engine.set_cpu_defaults`) and,
+    colocated, weights that TRL's sync after each step can replace
+    (:func:`caitool.backends.vllm_engine.keep_cpu_weights_loadable`)."""
     if not config.use_vllm:
         return {}
-    from caitool.backends.vllm_engine import import_vllm, set_cpu_defaults
+    from caitool.backends.vllm_engine import import_vllm, keep_cpu_weights_loadable, set_cpu_defaults
 
     import_vllm()
     if device == "cpu":
         set_cpu_defaults()
+        if config.vllm_mode == "colocate":
+            keep_cpu_weights_loadable()
     arguments: dict[str, Any] = {
         "use_vllm": True,
         "vllm_mode": config.vllm_mode,

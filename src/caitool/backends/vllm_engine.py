@@ -77,6 +77,35 @@ def set_cpu_defaults() -> dict[str, str]:
     return {name: os.environ[name] for name in names if name in os.environ}
 
 
+def keep_cpu_weights_loadable() -> None:
+    """Make the CPU engines started from now on in this process compute each linear layer from
+    its live weight, so that weights loaded into them later take effect.
+
+    At load time vLLM's CPU build hands each linear layer's weight to a packed kernel (oneDNN,
+    where the CPU supports it: AVX-512 machines) and frees the parameter, and it packs the LM
+    head from a copy. TRL's colocate mode pushes the updated policy into the engine after every
+    step: the freed parameters make that fail (``'Parameter' object has no attribute
+    'weight_loader'``) and the copied head would go on drawing from the old weights. Plain
+    ``torch.nn.functional.linear`` on the parameters is slower than the packed kernels, which is
+    why only colocated rollouts ask for it.
+    """
+    import torch
+    from vllm.model_executor.layers import utils
+
+    packing = utils.dispatch_cpu_unquantized_gemm
+    if getattr(packing, "keeps_weights_loadable", False):
+        return
+
+    def dispatch(layer: Any, remove_weight: bool) -> None:
+        if layer.weight.ndim != 2:  # convolution and expert weights: vLLM's own handling
+            packing(layer, remove_weight)
+            return
+        layer.cpu_linear = torch.nn.functional.linear
+
+    dispatch.keeps_weights_loadable = True  # type: ignore[attr-defined]
+    utils.dispatch_cpu_unquantized_gemm = dispatch
+
+
 def import_vllm() -> Any:
     try:
         import vllm
