@@ -92,9 +92,9 @@ def keep_cpu_weights_loadable() -> None:
     import torch
     from vllm.model_executor.layers import utils
 
-    packing = utils.dispatch_cpu_unquantized_gemm
-    if getattr(packing, "keeps_weights_loadable", False):
-        return
+    packing = getattr(utils, "dispatch_cpu_unquantized_gemm", None)
+    if packing is None or getattr(packing, "keeps_weights_loadable", False):
+        return  # a vLLM without that dispatch has none of it to replace; or already replaced
 
     def dispatch(layer: Any, remove_weight: bool) -> None:
         if layer.weight.ndim != 2:  # convolution and expert weights: vLLM's own handling
