@@ -70,7 +70,11 @@ class FaultProxy:
             return fault
 
     def _forward(self, method: str, path: str, body: bytes | None) -> tuple[int, bytes]:
-        target = self.upstream + path.removeprefix("/v1")
+        # The API under /v1 as the upstream's, the server's own routes (vLLM's /tokenize) at its root.
+        if path.startswith("/v1/"):
+            target = self.upstream + path.removeprefix("/v1")
+        else:
+            target = self.upstream.removesuffix("/v1") + path
         request = urllib.request.Request(target, data=body, method=method)
         request.add_header("content-type", "application/json")
         try:

@@ -257,6 +257,20 @@ def test_a_tokenize_route_rendering_unlike_the_chat_route_is_dropped_with_a_note
     assert backend.describe()["letter_check"].startswith("the prompt with each letter appended")
 
 
+def test_tokenize_reaches_the_server_root_through_a_retrying_proxy():
+    """/tokenize requests are retried like the others: a 500 on the first is not a missing route."""
+    from tests.fault_proxy import FaultProxy
+
+    with (
+        StubOpenAIServer(letters={"A": -0.1, "B": -2.0}) as stub,
+        FaultProxy(stub.url, every=1, faults=(500,), max_faults_per_body=1) as proxy,
+    ):
+        backend = load_backend("openai:stub", BackendOptions(base_urls=(proxy.url,)))
+        assert backend.score_continuations([PREFILL], ["A", "B"]) == [[-0.1, -2.0]]
+    assert len(stub.posted("/tokenize")) == 3 and 500 in proxy.injected
+    assert backend.describe()["letter_check"] == "/tokenize"
+
+
 def test_tokenize_is_posted_at_the_server_root_and_only_beside_a_v1_base_url():
     assert served_module.server_root("http://h:8000/v1/") == "http://h:8000"
     assert served_module.server_root("https://h/serve/v1") == "https://h/serve"
