@@ -523,12 +523,12 @@ class OpenAIBackend:
 
     def _tokenize_body(self, conversation: Conversation) -> dict[str, Any]:
         """vLLM's /tokenize request rendering ``conversation`` as the chat route does."""
-        prefilled = bool(conversation) and conversation[-1].role == "assistant"
         return {
             "model": self.served.name,
             "messages": as_dicts(conversation),
-            "add_generation_prompt": not prefilled,
-            "continue_final_message": prefilled,
+            "add_generation_prompt": True,
+            "continue_final_message": False,
+            **_prefill_fields(conversation),
         }
 
     def _stop_using_tokenize(self) -> None:
@@ -726,10 +726,11 @@ class OpenAIBackend:
         """The endpoint and body carrying the conversation: rendered here, or sent as chat messages."""
         if self.tokenizer is not None:
             return "/completions", {**body, "prompt": self._prompt_ids(conversation)}
-        body = {**body, "messages": as_dicts(conversation)}
-        if conversation and conversation[-1].role == "assistant":
-            body.update(continue_final_message=True, add_generation_prompt=False)
-        return "/chat/completions", body
+        return "/chat/completions", {
+            **body,
+            "messages": as_dicts(conversation),
+            **_prefill_fields(conversation),
+        }
 
     def _prompt_ids(self, conversation: Conversation) -> list[int]:
         """The rendered conversation as token ids, exactly as the local backend encodes it.
@@ -840,6 +841,13 @@ def _continued(conversation: Conversation, continuation: str) -> Conversation:
         last = conversation[-1]
         return [*conversation[:-1], Message(role="assistant", content=last.content + continuation)]
     return [*conversation, Message(role="assistant", content=continuation)]
+
+
+def _prefill_fields(conversation: Conversation) -> dict[str, bool]:
+    """The chat fields that make a server continue a final assistant turn (none otherwise)."""
+    if conversation and conversation[-1].role == "assistant":
+        return {"continue_final_message": True, "add_generation_prompt": False}
+    return {}
 
 
 def _one_token_each(base: list[int], continued: Sequence[list[int]]) -> bool:
