@@ -102,6 +102,12 @@ JUDGE=${JUDGE:-$POLICY}           # REWARD=judge: the feedback model (any model 
 JUDGE_MODE=${JUDGE_MODE:-score}   # REWARD=judge: score (each rollout alone) or group (against the others of its group)
 CONSTITUTION=${CONSTITUTION:-harmless}
 RATE_SAMPLES=${RATE_SAMPLES:-8}   # samples per eval prompt for the sampled refusal rate (0: skip)
+# rloo and grpo: also evaluate the policy every EVAL_EVERY steps (0: only the last), to see when
+# red-team refusals rise and when helpful prompts start being refused. The run then checkpoints
+# every EVAL_EVERY steps and a copy of each checkpoint's model is kept in $WORK/curve-$RUN (the
+# trainer keeps only the last checkpoint). The learning rate is constant, so step S of a run is
+# what a run of PPO_STEPS=S with the same seed would end with.
+EVAL_EVERY=${EVAL_EVERY:-0}
 SEED=${SEED:-0}
 # The RL stage's outputs are named after RUN (policy-$RUN, eval-$RUN, sampled-rates-$RUN): give
 # each run its own name to keep several in one WORK (they share candidates, SL model and reward model).
@@ -462,7 +468,8 @@ train_policy() {
         against_the_rule
         return
     fi
-    local rewards=(--rm "$WORK/rm")
+    local rewards=(--rm "$WORK/rm") curve=()
+    [ "$EVAL_EVERY" -gt 0 ] && curve=(--checkpoint-every "$EVAL_EVERY")
     [ "$REWARD" = rule ] && rewards=(--rule refusal)
     [ "$REWARD" = judge ] && rewards=(--judge "$JUDGE" --judge-mode "$JUDGE_MODE" --constitution "$CONSTITUTION")
     case "$ALGO" in
@@ -486,7 +493,7 @@ train_policy() {
             "$CAITOOL" rloo "$RL_PROMPTS" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$RUN" \
                 --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --k "$RLOO_K" \
                 --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
-                --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
+                --missing-eot-penalty 0 --sample-every 4 --seed "$SEED" "${curve[@]}"
             ;;
         grpo)
             # rloo's batch (RLOO_K samples of PPO_BATCH * 2 / RLOO_K prompts per step); the advantage is
@@ -494,13 +501,35 @@ train_policy() {
             "$CAITOOL" grpo "$RL_PROMPTS" --policy "$START" "${rewards[@]}" -o "$WORK/policy-$RUN" \
                 --steps "$PPO_STEPS" --batch-size "$((PPO_BATCH * 2 / RLOO_K))" --num-generations "$RLOO_K" \
                 --response-length "$RESPONSE_LENGTH" --temperature "$TEMPERATURE" --lr "$PPO_LR" --kl-coef "$KL_COEF" \
-                --scale-rewards "$SCALE_REWARDS" --missing-eot-penalty 0 --sample-every 4 --seed "$SEED"
+                --scale-rewards "$SCALE_REWARDS" --missing-eot-penalty 0 --sample-every 4 --seed "$SEED" "${curve[@]}"
             ;;
     esac
+}
+# Copies the model of each checkpoint the run writes, while it runs (EVAL_EVERY).
+keep_checkpoints() {
+    local from=$WORK/.policy-$RUN.partial/checkpoints to=$WORK/curve-$RUN checkpoint step
+    mkdir -p "$to"
+    while true; do
+        for checkpoint in "$from"/checkpoint-*; do
+            # The trainer writes trainer_state.json after the model's weights.
+            [ -e "$checkpoint/trainer_state.json" ] || continue
+            step=${checkpoint##*-}
+            [ -e "$to/step-$step/config.json" ] && continue
+            rm -rf "$to/.step-$step"
+            mkdir -p "$to/.step-$step"
+            cp "$checkpoint"/*.json "$checkpoint"/*.safetensors "$checkpoint"/*.jinja "$to/.step-$step/" 2> /dev/null || true
+            [ -e "$to/.step-$step/config.json" ] && mv "$to/.step-$step" "$to/step-$step"
+        done
+        sleep 2
+    done
 }
 if [ -e "$WORK/policy-$RUN/caitool_manifest.json" ]; then
     echo "reusing $WORK/policy-$RUN"
 else
+    if [ "$EVAL_EVERY" -gt 0 ] && { [ "$ALGO" = grpo ] || [ "$ALGO" = rloo ]; }; then
+        keep_checkpoints &
+        trap 'kill $! 2> /dev/null' EXIT
+    fi
     timed "$ALGO" train_policy
 fi
 
@@ -509,13 +538,21 @@ fi
 # -- 6. eval ------------------------------------------------------------------------------------
 models=(-m before="$START" -m after="$WORK/policy-$RUN")
 [ "$START" != "$POLICY" ] && models=(-m default="$POLICY" "${models[@]}")
+# EVAL_EVERY: the policy at each kept checkpoint before the last step, as step-N.
+for step in $(ls "$WORK/curve-$RUN" 2> /dev/null | sed -n 's/^step-//p' | sort -n); do
+    [ "$step" -lt "$PPO_STEPS" ] && models+=(-m "step-$step=$WORK/curve-$RUN/step-$step")
+done
 timed "eval" "$CAITOOL" eval "$EVAL_RED" "$EVAL_HELPFUL" "${models[@]}" \
     --rm "$WORK/rm" --judge none --max-new-tokens "$EVAL_TOKENS" -b 8 --seed "$SEED" -o "$WORK/eval-$RUN" \
     > "$WORK/eval-$RUN.txt"
 # Greedy answers to 16 prompts move in steps of 6 points, and a policy can shift its odds of
 # refusing without changing one argmax: the sampled rate, RATE_SAMPLES per prompt, sees that.
-# (Reused only when newer than the trained policy.)
-if [ "$RATE_SAMPLES" -gt 0 ] && ! [ "$WORK/sampled-rates-$RUN.json" -nt "$WORK/policy-$RUN/caitool_manifest.json" ]; then
+# (Reused only when newer than the trained policy and the curve's steps.)
+rates_current() {  # newer than the trained policy, and than the last step the curve kept
+    [ "$WORK/sampled-rates-$RUN.json" -nt "$WORK/policy-$RUN/caitool_manifest.json" ] || return 1
+    [ ! -e "$WORK/curve-$RUN" ] || [ "$WORK/sampled-rates-$RUN.json" -nt "$WORK/curve-$RUN" ]
+}
+if [ "$RATE_SAMPLES" -gt 0 ] && ! rates_current; then
     start=$SECONDS
     "$PY" - "$WORK/sampled-rates-$RUN.json" "$RATE_SAMPLES" "$TEMPERATURE" "$RESPONSE_LENGTH" "$SEED" \
         "$EVAL_RED" "$EVAL_HELPFUL" "${models[@]}" <<'PY'
@@ -602,6 +639,18 @@ if rate_samples and sampled_path.exists():
         default = f"default {100 * sampled[f'{prompt_set}/default']:.0f}%, " if with_sl else ""
         print(f"sampled refusal rate on {prompt_set} ({rate_samples} per prompt, temperature {temperature}): "
               f"{default}before {100 * before:.0f}% -> after {100 * after:.0f}% ({100 * (after - before):+.0f} points)")
+steps = sorted({int(name[5:]) for _, name in rate if name.startswith("step-")})
+if steps:
+    print("refusal rates along the run (greedy; sampled in brackets): red-team, helpful")
+    sampled = json.loads(sampled_path.read_text()) if rate_samples and sampled_path.exists() else {}
+    for step, name in [(0, "before"), *((s, f"step-{s}") for s in steps), (len(log), "after")]:
+        cells = []
+        for prompt_set in (red, helpful):
+            cell = f"{100 * rate[(prompt_set, name)]['refusal_rate']:3.0f}%"
+            if f"{prompt_set}/{name}" in sampled:
+                cell += f" ({100 * sampled[f'{prompt_set}/{name}']:.0f}%)"
+            cells.append(cell)
+        print(f"  step {step:>3}  {cells[0]:>10}  {cells[1]:>10}")
 # The reward model's score of the greedy eval answers: has the policy moved toward what the
 # labels prefer on prompts it never trained on, whether or not eval's refusal patterns see it?
 for prompt_set in (red, helpful):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -38,6 +39,8 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
     # with the SL stage, the reward model ranks the SL model's answers (RM_CANDIDATES=start).
     settings |= {"SL_LR": "1e-3" if algo == "ppo" else "0", "RATE_SAMPLES": "2", "RM_CANDIDATES": "start"}
     settings |= {"START_SAMPLES": "3", "GEN_BATCH": "4"}
+    if algo == "grpo":
+        settings["EVAL_EVERY"] = "1"  # checkpoints every step, each kept for the curve
     if reward == "rule":
         # Helpful prompts for the policy stage only (the candidates and models stay the WORK's).
         extra = first_lines(
@@ -113,7 +116,9 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
         assert set(sampled) == {f"{s}/{m}" for s in ("eval_red_team", "eval_helpful") for m in evaluated}
     else:
         assert not (work / "sl").exists() and not (work / "start_answers.jsonl").exists()
-        assert evaluated == {"before", "after"}
+        # grpo's EVAL_EVERY=1: the step-1 policy too, when the copying loop caught it
+        kept = {"step-1"} if "refusal rates along the run" in out else set()
+        assert evaluated == {"before", "after"} | kept
         assert set(sampled) == {f"{s}/{m}" for s in ("eval_red_team", "eval_helpful") for m in evaluated}
     assert out.count("met: ") == 3
     if algo == "dpo":
@@ -144,6 +149,31 @@ def test_the_check_labels_by_the_rule_trains_and_prints_every_figure(tiny_model_
         assert all(0.0 < s["reward"] == s["judge"]["p_good"] < 1.0 for s in samples)
         assert f"reward: mean P(good) from the judge {tiny_model_dir} (score mode)" in out
         assert "judge 4 questions" in out  # PPO_BATCH * 2 rollouts per step, one question each
+        assert_the_curve_is_evaluated(work, env, out)
     else:
         assert "reward: mean RM score of the rollouts" in out
         assert any(s["reward"] not in (0.0, 1.0) for s in samples)
+
+
+def assert_the_curve_is_evaluated(work: Path, env: dict[str, str], out: str) -> None:
+    """EVAL_EVERY: the run checkpointed every step, and each policy kept in curve-RUN is evaluated
+    and printed along the run. Which checkpoints the copying loop catches depends on timing (a tiny
+    model's steps take a fraction of a second), so a step is put in place and the check rerun."""
+    manifest = json.loads((work / "policy-grpo" / "caitool_manifest.json").read_text())
+    assert manifest["params"]["checkpoint_every"] == 1
+    if "refusal rates along the run" not in out:
+        step = work / "curve-grpo" / "step-1"
+        step.parent.mkdir(exist_ok=True)
+        shutil.copytree(work / "policy-grpo", step)
+        result = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        out = result.stdout
+    summary = json.loads((work / "eval-grpo" / "summary.json").read_text())
+    assert {m["model_name"] for m in summary["per_model"]} == {"before", "step-1", "after"}
+    sampled = json.loads((work / "sampled-rates-grpo.json").read_text())
+    assert {"eval_red_team/step-1", "eval_helpful/step-1"} <= set(sampled)
+    curve = out.split("refusal rates along the run (greedy; sampled in brackets): red-team, helpful\n")[1]
+    rows = curve.splitlines()[:3]
+    assert [row.split()[1] for row in rows] == ["0", "1", "2"]
+    rate = {m["model_name"]: m["refusal_rate"] for m in summary["per_model"] if m["prompt_set"] == "eval_red_team"}
+    assert rows[1].split()[2] == f"{100 * rate['step-1']:.0f}%"
