@@ -175,5 +175,7 @@ def assert_the_curve_is_evaluated(work: Path, env: dict[str, str], out: str) -> 
     curve = out.split("refusal rates along the run (greedy; sampled in brackets): red-team, helpful\n")[1]
     rows = curve.splitlines()[:3]
     assert [row.split()[1] for row in rows] == ["0", "1", "2"]
-    rate = {m["model_name"]: m["refusal_rate"] for m in summary["per_model"] if m["prompt_set"] == "eval_red_team"}
+    rate = {
+        m["model_name"]: m["refusal_rate"] for m in summary["per_model"] if m["prompt_set"] == "eval_red_team"
+    }
     assert rows[1].split()[2] == f"{100 * rate['step-1']:.0f}%"
