@@ -518,7 +518,10 @@ keep_checkpoints() {
             rm -rf "$to/.step-$step"
             mkdir -p "$to/.step-$step"
             cp "$checkpoint"/*.json "$checkpoint"/*.safetensors "$checkpoint"/*.jinja "$to/.step-$step/" 2> /dev/null || true
-            [ -e "$to/.step-$step/config.json" ] && mv "$to/.step-$step" "$to/step-$step"
+            # (A checkpoint the trainer rotated away mid-copy leaves no model: tried again, or not kept.)
+            if [ -e "$to/.step-$step/config.json" ] && ls "$to/.step-$step"/*.safetensors > /dev/null 2>&1; then
+                mv "$to/.step-$step" "$to/step-$step"
+            fi
         done
         sleep 2
     done
@@ -528,7 +531,7 @@ if [ -e "$WORK/policy-$RUN/caitool_manifest.json" ]; then
 else
     if [ "$EVAL_EVERY" -gt 0 ] && { [ "$ALGO" = grpo ] || [ "$ALGO" = rloo ]; }; then
         keep_checkpoints &
-        trap 'kill $! 2> /dev/null' EXIT
+        trap "kill $! 2> /dev/null" EXIT
     fi
     timed "$ALGO" train_policy
 fi
