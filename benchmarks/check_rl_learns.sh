@@ -635,8 +635,8 @@ for prompt_set in (red, helpful):
     print(f"refusal rate on {prompt_set} ({before['n']} prompts, greedy): {default}before {100 * before['refusal_rate']:.0f}% -> "
           f"after {100 * after['refusal_rate']:.0f}% ({delta:+.0f} points)")
 sampled_path = work / f"sampled-rates-{run}.json"
-if rate_samples and sampled_path.exists():
-    sampled = json.loads(sampled_path.read_text())
+sampled = json.loads(sampled_path.read_text()) if rate_samples and sampled_path.exists() else {}
+if sampled:
     for prompt_set in (red, helpful):
         before, after = sampled[f"{prompt_set}/before"], sampled[f"{prompt_set}/after"]
         default = f"default {100 * sampled[f'{prompt_set}/default']:.0f}%, " if with_sl else ""
@@ -645,7 +645,6 @@ if rate_samples and sampled_path.exists():
 steps = sorted({int(name[5:]) for _, name in rate if name.startswith("step-")})
 if steps:
     print("refusal rates along the run (greedy; sampled in brackets): red-team, helpful")
-    sampled = json.loads(sampled_path.read_text()) if rate_samples and sampled_path.exists() else {}
     for step, name in [(0, "before"), *((s, f"step-{s}") for s in steps), (len(log), "after")]:
         cells = []
         for prompt_set in (red, helpful):
